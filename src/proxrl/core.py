@@ -1,0 +1,346 @@
+"""The math of the ladder, once, as pure torch functions.
+
+Every rung (gym or language model) calls these and nothing else for its math. Conventions:
+
+* Batched time series are ``[B, T]``: ``B`` parallel streams (envs, or sequences), ``T`` steps (env steps,
+  or response tokens). ``mask`` is 1 where a step is real and trained on, 0 for padding or for the
+  reset step that Gymnasium's NEXT_STEP autoreset inserts after an episode ends.
+* ``terminated[b, t]`` — the episode ended at step t in a terminal state: no value after it.
+  ``truncated[b, t]`` — the episode was cut at step t (time limit): the future is estimated by
+  ``next_values[b, t]`` = V(final observation). Never a bare ``done`` in the math.
+* ``next_values[b, t]`` is V(s_{t+1}) for the observation that *followed* step t (the final observation
+  when the episode ended there, the next observation otherwise). At ``t = T-1`` it bootstraps the cut
+  at the rollout boundary.
+* Losses are returned as quantities to *minimise* (the negative of the objective J in MISSION.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "masked_sum", "masked_mean", "masked_var", "masked_whiten", "aggregate",
+    "total_return", "reward_to_go", "gae",
+    "vanilla_pg_loss", "importance_sampled_loss", "kl_penalty_loss", "clipped_loss", "value_loss",
+    "kl_k1", "kl_k2", "kl_k3", "exact_kl",
+    "ppo_beta_update", "ziegler_beta_update",
+    "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
+    "effective_sample_size", "explained_variance", "LineSearchResult",
+]
+
+
+# --------------------------------------------------------------------------- masked statistics
+def masked_sum(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
+    if mask is None:
+        return x.sum() if dim is None else x.sum(dim)
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1. An empty mask gives 0, never NaN."""
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
+    """Variance over the masked entries (Bessel-corrected when ``unbiased``); 0 for fewer than 2."""
+    if mask is None:
+        mask = torch.ones_like(x)
+    count = mask.sum()
+    mean = masked_mean(x, mask)
+    sq = masked_sum((x - mean) ** 2, mask)
+    denom = (count - 1) if unbiased else count
+    return sq / denom.clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Scale ``x`` to unit variance over the masked entries (and zero mean if ``shift_mean``).
+
+    RLHF whitens rewards *without* the mean shift (keeps their sign) and advantages *with* it
+    (DETAILS LM-10). With fewer than 2 entries there is no variance to divide by: ``x`` is returned
+    unchanged (only centred when ``shift_mean``) instead of NaN. Masked-out entries keep their value.
+    """
+    if mask is None:
+        mask = torch.ones_like(x)
+    mean = masked_mean(x, mask)
+    if mask.sum() < 2:
+        out = x - mean if shift_mean else x
+    else:
+        var = masked_var(x, mask)
+        out = (x - mean) * torch.rsqrt(var + eps)
+        if not shift_mean:
+            out = out + mean
+    return torch.where(mask.bool(), out, x)
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """Reduce a ``[B, T]`` per-step loss to a scalar.
+
+    ``token-mean`` averages over all real steps (long responses weigh more); ``seq-mean`` averages
+    each sequence first, then over sequences (every sequence weighs the same) — the length bias
+    of DETAILS LM-15. For the gym path (``T`` = 1 after flattening) both agree.
+    """
+    if mode == "token-mean":
+        return masked_mean(x, mask)
+    if mode == "seq-mean":
+        per_seq = masked_mean(x, mask, dim=-1)  # [B]
+        has = (mask.sum(-1) > 0).to(x.dtype)
+        return (per_seq * has).sum() / has.sum().clamp(min=1)
+    raise ValueError(f"loss_agg must be 'token-mean' or 'seq-mean', got {mode!r}")
+
+
+# --------------------------------------------------------------------------- returns and advantages
+def _continuation(terminated: Tensor, truncated: Tensor) -> Tensor:
+    return 1.0 - torch.maximum(terminated, truncated).to(torch.get_default_dtype())
+
+
+def reward_to_go(rewards: Tensor, terminated: Tensor, truncated: Tensor, next_values: Tensor | None = None,
+                 gamma: float = 1.0) -> Tensor:
+    """Discounted reward-to-go G_t = Σ_{t'≥t} γ^{t'-t} r_{t'} within each episode segment, ``[B, T]``.
+
+    Where a segment is cut (truncation, or the rollout boundary at T-1) the tail is bootstrapped with
+    γ·next_values (pass ``None`` for 0: no critic). Terminated steps never bootstrap.
+    """
+    B, T = rewards.shape
+    if next_values is None:
+        next_values = torch.zeros_like(rewards)
+    terminated, truncated = terminated.to(rewards.dtype), truncated.to(rewards.dtype)
+    cont = 1.0 - torch.maximum(terminated, truncated)
+    out = torch.empty_like(rewards)
+    following = next_values[:, -1] * (1.0 - terminated[:, -1])  # bootstrap at the rollout boundary
+    for t in reversed(range(T)):
+        boot = next_values[:, t] * (1.0 - terminated[:, t])
+        tail = cont[:, t] * following + (1.0 - cont[:, t]) * boot
+        out[:, t] = rewards[:, t] + gamma * tail
+        following = out[:, t]
+    return out
+
+
+def total_return(rewards: Tensor, terminated: Tensor, truncated: Tensor, mask: Tensor | None = None,
+                 gamma: float = 1.0) -> Tensor:
+    """R(τ) of the episode segment each step belongs to, broadcast to every step of it, ``[B, T]``.
+
+    Rung 1 weighs every step by the return of its whole trajectory. A fixed-length rollout cuts episodes
+    at its boundary; the segment inside the batch is the trajectory (no critic to bootstrap with), the
+    choice Spinning Up's VPG makes with v=0. Steps masked out (autoreset steps) get γ times the value of
+    the segment that follows them, which is harmless since they are not trained on.
+    """
+    rtg = reward_to_go(rewards * (mask if mask is not None else 1.0), terminated, truncated, None, gamma)
+    B, T = rewards.shape
+    out = torch.empty_like(rtg)
+    ended = torch.maximum(terminated, truncated).to(torch.bool)
+    if mask is not None:
+        # A masked step (autoreset, also at t = 0 when the rollout resumes right after a done) is no part
+        # of any episode: the step after it starts a new segment. Otherwise with γ < 1 that segment would
+        # be read from the masked step's reward-to-go, i.e. scaled by one extra γ.
+        ended = ended | (mask == 0)
+    current = rtg[:, 0]
+    for t in range(T):
+        starts = torch.ones_like(ended[:, 0]) if t == 0 else ended[:, t - 1]
+        current = torch.where(starts, rtg[:, t], current)
+        out[:, t] = current
+    return out
+
+
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor, truncated: Tensor,
+        gamma: float = 0.99, gae_lambda: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2015, arXiv:1506.02438), ``[B, T]`` each.
+
+    δ_t = r_t + γ·(1 − terminated_t)·V(s_{t+1}) − V(s_t);  A_t = δ_t + γλ·(1 − done_t)·A_{t+1}.
+    On truncation the bootstrap V(final obs) is kept but the λ-trace stops; on termination both stop.
+    Returns ``(adv, ret)`` with ``ret = adv + values`` (the TD(λ) critic targets).
+    λ = 1 with V = 0 is the discounted reward-to-go (tested).
+    """
+    B, T = rewards.shape
+    term = terminated.to(rewards.dtype)
+    cont = _continuation(terminated, truncated).to(rewards.dtype)
+    delta = rewards + gamma * (1.0 - term) * next_values - values  # [B, T]
+    adv = torch.empty_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        last = delta[:, t] + gamma * gae_lambda * cont[:, t] * last
+        adv[:, t] = last
+    return adv, adv + values
+
+
+# --------------------------------------------------------------------------- surrogates (losses)
+def vanilla_pg_loss(logp: Tensor, weights: Tensor, mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
+    """Rungs 1–3: −E[Φ_t · log π(a_t|s_t)]; Φ_t is R(τ), R(τ)−b, or an advantage (no gradient through it)."""
+    mask = torch.ones_like(logp) if mask is None else mask
+    return -aggregate(logp * weights.detach(), mask, agg)
+
+
+def importance_sampled_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor | None = None,
+                            agg: str = "token-mean", max_log_ratio: float = 20.0) -> Tensor:
+    """Rung 4: −E_{π_old}[π_θ/π_old · A]. At θ = θ_old its gradient is the vanilla one (tested).
+
+    The log-ratio is clamped before ``exp`` (DETAILS LM-16) so one far-off sample cannot give inf.
+    """
+    mask = torch.ones_like(logp) if mask is None else mask
+    ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
+    return -aggregate(ratio * adv.detach(), mask, agg)
+
+
+def kl_penalty_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, kl: Tensor, beta: float,
+                    mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
+    """Rung 5 (PPO1): −(E[ratio·A] − β·KL(π_old, π_θ)); ``kl`` is per step (exact or an estimator)."""
+    mask = torch.ones_like(logp) if mask is None else mask
+    return importance_sampled_loss(logp, logp_old, adv, mask, agg) + beta * aggregate(kl, mask, agg)
+
+
+def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, mask: Tensor | None = None,
+                 agg: str = "token-mean", max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
+    """Rung 6 (PPO2): −E[min(r·A, clip(r, 1−ε, 1+ε)·A)]. Returns ``(loss, clip_fraction)``.
+
+    ε = ∞ recovers the importance-sampled loss exactly (tested).
+    """
+    mask = torch.ones_like(logp) if mask is None else mask
+    ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
+    adv = adv.detach()
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv
+    loss = -aggregate(torch.minimum(unclipped, clipped), mask, agg)
+    clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_coef).to(logp.dtype), mask)
+    return loss, clip_fraction.detach()
+
+
+def value_loss(values: Tensor, ret: Tensor, values_old: Tensor | None = None, clip_coef: float | None = None,
+               mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
+    """0.5·(V − R)², or the clipped form 0.5·max((V−R)², (V_old + clip(V−V_old, ±ε) − R)²) (DETAILS 5, LM-11)."""
+    mask = torch.ones_like(values) if mask is None else mask
+    sq = (values - ret) ** 2
+    if clip_coef is not None and values_old is not None:
+        v_clipped = values_old + torch.clamp(values - values_old, -clip_coef, clip_coef)
+        sq = torch.maximum(sq, (v_clipped - ret) ** 2)
+    return 0.5 * aggregate(sq, mask, agg)
+
+
+# --------------------------------------------------------------------------- KL
+def kl_k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k1 = log π − log π_ref on samples from π: unbiased for KL(π‖π_ref), can be negative per sample."""
+    return logp - logp_ref
+
+
+def kl_k2(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k2 = ½(log π − log π_ref)²: low variance, biased (Schulman, "Approximating KL divergence")."""
+    return 0.5 * (logp - logp_ref) ** 2
+
+
+def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k3 = exp(−Δ) − 1 + Δ with Δ = log π − log π_ref, samples from π: unbiased and ≥ 0.
+
+    With ``logp = logp_old`` and ``logp_ref = logp_new`` this is PPO's ``approx_kl`` = (ratio − 1) − log ratio.
+    """
+    delta = logp - logp_ref
+    return torch.expm1(-delta) + delta
+
+
+def exact_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> Tensor:
+    """KL(p‖q) per state, summed over independent action dimensions when the distribution has them."""
+    return torch.distributions.kl_divergence(p, q)
+
+
+# --------------------------------------------------------------------------- KL controllers
+def ppo_beta_update(beta: float, kl: float, kl_target: float, factor: float = 2.0, tolerance: float = 1.5) -> float:
+    """The adaptive penalty of the PPO paper (Schulman et al. 2017, §4), applied once per iteration:
+    β ← β·2 if KL > 1.5·target; β ← β/2 if KL < target/1.5; unchanged otherwise."""
+    if kl > tolerance * kl_target:
+        return beta * factor
+    if kl < kl_target / tolerance:
+        return beta / factor
+    return beta
+
+
+def ziegler_beta_update(beta: float, kl: float, kl_target: float, n_steps: int, horizon: int) -> float:
+    """Adaptive KL controller of Ziegler et al. 2019 (arXiv:1909.08593, §2.2):
+    β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)."""
+    error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------- trust region
+def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, residual_tol: float = 1e-10) -> Tensor:
+    """Solve A x = b for symmetric positive-definite A given only x ↦ A x (Hestenes & Stiefel)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        if rr <= residual_tol:
+            break
+        Ap = Avp(p)
+        alpha = rr / (p @ Ap)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def flat_grad(y: Tensor, params: Sequence[Tensor], **kwargs) -> Tensor:
+    grads = torch.autograd.grad(y, params, **kwargs)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor], v: Tensor, damping: float = 0.1) -> Tensor:
+    """F·v + damping·v, with F the Hessian of the mean KL(π_old‖π_θ) at θ = θ_old (which is the Fisher
+    information there). Computed by double back-propagation, never forming F."""
+    kl = kl_fn()
+    g = flat_grad(kl, params, create_graph=True)
+    hv = flat_grad(g @ v, params)
+    return hv + damping * v
+
+
+class LineSearchResult(NamedTuple):
+    accepted: bool
+    step_fraction: float  # the fraction of the full step taken (0 when rejected)
+    backtracks: int
+    improvement: float
+    kl: float
+
+
+def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], max_kl: float,
+                             backtrack_coef: float = 0.8, max_backtracks: int = 10) -> LineSearchResult:
+    """TRPO's line search: try step fractions 1, c, c², … (c = ``backtrack_coef``); accept the first whose
+    surrogate improved (> 0) and whose mean KL ≤ ``max_kl`` (strictly δ, not Baselines' 1.5δ).
+
+    ``evaluate(frac)`` applies θ_old + frac·step, returns ``(improvement, kl)``; the caller restores θ_old
+    when nothing is accepted. ``max_backtracks`` = 0 means only the full step is tried (NPG-like).
+    """
+    frac = 1.0
+    improvement, kl = float("nan"), float("nan")
+    for i in range(max_backtracks + 1):
+        improvement, kl = evaluate(frac)
+        if math.isfinite(improvement) and math.isfinite(kl) and improvement > 0 and kl <= max_kl:
+            return LineSearchResult(True, frac, i, improvement, kl)
+        frac *= backtrack_coef
+    return LineSearchResult(False, 0.0, max_backtracks, improvement, kl)
+
+
+# --------------------------------------------------------------------------- diagnostics
+def effective_sample_size(log_weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Kish's effective sample size of importance weights, as a fraction of the sample count:
+    (Σw)² / (n·Σw²) ∈ (0, 1]; 1 when all weights are equal. Computed from log-weights, stably."""
+    if mask is None:
+        mask = torch.ones_like(log_weights)
+    lw = torch.where(mask.bool(), log_weights, torch.full_like(log_weights, -float("inf")))
+    n = mask.sum().clamp(min=1)
+    log_s1 = torch.logsumexp(lw.reshape(-1), 0)
+    log_s2 = torch.logsumexp(2 * lw.reshape(-1), 0)
+    return torch.exp(2 * log_s1 - log_s2) / n
+
+
+def explained_variance(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """1 − Var[target − pred] / Var[target]: 1 is a perfect critic, ≤ 0 no better than a constant.
+    NaN when the targets have no variance (nothing to explain)."""
+    var_t = masked_var(target, mask)
+    if var_t <= 0:
+        return torch.tensor(float("nan"))
+    return 1.0 - masked_var(target - pred, mask) / var_t

@@ -1,0 +1,113 @@
+"""Reward model (RLHF stage 2): the LM trunk with a scalar head, trained on preference pairs.
+
+Named choices: Bradley–Terry loss −log σ(r(x, y_chosen) − r(x, y_rejected)); the score is read at the
+last real token (LM-4), which is the appended stop token, as in a finished PPO response; pairwise
+accuracy counts a tie as ½; after training the scores are normalised to mean 0, std 1 over the training
+pairs' chosen and rejected responses (the statistics live in the checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checkpoint
+from .common import Timer, shuffled_chunks
+from .config import RMConfig
+from .data import RM_FIELDS, read_jsonl
+from .model import build_reward_model, encode_prompt, left_pad, use_chat_template
+from .ppo import RunWriter, run_dir_config
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Mean of −log σ(r_c − r_r) over pairs (logsigmoid: stable for large margins)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Share of pairs ranked correctly; a tie counts ½."""
+    return ((r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()).mean()
+
+
+def encode_pairs(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int):
+    eos = tokenizer.eos_token_id
+    out = []
+    for rec in records:
+        q = encode_prompt(tokenizer, rec["prompt"], chat, max_prompt)
+        c = tokenizer(rec["chosen"], add_special_tokens=False)["input_ids"][:max_response] + [eos]
+        r = tokenizer(rec["rejected"], add_special_tokens=False)["input_ids"][:max_response] + [eos]
+        out.append((q + c, q + r))
+    return out
+
+
+def score_pairs(rm, pairs: list[tuple[list[int], list[int]]], pad: int, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """Raw scores of chosen and rejected, both in one left-padded forward: ``[m]``, ``[m]``."""
+    ids, mask = left_pad([p[0] for p in pairs] + [p[1] for p in pairs], pad)
+    r = rm.raw(ids.to(device), mask.to(device))
+    return r[:len(pairs)], r[len(pairs):]
+
+
+def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
+    """Train a reward model on ``config.data``; writes the run to ``config.out``; returns a summary with
+    ``eval_accuracy`` (held-out pairwise accuracy)."""
+    cfg = config
+    cfg.validate()
+    timer = Timer()
+    records = read_jsonl(cfg.data, RM_FIELDS)
+    rm = build_reward_model(cfg.model, cfg)
+    tok = rm.tokenizer
+    chat = use_chat_template(tok, cfg.chat_template)
+    pairs = encode_pairs(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    n_eval = 0 if len(pairs) < 2 or cfg.eval_fraction == 0 else max(1, round(cfg.eval_fraction * len(pairs)))
+    eval_pairs = [pairs[i] for i in order[:n_eval]]
+    train_pairs = [pairs[i] for i in order[n_eval:]]
+    params = [p for p in rm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    writer = RunWriter(cfg.out, run_dir_config("rm", cfg.model, cfg))
+    pad = tok.pad_token_id
+    step = 0
+    log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
+    for epoch in range(cfg.epochs):
+        for rows in shuffled_chunks(len(train_pairs), cfg.batch_size, g):
+            opt.zero_grad(set_to_none=True)
+            loss_total, acc_total = 0.0, 0.0
+            for micro in rows.split(cfg.micro_batch_size):
+                rc, rr = score_pairs(rm, [train_pairs[i] for i in micro.tolist()], pad, cfg.device)
+                w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
+                loss = bradley_terry_loss(rc, rr)
+                (loss * w).backward()
+                loss_total += w * float(loss.detach())
+                acc_total += w * float(pairwise_accuracy(rc.detach(), rr.detach()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                opt.step()
+            step += 1
+            writer.metrics({"step": step, "epoch": epoch, "loss": loss_total, "accuracy": acc_total,
+                            "grad_norm": float(grad_norm), "skipped": int(not torch.isfinite(grad_norm)), "time": timer()})
+            log(f"rm step {step}  loss {loss_total:.4f}  acc {acc_total:.3f}")
+    with torch.inference_mode():
+        def scores(ps):
+            out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
+            return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        tc, tr = scores(train_pairs)
+        all_train = torch.cat([tc, tr])
+        rm.score_mean.copy_(all_train.mean())
+        rm.score_std.copy_(all_train.std().clamp(min=1e-6) if all_train.numel() > 1 else torch.ones(()))
+        eval_acc, eval_loss = float("nan"), float("nan")
+        if eval_pairs:
+            ec, er = scores(eval_pairs)
+            eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
+    checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(), {"stage": "rm", "step": step})
+    summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
+               "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
+               "score_std": float(rm.score_std), "wall_time": timer()}
+    writer.metrics({"step": step, "final": True, **summary})
+    checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+    log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs")
+    return summary

@@ -1,0 +1,93 @@
+"""Supervised fine-tuning (RLHF stage 1): next-token cross-entropy on the response tokens only.
+
+Named choices: the prompt tokens carry no loss (the model learns to answer, not to write prompts); the
+stop token is appended to every response so the model learns to stop (LM-2); the loss is the mean over all
+response tokens of the optimizer batch (token-mean), split into micro-batches with exact weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint
+from .common import Timer, shuffled_chunks
+from .config import SFTConfig
+from .data import SFT_FIELDS, read_jsonl
+from .model import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, forward, freeze, left_pad,
+                    load_causal_lm, load_tokenizer, stop_token_ids, use_chat_template)
+from .ppo import RunWriter, run_dir_config
+
+
+def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):
+    """``(ids, loss_mask)`` per record: prompt ids (mask 0) ‖ response ids + EOS (mask 1)."""
+    out = []
+    for rec in records:
+        q = encode_prompt(tokenizer, rec["prompt"], chat, max_prompt)
+        a = tokenizer(rec["response"], add_special_tokens=False)["input_ids"][:max_response] + [eos]
+        out.append((q + a, [0] * len(q) + [1] * len(a)))
+    return out
+
+
+def sft_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the tokens where ``loss_mask`` is 1 (positions t ≥ 1, predicted from t−1)."""
+    logits, _ = forward(model, ids, mask, 0)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (ce.view(ids.shape[0], -1) * loss_mask[:, 1:]).sum()
+
+
+def sft(config: SFTConfig, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
+    cfg = config
+    cfg.validate()
+    timer = Timer()
+    records = read_jsonl(cfg.data, SFT_FIELDS)
+    torch.manual_seed(cfg.seed)
+    base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
+    tok = load_tokenizer(cfg.model)
+    pad = ensure_pad_token(tok, base)
+    eos = stop_token_ids(tok, base)[0] if tok.eos_token_id is None else tok.eos_token_id
+    freeze(base)
+    model = apply_finetune(base, cfg)
+    chat = use_chat_template(tok, cfg.chat_template)
+    examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    writer = RunWriter(cfg.out, run_dir_config("sft", cfg.model, cfg))
+    g = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
+    for epoch in range(cfg.epochs):
+        for rows in shuffled_chunks(len(examples), cfg.batch_size, g):
+            opt.zero_grad(set_to_none=True)
+            n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
+            total = 0.0
+            for micro in rows.split(cfg.micro_batch_size):
+                ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
+                lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
+                loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
+                loss.backward()
+                total += float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                opt.step()
+            step += 1
+            writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": n_tok, "grad_norm": float(grad_norm),
+                            "skipped": int(not torch.isfinite(grad_norm)), "time": timer()})
+            log(f"sft step {step}  loss {total:.4f}")
+    tensors = {f"policy.lm.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors, {"stage": "sft", "step": step})
+    with torch.inference_mode():  # a few greedy answers for the readable samples file
+        items = []
+        for rec in records[:3]:
+            q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)])
+            out = model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=cfg.max_response_length,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tok, base))
+            items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
+        writer.samples("after SFT (greedy, training prompts)", items)
+    summary = {"steps": step, "final_loss": total, "wall_time": timer()}
+    checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+    return summary

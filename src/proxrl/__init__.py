@@ -1,0 +1,39 @@
+"""proxrl: the policy-gradient ladder — vanilla PG to PPO and TRPO — on Gymnasium and on language models.
+
+``import proxrl`` loads torch and numpy only; Gymnasium, transformers and plotting load where used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import core
+from .batch import Batch
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError, DataError, NumericsError, ProxrlError
+from .rungs import LADDER, RUNGS
+
+
+def train(*args, **kwargs):
+    """Train a rung on an environment; see :func:`proxrl.train.train`."""
+    from .train import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def load(run_dir):
+    """Load a trained run as an :class:`~proxrl.train.Agent` that acts on raw observations."""
+    from .train import load as _load
+
+    return _load(run_dir)
+
+
+def evaluate(run_dir, episodes: int = 20, seed: int = 12345, deterministic: bool = True, env_factory=None):
+    """Evaluate a saved run; returns ``{"mean_return", "std_return", "episodes"}``."""
+    from .train import evaluate as _evaluate
+
+    return _evaluate(run_dir, episodes, seed, deterministic, env_factory)
+
+
+__all__ = ["core", "Batch", "TrainConfig", "train", "load", "evaluate", "LADDER", "RUNGS",
+           "ProxrlError", "ConfigError", "DataError", "CheckpointError", "NumericsError"]

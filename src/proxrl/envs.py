@@ -1,0 +1,139 @@
+"""Vectorised Gymnasium environments and the running statistics that normalise them.
+
+The normalisers live here, not in Gymnasium wrappers, so their statistics are plain tensors that go
+into the checkpoint beside the weights (DETAILS 8: CleanRL #425/#532, SB3 #468 lost them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+EnvSpec = Union[str, Callable[[], Any]]
+
+
+class RunningMeanStd:
+    """Running mean and variance (parallel algorithm of Chan et al.), float64."""
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        if x.shape[0] == 0:
+            return
+        b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
+        delta = b_mean - self.mean
+        tot = self.count + b_count
+        self.mean = self.mean + delta * b_count / tot
+        m2 = self.var * self.count + b_var * b_count + delta ** 2 * self.count * b_count / tot
+        self.var = m2 / tot
+        self.count = tot
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}/mean": torch.from_numpy(np.asarray(self.mean, np.float64)).clone(),
+                f"{prefix}/var": torch.from_numpy(np.asarray(self.var, np.float64)).clone(),
+                f"{prefix}/count": torch.tensor([self.count], dtype=torch.float64)}
+
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        mean = tensors[f"{prefix}/mean"].numpy()
+        if mean.shape != self.mean.shape:
+            raise ConfigError(prefix, f"saved statistics have shape {mean.shape}, the environment needs {self.mean.shape}")
+        self.mean, self.var = mean.copy(), tensors[f"{prefix}/var"].numpy().copy()
+        self.count = float(tensors[f"{prefix}/count"][0])
+
+
+class ObsNormalizer:
+    """(obs − μ) / √(σ² + ε), clipped to ±clip (DETAILS 8). ``frozen`` for evaluation."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0):
+        self.rms, self.clip = RunningMeanStd(shape), clip
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.rms.update(obs)
+        return np.clip((obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
+
+
+class RewardScaler:
+    """r / √(Var[discounted return] + ε), clipped (the "reward scaling" of the 37 details, #1 of its
+    MuJoCo section): the running statistics are of G_t = γ·G_{t−1} + r_t per env, reset at episode end."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0):
+        self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
+        self.discounted = np.zeros(num_envs, np.float64)
+
+    def __call__(self, reward: np.ndarray, valid: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        self.discounted = np.where(valid, self.discounted * self.gamma + reward, self.discounted)
+        self.rms.update(self.discounted[valid])
+        self.discounted[ended] = 0.0
+        return np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
+
+
+def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_kwargs: Optional[dict] = None):
+    """A Gymnasium vector env with NEXT_STEP autoreset (Gymnasium ≥ 1.0's default).
+
+    ``env`` is an id or a factory returning a ``gymnasium.Env`` (or a ``VectorEnv`` of ``num_envs``).
+    ``auto`` uses the numpy-vectorised implementation when Gymnasium registers one (CartPole: one numpy
+    call per step for all envs, an order of magnitude faster than SyncVectorEnv), else SyncVectorEnv.
+    """
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, VectorEnv
+
+    env_kwargs = env_kwargs or {}
+    try:
+        if callable(env):
+            made = env()
+            if isinstance(made, VectorEnv):
+                vec = made
+            else:
+                made.close()
+                vec = gym.vector.SyncVectorEnv([env for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+        else:
+            if env not in gym.registry:
+                import difflib
+
+                close = difflib.get_close_matches(env, list(gym.registry), n=1)
+                hint = f"did you mean {close[0]}?" if close else "see gymnasium.registry for the ids"
+                raise ConfigError("env", f"unknown Gymnasium environment id {env!r}", hint)
+            spec = gym.registry[env]
+            mode = vectorization
+            if mode == "auto":
+                mode = "numpy" if spec.vector_entry_point is not None else "sync"
+            if mode == "numpy":
+                if spec.vector_entry_point is None:
+                    raise ConfigError("vectorization", f"{env} has no numpy-vectorised implementation", "use sync or auto")
+                vec = gym.make_vec(env, num_envs=num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
+            else:
+                vec = gym.make_vec(env, num_envs=num_envs, vectorization_mode=mode,
+                                   vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs)
+    except ConfigError:
+        raise
+    except gym.error.DependencyNotInstalled as e:
+        raise ConfigError("env", f"{env!r} needs an extra dependency ({str(e).splitlines()[0]})",
+                          "e.g. pip install 'gymnasium[mujoco]' or 'gymnasium[box2d]'") from None
+    except gym.error.Error as e:
+        raise ConfigError("env", f"cannot create {env!r}: {str(e).splitlines()[0]}") from None
+    mode = vec.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if mode != AutoresetMode.NEXT_STEP and str(mode) != "NextStep":
+        raise ConfigError("env", f"vector env uses autoreset mode {mode}, proxrl expects NEXT_STEP",
+                          "create it with autoreset_mode=AutoresetMode.NEXT_STEP")
+    if vec.num_envs != num_envs:
+        raise ConfigError("num_envs", f"the env factory returned a VectorEnv of {vec.num_envs} envs, not {num_envs}")
+    _check_spaces(vec)
+    return vec
+
+
+def _check_spaces(vec) -> None:
+    import gymnasium as gym
+
+    obs, act = vec.single_observation_space, vec.single_action_space
+    if not isinstance(obs, gym.spaces.Box):
+        raise ConfigError("env", f"observation space {obs} is not supported", "proxrl handles Box observations")
+    if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete)):
+        raise ConfigError("env", f"action space {act} is not supported", "use Discrete, MultiDiscrete or Box")

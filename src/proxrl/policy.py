@@ -1,0 +1,115 @@
+"""Policies for Gymnasium spaces: separate actor and critic MLPs (DETAILS 3), three action heads.
+
+* ``Discrete`` → Categorical; ``MultiDiscrete`` → independent Categoricals (log-probs summed);
+* ``Box`` → diagonal Gaussian with a state-independent log-std initialised to ``log_std_init``
+  (DETAILS 7); log-probs summed over dimensions. The action sent to the env is clipped to the
+  bounds by the rollout; the unclipped sample is what is stored and trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Independent, Normal
+
+
+def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
+    """Orthogonal weights with the given gain, zero bias (DETAILS 3)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str, out_gain: float) -> nn.Sequential:
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [_layer(n_in, h, math.sqrt(2)), act()]
+        n_in = h
+    layers.append(_layer(n_in, n_out, out_gain))
+    return nn.Sequential(*layers)
+
+
+class MultiCategorical:
+    """Independent categoricals over the sub-actions of a MultiDiscrete space."""
+
+    def __init__(self, logits: Tensor, nvec: Sequence[int]):
+        self.dists = [Categorical(logits=l, validate_args=False) for l in torch.split(logits, list(nvec), dim=-1)]
+
+    def sample(self) -> Tensor:
+        return torch.stack([d.sample() for d in self.dists], dim=-1)
+
+    def log_prob(self, a: Tensor) -> Tensor:
+        return sum(d.log_prob(a[..., i]) for i, d in enumerate(self.dists))
+
+    def entropy(self) -> Tensor:
+        return sum(d.entropy() for d in self.dists)
+
+    @property
+    def mode(self) -> Tensor:
+        return torch.stack([d.probs.argmax(-1) for d in self.dists], dim=-1)
+
+
+@torch.distributions.kl.register_kl(MultiCategorical, MultiCategorical)  # type: ignore[misc]
+def _kl_multicategorical(p: MultiCategorical, q: MultiCategorical) -> Tensor:  # pragma: no cover - registry
+    return sum(torch.distributions.kl_divergence(a, b) for a, b in zip(p.dists, q.dists))
+
+
+class ActorCritic(nn.Module):
+    """π(a|s) and V(s) as two separate MLPs. ``kind`` is 'discrete', 'multidiscrete' or 'continuous'."""
+
+    def __init__(self, obs_dim: int, kind: str, act_dim: int, nvec: Sequence[int] = (), hidden: Sequence[int] = (64, 64),
+                 activation: str = "tanh", log_std_init: float = 0.0, critic: bool = True):
+        super().__init__()
+        self.kind, self.act_dim, self.nvec = kind, act_dim, tuple(int(n) for n in nvec)
+        n_out = sum(self.nvec) if kind == "multidiscrete" else act_dim
+        self.actor = mlp(obs_dim, hidden, n_out, activation, out_gain=0.01)
+        self.critic = mlp(obs_dim, hidden, 1, activation, out_gain=1.0) if critic else None
+        if kind == "continuous":
+            self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
+
+    @classmethod
+    def for_spaces(cls, obs_space, act_space, **kw) -> "ActorCritic":
+        import gymnasium as gym
+
+        obs_dim = int(np.prod(obs_space.shape))
+        if isinstance(act_space, gym.spaces.Discrete):
+            return cls(obs_dim, "discrete", int(act_space.n), **kw)
+        if isinstance(act_space, gym.spaces.MultiDiscrete):
+            return cls(obs_dim, "multidiscrete", len(act_space.nvec), nvec=act_space.nvec.reshape(-1), **kw)
+        if isinstance(act_space, gym.spaces.Box):
+            return cls(obs_dim, "continuous", int(np.prod(act_space.shape)), **kw)
+        raise TypeError(f"unsupported action space {act_space}")
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        ps = list(self.actor.parameters())
+        if self.kind == "continuous":
+            ps.append(self.log_std)
+        return ps
+
+    def dist(self, obs: Tensor):
+        """The action distribution at ``obs`` [..., obs_dim]; ``log_prob`` is summed over action dims."""
+        out = self.actor(obs)
+        if self.kind == "discrete":
+            return Categorical(logits=out, validate_args=False)
+        if self.kind == "multidiscrete":
+            return MultiCategorical(out, self.nvec)
+        std = self.log_std.exp().expand_as(out)
+        return Independent(Normal(out, std, validate_args=False), 1, validate_args=False)
+
+    def value(self, obs: Tensor) -> Tensor:
+        if self.critic is None:
+            raise RuntimeError("this rung has no critic")
+        return self.critic(obs).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
+        d = self.dist(obs)
+        if deterministic:
+            return d.mode if self.kind != "continuous" else d.base_dist.loc
+        return d.sample()

@@ -1,0 +1,65 @@
+"""Tuned hyperparameters per (environment, rung), applied automatically as in the RL zoo.
+
+Each preset names where its numbers come from. "zoo" = rl-baselines3-zoo ``hyperparams/*.yml``
+(SB3's tuned values, translated: ``n_steps``→num_steps, ``n_envs``→num_envs, ``batch_size``→
+num_minibatches = num_envs·num_steps / batch_size, ``n_epochs``→update_epochs, ``normalize``→obs_norm
++ reward_norm). "here" = adjusted in this repository, measured as in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+_CARTPOLE_PPO = dict(num_envs=8, num_steps=32, num_minibatches=1, gae_lambda=0.8, gamma=0.98,
+                     update_epochs=20, ent_coef=0.0, lr=1e-3)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # zoo ppo.yml CartPole-v1 (lin_1e-3 LR; batch 256 = one minibatch, 20 epochs)
+    "CartPole-v1/ppo-clip": dict(_CARTPOLE_PPO),
+    # the same batch and epochs with the penalty instead of the clip; KL target set here
+    "CartPole-v1/ppo-kl": dict(_CARTPOLE_PPO, kl_target=0.01, beta_init=1.0),
+    # the same batch reused without any constraint: what rung 4 is there to show
+    "CartPole-v1/is-pg": dict(_CARTPOLE_PPO),
+    # zoo (sb3-contrib) trpo.yml CartPole-v1: 2 envs × 512, 20 critic updates, λ 0.98
+    "CartPole-v1/trpo": dict(num_envs=2, num_steps=512, gae_lambda=0.98, gamma=0.99, lr=1e-3, critic_epochs=20,
+                             critic_minibatches=8, max_kl=0.01, cg_damping=0.1),
+    "CartPole-v1/npg": dict(num_envs=2, num_steps=512, gae_lambda=0.98, gamma=0.99, lr=1e-3, critic_epochs=20,
+                            critic_minibatches=8, max_kl=0.01, cg_damping=0.1),
+    # here: REINFORCE-style rungs want large batches (whole episodes) and a higher LR
+    "CartPole-v1/pg": dict(num_envs=8, num_steps=500, lr=1e-2),
+    "CartPole-v1/pg-baseline": dict(num_envs=8, num_steps=500, lr=1e-2),
+    "CartPole-v1/pg-rtg": dict(num_envs=8, num_steps=500, lr=1e-2, critic_lr=1e-2, gamma=0.99),
+    # zoo ppo.yml Acrobot-v1
+    "Acrobot-v1/ppo-clip": dict(num_envs=16, num_steps=256, gae_lambda=0.94, gamma=0.99, update_epochs=4,
+                                ent_coef=0.0, obs_norm=True, reward_norm=True, num_minibatches=64),
+    # zoo ppo.yml LunarLander-v2 (same task as v3)
+    "LunarLander-v3/ppo-clip": dict(num_envs=16, num_steps=1024, num_minibatches=256, gae_lambda=0.98, gamma=0.999,
+                                    update_epochs=4, ent_coef=0.01),
+    # zoo ppo.yml Pendulum-v1 uses gSDE; without it: here, 4×1024, γ 0.9, λ 0.95, 10 epochs, LR 1e-3
+    "Pendulum-v1/ppo-clip": dict(num_envs=4, num_steps=1024, num_minibatches=64, gae_lambda=0.95, gamma=0.9,
+                                 update_epochs=10, lr=1e-3, clip_coef=0.2, ent_coef=0.0, obs_norm=False,
+                                 reward_norm=False),
+    # zoo ppo.yml HalfCheetah-v4 (normalize, 1 env × 512, batch 64, 20 epochs, ReLU 256-256, log-std −2)
+    "HalfCheetah-v5/ppo-clip": dict(num_envs=1, num_steps=512, num_minibatches=8, gamma=0.98, lr=2.0633e-05,
+                                    ent_coef=0.000401762, clip_coef=0.1, update_epochs=20, gae_lambda=0.92,
+                                    max_grad_norm=0.8, vf_coef=0.58096, log_std_init=-2.0, activation="relu",
+                                    hidden=(256, 256), obs_norm=True, reward_norm=True),
+    # zoo (sb3-contrib) trpo.yml HalfCheetah: normalize, 2 envs × 1024, γ 0.99, λ 0.95, 20 critic updates
+    "HalfCheetah-v5/trpo": dict(num_envs=2, num_steps=1024, critic_minibatches=16, gamma=0.99, gae_lambda=0.95,
+                                lr=1e-3, critic_epochs=20, max_kl=0.04, obs_norm=True, reward_norm=True),
+}
+
+
+def find_preset(preset: str, env: str, algo: str) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """'auto' → the preset of (env, algo) if any; 'none' → no preset; a name → that preset or an error."""
+    if preset == "none":
+        return None, None
+    if preset == "auto":
+        name = f"{env}/{algo}"
+        return (name, dict(PRESETS[name])) if name in PRESETS else (None, None)
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {preset!r}",
+                          "use auto, none, or one of: " + ", ".join(sorted(PRESETS)))
+    return preset, dict(PRESETS[preset])

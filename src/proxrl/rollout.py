@@ -1,0 +1,139 @@
+"""Fixed-length vectorised rollouts: N envs × M steps into one :class:`~proxrl.batch.Batch`.
+
+Observations and episode state carry over between rollouts — envs are never reset at an iteration
+boundary (DETAILS 1). Gymnasium ≥ 1.0 autoresets on the NEXT step: the step after an episode ends
+returns the reset observation with reward 0 and ignores the action. That step gets ``mask`` = 0 and is
+never trained on; the observation it starts from is the episode's final observation, so V of it is
+exactly the truncation bootstrap V(final obs) (DETAILS 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .batch import Batch
+from .envs import ObsNormalizer, RewardScaler
+from .errors import NumericsError
+from .policy import ActorCritic
+
+
+@dataclass
+class EpisodeStats:
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+class Runner:
+    """Owns the vector env's carried state: current observation, pending autoresets, episode sums."""
+
+    def __init__(self, envs, policy: ActorCritic, seed: int, gamma: float, obs_norm: bool, reward_norm: bool,
+                 clip_obs: float = 10.0, clip_reward: float = 10.0, device: str = "cpu"):
+        self.envs, self.policy, self.device = envs, policy, torch.device(device)
+        self.num_envs = envs.num_envs
+        obs_shape = envs.single_observation_space.shape
+        self.obs_dim = int(np.prod(obs_shape))
+        self.obs_norm = ObsNormalizer((self.obs_dim,), clip_obs) if obs_norm else None
+        self.reward_scaler = RewardScaler(self.num_envs, gamma, clip_reward) if reward_norm else None
+        act_space = envs.single_action_space
+        self.continuous = policy.kind == "continuous"
+        if self.continuous:
+            self.act_low, self.act_high = act_space.low.reshape(-1), act_space.high.reshape(-1)
+            self.act_shape = act_space.shape
+        raw, _ = envs.reset(seed=seed)
+        self.raw_obs = self._check_obs(raw)
+        self.pending_reset = np.zeros(self.num_envs, bool)  # next step is an autoreset step
+        self.ep_return = np.zeros(self.num_envs, np.float64)
+        self.ep_length = np.zeros(self.num_envs, np.int64)
+        self.global_step = 0
+
+    def _check_obs(self, raw) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float32).reshape(self.num_envs, -1)
+        if raw.shape[1] != self.obs_dim:
+            raise NumericsError(f"observation: env returned shape {raw.shape[1:]}, its space says {self.obs_dim}")
+        if not np.isfinite(raw).all():
+            raise NumericsError(f"observation: NaN or inf from the environment at step {self.global_step}")
+        return raw
+
+    def _policy_obs(self, raw: np.ndarray, update: bool) -> torch.Tensor:
+        obs = self.obs_norm(raw, update) if self.obs_norm is not None else raw
+        return torch.from_numpy(obs).to(self.device)
+
+    @torch.inference_mode()
+    def collect(self, num_steps: int) -> tuple[Batch, EpisodeStats]:
+        N, T, dev = self.num_envs, num_steps, self.device
+        has_critic = self.policy.critic is not None
+        obs_buf = torch.empty((T, N, self.obs_dim), device=dev)
+        act_buf: Optional[torch.Tensor] = None
+        logp_buf = torch.empty((T, N), device=dev)
+        val_buf = torch.zeros((T, N), device=dev)
+        rew = np.empty((T, N), np.float32)
+        term = np.empty((T, N), bool)
+        trunc = np.empty((T, N), bool)
+        mask = np.empty((T, N), bool)
+        stats = EpisodeStats()
+        for t in range(T):
+            obs = self._policy_obs(self.raw_obs, update=True)
+            dist = self.policy.dist(obs)
+            action = dist.sample()
+            logp_buf[t] = dist.log_prob(action)
+            if has_critic:
+                val_buf[t] = self.policy.value(obs)
+            obs_buf[t] = obs
+            if act_buf is None:
+                act_buf = torch.empty((T, *action.shape), dtype=action.dtype, device=dev)
+            act_buf[t] = action
+            env_action = action.cpu().numpy()
+            if self.continuous:  # clip what the env sees, keep the sample (DETAILS 7)
+                env_action = np.clip(env_action, self.act_low, self.act_high).reshape(N, *self.act_shape)
+            raw, reward, terminated, truncated, _ = self.envs.step(env_action)
+            self.global_step += N
+            reward = np.asarray(reward, np.float64)
+            if not np.isfinite(reward).all():
+                raise NumericsError(f"reward: NaN or inf from the environment at step {self.global_step}")
+            valid = ~self.pending_reset
+            terminated = np.asarray(terminated, bool) & valid
+            truncated = np.asarray(truncated, bool) & valid
+            ended = terminated | truncated
+            reward = np.where(valid, reward, 0.0)
+            self.ep_return += reward
+            self.ep_length += valid
+            for i in np.flatnonzero(ended):
+                stats.returns.append(float(self.ep_return[i]))
+                stats.lengths.append(int(self.ep_length[i]))
+            self.ep_return[ended] = 0.0
+            self.ep_length[ended] = 0
+            if self.reward_scaler is not None:
+                reward = self.reward_scaler(reward, valid, ended)
+            rew[t], term[t], trunc[t], mask[t] = reward, terminated, truncated, valid
+            self.pending_reset = ended
+            self.raw_obs = self._check_obs(raw)
+        last_obs = self._policy_obs(self.raw_obs, update=False)
+        next_values = None
+        values = None
+        if has_critic:
+            last_v = self.policy.value(last_obs)
+            values = val_buf.T.contiguous()  # [N, T]
+            next_values = torch.cat([values[:, 1:], last_v[:, None]], dim=1)
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.T)).to(dev)  # [T, N] → [N, T]
+        batch = Batch(
+            obs=obs_buf.transpose(0, 1).contiguous(),           # [N, T, obs_dim]
+            actions=act_buf.transpose(0, 1).contiguous(),       # [N, T, ...]
+            logp_old=logp_buf.T.contiguous(),                   # [N, T]
+            rewards=to_t(rew), terminated=to_t(term).float(), truncated=to_t(trunc).float(),
+            mask=to_t(mask).float(), values=values, next_values=next_values,
+        )
+        return batch, stats
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.obs_norm is not None:
+            out.update(self.obs_norm.rms.state("obs_rms"))
+        if self.reward_scaler is not None:
+            out.update(self.reward_scaler.rms.state("ret_rms"))
+            out["ret_rms/discounted"] = torch.from_numpy(self.reward_scaler.discounted.copy())
+        return out

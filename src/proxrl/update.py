@@ -1,0 +1,225 @@
+"""Update rules: SGD epochs over minibatches (rungs 1–6) and the trust-region step (rung 7, NPG).
+
+Both take the flattened batch of valid steps (``[N, 1]`` tensors) and return detached diagnostics.
+The policy loss of every rung comes from :func:`proxrl.objective.surrogate_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import core
+from .batch import Batch
+from .errors import NumericsError
+from .objective import normalize_advantages, surrogate_loss
+from .policy import ActorCritic
+from .rungs import Rung
+
+
+def _minibatches(n: int, num_minibatches: int) -> list[Tensor]:
+    """A fresh shuffle split into ``num_minibatches`` near-equal parts covering every sample."""
+    return list(torch.randperm(n).tensor_split(num_minibatches))
+
+
+def _check_finite(name: str, value: Tensor, update: int) -> None:
+    if not torch.isfinite(value).all():
+        raise NumericsError(f"{name}: NaN or inf in update {update}")
+
+
+def _clip_and_check(params: list[nn.Parameter], max_grad_norm: float, update: int) -> Tensor:
+    if max_grad_norm > 0:
+        norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    _check_finite("gradient", norm, update)
+    return norm
+
+
+def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, epochs: int,
+                 num_minibatches: int, max_grad_norm: float, clip_coef: Optional[float], update: int) -> float:
+    """Regress V(s) on the returns for ``epochs`` shuffled passes (the separately trained critic of
+    pg-rtg and TRPO, DETAILS 10). Returns the last epoch's mean value loss."""
+    obs, ret, v_old = flat.obs[:, 0], flat.ret[:, 0], flat.values[:, 0]
+    params = list(policy.critic.parameters())
+    last = []
+    for _ in range(epochs):
+        last = []
+        for idx in _minibatches(len(ret), num_minibatches):
+            loss = core.value_loss(policy.value(obs[idx]), ret[idx], v_old[idx], clip_coef)
+            _check_finite("value_loss", loss, update)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _clip_and_check(params, max_grad_norm, update)
+            optimizer.step()
+            last.append(loss.detach())
+    return float(torch.stack(last).mean())
+
+
+def snapshot_actor(policy: ActorCritic, obs: Tensor):
+    return _old_actor_output(policy, obs)
+
+
+def _old_actor_output(policy: ActorCritic, obs: Tensor):
+    """Snapshot of π_old's distribution at ``obs`` (for exact KL against it)."""
+    with torch.no_grad():
+        out = policy.actor(obs)
+        log_std = policy.log_std.detach().clone() if policy.kind == "continuous" else None
+    return out, log_std
+
+
+def _dist_from(policy: ActorCritic, out: Tensor, log_std: Optional[Tensor]):
+    from torch.distributions import Categorical, Independent, Normal
+
+    from .policy import MultiCategorical
+
+    if policy.kind == "discrete":
+        return Categorical(logits=out, validate_args=False)
+    if policy.kind == "multidiscrete":
+        return MultiCategorical(out, policy.nvec)
+    return Independent(Normal(out, log_std.exp().expand_as(out), validate_args=False), 1, validate_args=False)
+
+
+def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt: Optional[torch.optim.Optimizer],
+               flat: Batch, rung: Rung, cfg, beta: float, update: int) -> dict[str, float]:
+    """``update_epochs`` × ``num_minibatches`` optimizer steps of the rung's surrogate.
+
+    Rungs 4–6 train the critic in the same steps (loss + vf_coef·value loss); rungs 1–3 take their policy
+    step(s) first and then fit the critic separately for ``critic_epochs``.
+    """
+    obs, act, logp_old, adv = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0], flat.adv[:, 0]
+    ret = flat.ret[:, 0]
+    n = len(adv)
+    joint_critic = policy.critic is not None and rung.surrogate != "vanilla"
+    need_kl = rung.surrogate == "kl-penalty"
+    if need_kl:
+        old_out, old_log_std = _old_actor_output(policy, obs)
+    actor_params = policy.actor_parameters()
+    params = actor_params + (list(policy.critic.parameters()) if joint_critic else [])
+    policy_losses, value_losses, clip_fracs, first_dev = [], [], [], None
+    stopped_early = False
+    for epoch in range(cfg.update_epochs):
+        for idx in _minibatches(n, cfg.num_minibatches):
+            ones = torch.ones(len(idx), device=adv.device)
+            dist = policy.dist(obs[idx])
+            logp = dist.log_prob(act[idx])
+            mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
+            kl = None
+            if need_kl:
+                kl = core.exact_kl(_dist_from(policy, old_out[idx], old_log_std), dist)
+            loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
+                                      beta=beta, kl=kl)
+            if first_dev is None:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
+                first_dev = float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max())
+            if cfg.ent_coef > 0:
+                loss = loss - cfg.ent_coef * dist.entropy().mean()
+            if joint_critic:
+                v_loss = core.value_loss(policy.value(obs[idx]), ret[idx], flat.values[idx, 0],
+                                         cfg.clip_coef if cfg.clip_vloss else None)
+                loss = loss + cfg.vf_coef * v_loss
+                value_losses.append(v_loss.detach())
+            _check_finite("policy_loss", loss, update)
+            actor_opt.zero_grad(set_to_none=True)
+            if joint_critic:
+                critic_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _clip_and_check(params, cfg.max_grad_norm, update)
+            actor_opt.step()
+            if joint_critic:
+                critic_opt.step()
+            policy_losses.append(loss.detach())
+            if "clip_fraction" in st:
+                clip_fracs.append(st["clip_fraction"])
+        if cfg.target_kl is not None and float(st["approx_kl"]) > cfg.target_kl:
+            stopped_early = True
+            break
+    out = {"policy_loss": float(torch.stack(policy_losses).mean()), "ratio_first_dev": first_dev,
+           "epochs_done": epoch + 1, "early_stop": stopped_early}
+    out["clip_fraction"] = float(torch.stack(clip_fracs).mean()) if clip_fracs else None
+    if joint_critic:
+        out["value_loss"] = float(torch.stack(value_losses[-cfg.num_minibatches:]).mean())
+    elif policy.critic is not None:
+        out["value_loss"] = train_critic(policy, critic_opt, flat, cfg.critic_epochs, cfg.critic_minibatches,
+                                         cfg.max_grad_norm, None, update)
+    return out
+
+
+def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, flat: Batch, rung: Rung, cfg,
+                        update: int) -> dict[str, float]:
+    """TRPO (Schulman et al. 2015, arXiv:1502.05477, App. C): s = F⁻¹g by conjugate gradient on
+    Fisher-vector products, scaled so ½sᵀFs = δ, then a backtracking line search accepting only a step
+    with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG)."""
+    obs, act, logp_old = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0]
+    ones = torch.ones(len(obs), device=obs.device)
+    adv = normalize_advantages(flat.adv[:, 0], ones, cfg.norm_adv)
+    params = policy.actor_parameters()
+    old_out, old_log_std = _old_actor_output(policy, obs)
+    old_dist = _dist_from(policy, old_out, old_log_std)
+
+    def surrogate() -> Tensor:  # J(θ) = E[ratio·A], to maximise
+        logp = policy.dist(obs).log_prob(act)
+        return (torch.exp(logp - logp_old) * adv).mean()
+
+    def mean_kl() -> Tensor:
+        return core.exact_kl(old_dist, policy.dist(obs)).mean()
+
+    j0 = surrogate()
+    g = core.flat_grad(j0, params)
+    j0 = float(j0)
+    _check_finite("policy gradient", g, update)
+    fvp = lambda v: core.fisher_vector_product(mean_kl, params, v, cfg.cg_damping)
+    stepdir = core.conjugate_gradient(fvp, g, cfg.cg_iters)
+    shs = float(0.5 * (stepdir @ fvp(stepdir)))
+    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    out = {"policy_loss": -j0, "ls_accepted": False, "ls_backtracks": None, "ls_step_fraction": 0.0}
+    if not math.isfinite(shs) or shs <= 0:
+        out["ls_rejected_reason"] = "non-positive curvature"
+    else:
+        full_step = stepdir * math.sqrt(cfg.max_kl / shs)
+
+        def evaluate(frac: float) -> tuple[float, float]:
+            torch.nn.utils.vector_to_parameters(theta_old + frac * full_step, params)
+            with torch.no_grad():
+                return float(surrogate()) - j0, float(mean_kl())
+
+        if rung.line_search:
+            res = core.backtracking_line_search(evaluate, cfg.max_kl, cfg.backtrack_coef, cfg.backtrack_iters)
+            out.update(ls_accepted=res.accepted, ls_backtracks=res.backtracks, ls_step_fraction=res.step_fraction)
+            if not res.accepted:  # logged, never silent (DETAILS LM-16)
+                torch.nn.utils.vector_to_parameters(theta_old, params)
+        else:
+            improvement, kl = evaluate(1.0)
+            out.update(ls_accepted=True, ls_backtracks=0, ls_step_fraction=1.0)
+        with torch.no_grad():
+            out["policy_loss"] = -float(surrogate())
+    out["value_loss"] = train_critic(policy, critic_opt, flat, cfg.critic_epochs, cfg.critic_minibatches,
+                                     cfg.max_grad_norm, None, update)
+    return out
+
+
+@torch.no_grad()
+def post_update_diagnostics(policy: ActorCritic, flat: Batch, old=None) -> dict[str, float]:
+    """One forward of the updated policy on the whole batch: how far it moved from π_old.
+
+    ``approx_kl`` is k3 of KL(π_old‖π) on the sampled actions; ``kl_old_exact`` the exact mean KL;
+    ``is_weight_var`` and ``ess`` describe the importance weights π/π_old the next reuse would see.
+    """
+    obs, act, logp_old = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0]
+    dist = policy.dist(obs)
+    logp = dist.log_prob(act)
+    log_w = (logp - logp_old).clamp(-20, 20)
+    w = torch.exp(log_w)
+    out = {
+        "approx_kl": float(core.kl_k3(logp_old, logp).mean()),
+        "ratio_mean": float(w.mean()),
+        "ratio_max": float(w.max()),
+        "is_weight_var": float(w.var()) if len(w) > 1 else 0.0,
+        "ess": float(core.effective_sample_size(log_w)),
+        "entropy": float(dist.entropy().mean()),
+    }
+    if old is not None:  # exact KL(π_old‖π) from a snapshot taken by snapshot_actor() before the update
+        out["kl_old_exact"] = float(core.exact_kl(_dist_from(policy, *old), dist).mean())
+    return out

@@ -1,0 +1,156 @@
+"""LM policy pieces on tiny random models: log-probs, padding, dropout, LoRA reference, heads, pad token."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from proxrl.lm.config import ModelOptions
+from proxrl.lm.model import (LMPolicy, RewardModel, build_policy, ensure_pad_token, forward, last_real_index,
+                             left_pad, load_causal_lm, load_tokenizer, token_logp)
+from proxrl.lm.tiny import make_tiny
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, tmp_path_factory):
+    return str(make_tiny(tmp_path_factory.mktemp(request.param), arch=request.param))
+
+
+def _plain_logp(path, seqs, n_resp, T):
+    """Reference: each sequence alone, no padding, plain HF forward with default positions."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    out = []
+    for s in seqs:
+        ids = torch.tensor([s])
+        logits = model(input_ids=ids).logits[0, -n_resp - 1:-1] / T
+        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, -n_resp:, None]).squeeze(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_logp_equals_plain_forward_with_and_without_left_padding(tiny, finetune):
+    opts = ModelOptions(finetune=finetune, dtype="float64")
+    pol = build_policy(tiny, opts)
+    T, R = 0.7, 4
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34, 35, 36]]
+    ids, mask = left_pad(seqs, pol.tokenizer.pad_token_id)  # prompts of different length → left padding
+    logp, values, ent = pol(ids, mask, R, T)
+    expected = _plain_logp(tiny, seqs, R, T)
+    torch.testing.assert_close(logp, expected, atol=1e-10, rtol=0)
+    # unpadded, one at a time, through the same code path
+    for i, s in enumerate(seqs):
+        one, _, _ = pol(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), R, T)
+        torch.testing.assert_close(one[0], expected[i], atol=1e-10, rtol=0)
+    # the reference is the initial policy: same log-probs before any update
+    torch.testing.assert_close(pol.ref_logp(ids, mask, R, T), expected, atol=1e-10, rtol=0)
+    assert values.shape == (3, R) and ent.shape == (3, R)
+
+
+def test_temperature_divides_logits():
+    logits = torch.randn(2, 3, 11, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (2, 3))
+    want = torch.log_softmax(logits / 0.5, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_logp(logits, tokens, 0.5), want)
+
+
+def test_dropout_off_even_when_train_is_called(tiny, tmp_path):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(tiny)
+    for k in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny, config=cfg, dtype=torch.float64)
+    pol = LMPolicy(model, load_tokenizer(tiny), ModelOptions(finetune="full"))
+    pol.train()
+    assert not any(m.training for m in pol.modules())
+    ids = torch.randint(3, 200, (2, 10))
+    a, _, _ = pol(ids, torch.ones_like(ids), 4)
+    b, _, _ = pol(ids, torch.ones_like(ids), 4)
+    assert torch.equal(a, b)
+
+
+def test_lora_reference_is_the_base_model_after_training(tiny):
+    pol = build_policy(tiny, ModelOptions(finetune="lora", dtype="float64", lora_r=4))
+    assert pol.ref_lm is None  # no second copy in memory (LM-14)
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    base_logp = _plain_logp(tiny, ids.tolist(), 5, 1.0)
+    # move the adapters away from their zero init so the policy differs from the base
+    with torch.no_grad():
+        for n, p in pol.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    logp, _, _ = pol(ids, mask, 5)
+    assert (logp - base_logp).abs().max() > 1e-3
+    torch.testing.assert_close(pol.ref_logp(ids, mask, 5), base_logp, atol=1e-10, rtol=0)
+    # only adapters and the value head are trainable and checkpointed
+    names = list(pol.trainable_state())
+    assert names and all("lora_" in n or n.startswith("value_head.") for n in names)
+
+
+def test_layers_finetune_trains_only_the_last_blocks(tiny):
+    pol = build_policy(tiny, ModelOptions(finetune="layers", train_layers=1))
+    trainable = [n for n in pol.trainable_state() if not n.startswith("value_head.")]
+    assert trainable and all((".1." in n) for n in trainable), trainable  # block 1 of blocks 0..1
+    assert pol.ref_lm is not None and not any(p.requires_grad for p in pol.ref_lm.parameters())
+
+
+def test_separate_critic_gives_values_without_touching_the_policy(tiny):
+    pol = build_policy(tiny, ModelOptions(finetune="full", dtype="float64"), critic="separate")
+    ids = torch.randint(3, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    logp, v, _ = pol(ids, mask, 3)
+    v.sum().backward()
+    assert all(p.grad is None for p in pol.lm.parameters())
+    assert any(p.grad is not None for p in pol.critic_lm.parameters())
+
+
+def test_pad_is_never_eos():
+    class Tok:
+        eos_token_id, pad_token_id, unk_token, bos_token = 2, 2, "<unk>", "<s>"
+        padding_side = "right"
+
+        def convert_tokens_to_ids(self, t):
+            return {"<unk>": 0, "<s>": 1}[t]
+
+        @property
+        def pad_token(self):
+            return None
+
+        @pad_token.setter
+        def pad_token(self, t):
+            self.pad_token_id = self.convert_tokens_to_ids(t)
+
+    tok = Tok()
+    assert ensure_pad_token(tok) == 0 and tok.padding_side == "left"
+
+
+def test_reward_model_scores_at_last_real_token(tiny):
+    base = load_causal_lm(tiny, torch.float64)
+    tok = load_tokenizer(tiny)
+    ensure_pad_token(tok, base)
+    rm = RewardModel(base, tok, ModelOptions(finetune="full"))
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    left_ids, left_mask = left_pad(seqs, tok.pad_token_id)
+    right_ids = torch.full_like(left_ids, tok.pad_token_id)
+    right_mask = torch.zeros_like(left_mask)
+    for i, s in enumerate(seqs):
+        right_ids[i, :len(s)] = torch.tensor(s)
+        right_mask[i, :len(s)] = 1
+    assert last_real_index(right_mask).tolist() == [4, 2]
+    alone = torch.stack([rm.raw(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    torch.testing.assert_close(rm.raw(left_ids, left_mask), alone, atol=1e-10, rtol=0)
+    torch.testing.assert_close(rm.raw(right_ids, right_mask), alone, atol=1e-10, rtol=0)
+    # the padding token's hidden state is not what is read: changing pad ids changes nothing
+    right_ids[1, 3:] = 77
+    torch.testing.assert_close(rm.raw(right_ids, right_mask), alone, atol=1e-10, rtol=0)
+
+
+def test_head_init_scale():
+    from proxrl.lm.model import make_head
+    torch.manual_seed(0)
+    head = make_head(10000, torch.float64)
+    assert abs(head.weight.std().item() - 1 / (10001 ** 0.5)) < 1e-3 and head.bias.abs().max() == 0

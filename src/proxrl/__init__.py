@@ -15,22 +15,22 @@ from .rungs import LADDER, RUNGS
 
 
 def train(*args, **kwargs):
-    """Train a rung on an environment; see :func:`proxrl.train.train`."""
-    from .train import train as _train
+    """Train a rung on an environment; see :func:`proxrl.trainer.train`."""
+    from .trainer import train as _train
 
     return _train(*args, **kwargs)
 
 
 def load(run_dir):
-    """Load a trained run as an :class:`~proxrl.train.Agent` that acts on raw observations."""
-    from .train import load as _load
+    """Load a trained run as an :class:`~proxrl.trainer.Agent` that acts on raw observations."""
+    from .trainer import load as _load
 
     return _load(run_dir)
 
 
 def evaluate(run_dir, episodes: int = 20, seed: int = 12345, deterministic: bool = True, env_factory=None):
     """Evaluate a saved run; returns ``{"mean_return", "std_return", "episodes"}``."""
-    from .train import evaluate as _evaluate
+    from .trainer import evaluate as _evaluate
 
     return _evaluate(run_dir, episodes, seed, deterministic, env_factory)
 

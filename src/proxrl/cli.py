@@ -26,7 +26,7 @@ commands:
 
 def _train(argv: list[str]) -> int:
     from .config import TrainConfig, resolve, validate
-    from .train import train
+    from .trainer import train
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env")
@@ -49,7 +49,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .train import evaluate
+    from .trainer import evaluate
 
     p = argparse.ArgumentParser(prog="proxrl eval", description="Evaluate a saved run over full episodes.")
     p.add_argument("run_dir", help="run directory written by `proxrl train`")

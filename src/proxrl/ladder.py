@@ -41,7 +41,7 @@ class LadderConfig:
 
 
 def _one(env: str, algo: str, seed: int, steps: int, out: str, eval_episodes: int) -> dict:
-    from .train import evaluate, train
+    from .trainer import evaluate, train
 
     t0 = time.perf_counter()
     res = train(env=env, algo=algo, seed=seed, steps=steps, out=out, progress="off")

@@ -168,7 +168,7 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
 
     j0 = surrogate()
     g = core.flat_grad(j0, params)
-    j0 = float(j0)
+    j0 = float(j0.detach())
     _check_finite("policy gradient", g, update)
     fvp = lambda v: core.fisher_vector_product(mean_kl, params, v, cfg.cg_damping)
     stepdir = core.conjugate_gradient(fvp, g, cfg.cg_iters)

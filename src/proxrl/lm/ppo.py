@@ -242,7 +242,6 @@ class PPOTrainer:
             out.append(self._encoded[p])
         return out
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seed: Optional[int] = None) -> Rollout:
         """Sample one response per prompt (KV cache; full distribution at the configured temperature).
         ``seed`` (default: derived from the config seed and the step) makes the sample reproducible."""
@@ -255,9 +254,10 @@ class PPOTrainer:
                                    max_new_tokens=cfg.response_length, eos_token_id=self.stop_ids,
                                    pad_token_id=self.pad_id, use_cache=True)
         torch.manual_seed(cfg.seed * 1_000_003 + self.step_count if seed is None else seed)
-        out = self.policy.lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev),
-                                      generation_config=gen_cfg)
-        resp = out[:, q_ids.shape[1]:].cpu()  # [B, R'] R' ≤ response_length
+        with torch.inference_mode():
+            out = self.policy.lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev),
+                                          generation_config=gen_cfg)
+        resp = out[:, q_ids.shape[1]:].cpu().clone()  # [B, R'] R' ≤ response_length; clone: a normal tensor
         resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
         tok = self.policy.tokenizer
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp_ids, resp_mask)]

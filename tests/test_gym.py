@@ -1,0 +1,258 @@
+"""The gym path: rollouts, truncation, update rules, presets, checkpoints, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import proxrl
+from proxrl import core
+from proxrl.batch import Batch
+from proxrl.config import TrainConfig, resolve
+from proxrl.envs import make_vec_env
+from proxrl.errors import ConfigError
+from proxrl.objective import estimate_advantages
+from proxrl.policy import ActorCritic
+from proxrl.rollout import Runner
+from proxrl.rungs import RUNGS
+from proxrl.update import post_update_diagnostics, sgd_update, snapshot_actor, trust_region_update
+
+torch.set_num_threads(1)
+
+
+class Corridor(gym.Env):
+    """Walk right on a line. Reaching x = goal terminates (reward 1); a time limit truncates.
+
+    Observation = (x, t). Action 0 stays, 1 moves right. With goal beyond the time limit, every episode
+    is truncated; with a near goal and always-right, every episode terminates.
+    """
+
+    def __init__(self, goal: int = 3, limit: int = 5):
+        self.goal, self.limit = goal, limit
+        self.observation_space = gym.spaces.Box(-100, 100, (2,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x, self.t = 0, 0
+        return np.array([self.x, self.t], np.float32), {}
+
+    def step(self, action):
+        self.x += int(action)
+        self.t += 1
+        terminated = self.x >= self.goal
+        truncated = (not terminated) and self.t >= self.limit
+        return np.array([self.x, self.t], np.float32), 1.0, terminated, truncated, {}
+
+
+def _runner(goal, limit, num_envs=2, critic=True):
+    envs = make_vec_env(lambda: Corridor(goal, limit), num_envs)
+    policy = ActorCritic.for_spaces(envs.single_observation_space, envs.single_action_space, critic=critic)
+    return Runner(envs, policy, seed=0, gamma=0.9, obs_norm=False, reward_norm=False), policy
+
+
+def test_truncation_bootstraps_and_termination_does_not():
+    gamma, lam = 0.9, 0.95
+    # goal unreachable within the limit: every episode is truncated after 4 steps
+    runner, policy = _runner(goal=100, limit=4)
+    batch, stats = runner.collect(12)
+    assert batch.truncated.sum() > 0 and batch.terminated.sum() == 0
+    b = estimate_advantages(batch, "gae", gamma, lam)
+    for e in range(batch.shape[0]):
+        for t in torch.nonzero(batch.truncated[e])[:, 0].tolist():
+            # the observation after a truncated step is the final observation; its value is the bootstrap
+            final_obs = batch.obs[e, t + 1] if t + 1 < batch.shape[1] else None
+            if final_obs is None:
+                continue
+            with torch.no_grad():
+                v_final = policy.value(final_obs[None].clone())[0]
+            assert batch.mask[e, t + 1] == 0  # the autoreset step is never trained on
+            assert torch.allclose(batch.next_values[e, t], v_final)
+            expected = batch.rewards[e, t] + gamma * v_final - batch.values[e, t]
+            assert torch.allclose(b.adv[e, t], expected, atol=1e-6)
+    # goal reached before the limit: always-right policy terminates; no bootstrap
+    runner, policy = _runner(goal=2, limit=50)
+    with torch.no_grad():  # force "always right"
+        policy.actor[-1].bias.copy_(torch.tensor([-50.0, 50.0]))
+    batch, stats = runner.collect(9)
+    assert batch.terminated.sum() > 0 and batch.truncated.sum() == 0
+    b = estimate_advantages(batch, "gae", gamma, lam)
+    idx = batch.terminated.bool()
+    assert torch.allclose(b.adv[idx], (batch.rewards - batch.values)[idx], atol=1e-6)
+    assert stats.returns and all(r == 2.0 for r in stats.returns)
+
+
+def test_autoreset_step_is_masked_and_returns_are_right():
+    runner, _ = _runner(goal=100, limit=3, num_envs=1, critic=False)
+    batch, stats = runner.collect(8)
+    # steps: 3 real, 1 autoreset, 3 real, 1 autoreset
+    assert batch.mask[0].tolist() == [1, 1, 1, 0, 1, 1, 1, 0]
+    assert batch.truncated[0].tolist() == [0, 0, 1, 0, 0, 0, 1, 0]
+    assert stats.returns == [3.0, 3.0] and stats.lengths == [3, 3]
+    ret = core.total_return(batch.rewards, batch.terminated, batch.truncated, batch.mask)
+    assert ret[0, :3].tolist() == [3.0, 3.0, 3.0]
+
+
+def test_observations_carry_over_between_rollouts():
+    runner, _ = _runner(goal=100, limit=5, num_envs=1, critic=False)
+    b1, _ = runner.collect(2)
+    b2, _ = runner.collect(2)
+    assert b2.obs[0, 0, 1].item() == 2.0  # t continues: no reset at the iteration boundary
+
+
+def _flat_batch(cfg: TrainConfig, env="CartPole-v1"):
+    torch.manual_seed(0)
+    envs = make_vec_env(env, cfg.num_envs)
+    rung = RUNGS[cfg.algo]
+    policy = ActorCritic.for_spaces(envs.single_observation_space, envs.single_action_space, critic=rung.critic)
+    runner = Runner(envs, policy, 0, cfg.gamma, cfg.obs_norm, cfg.reward_norm)
+    batch, _ = runner.collect(cfg.num_steps)
+    batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
+    return policy, batch.flatten_valid(), rung
+
+
+@pytest.mark.parametrize("algo", ["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip"])
+def test_ratio_is_exactly_one_on_first_minibatch(algo):
+    cfg, _ = resolve({"algo": algo, "num_envs": 4, "num_steps": 32, "preset": "none", "steps": 128})
+    policy, flat, rung = _flat_batch(cfg)
+    actor_opt = torch.optim.Adam(policy.actor_parameters(), lr=1e-3)
+    critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3) if policy.critic is not None else None
+    stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, cfg.beta_init, 1)
+    assert stats["ratio_first_dev"] == 0.0
+
+
+@pytest.mark.parametrize("algo,env", [("trpo", "CartPole-v1"), ("trpo", "Pendulum-v1"), ("npg", "CartPole-v1")])
+def test_trust_region_step_respects_kl(algo, env):
+    cfg, _ = resolve({"algo": algo, "env": env, "num_envs": 2, "num_steps": 256, "preset": "none", "steps": 512,
+                      "max_kl": 0.01})
+    policy, flat, rung = _flat_batch(cfg, env)
+    critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3)
+    old = snapshot_actor(policy, flat.obs[:, 0])
+    theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
+    stats = trust_region_update(policy, critic_opt, flat, rung, cfg, 1)
+    diag = post_update_diagnostics(policy, flat, old)
+    moved = not torch.equal(theta0, torch.nn.utils.parameters_to_vector(policy.actor_parameters()))
+    assert stats["ls_accepted"] and moved
+    if rung.line_search:
+        assert diag["kl_old_exact"] <= cfg.max_kl
+    else:  # the full natural step targets ½sᵀFs = δ: KL close to δ to second order
+        assert 0.1 * cfg.max_kl < diag["kl_old_exact"] < 3 * cfg.max_kl
+
+
+def test_rejected_line_search_restores_parameters(monkeypatch):
+    cfg, _ = resolve({"algo": "trpo", "num_envs": 2, "num_steps": 64, "preset": "none", "steps": 128})
+    policy, flat, rung = _flat_batch(cfg)
+    tried = []
+
+    def reject_all(evaluate, max_kl, coef, iters):  # tries steps (moving θ), accepts none
+        for frac in (1.0, 0.5):
+            tried.append(evaluate(frac))
+        return core.LineSearchResult(False, 0.0, 2, -1.0, 1.0)
+
+    monkeypatch.setattr(core, "backtracking_line_search", reject_all)
+    theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
+    stats = trust_region_update(policy, torch.optim.Adam(policy.critic.parameters()), flat, rung, cfg, 1)
+    assert not stats["ls_accepted"] and len(tried) == 2
+    assert torch.equal(theta0, torch.nn.utils.parameters_to_vector(policy.actor_parameters()))
+
+
+def test_preset_resolution_order():
+    cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip"})
+    assert name == "CartPole-v1/ppo-clip" and cfg.num_steps == 32 and cfg.update_epochs == 20
+    cfg, _ = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "update_epochs": 3})
+    assert cfg.update_epochs == 3 and cfg.num_steps == 32  # explicit beats preset, preset beats rung
+    cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "preset": "none"})
+    assert name is None and cfg.num_steps == 128 and cfg.preset == "none"
+    cfg, name = resolve({"env": "MountainCar-v0", "algo": "pg"})
+    assert name is None and cfg.update_epochs == 1  # rung defaults without a preset
+    with pytest.raises(ConfigError, match="preset"):
+        resolve({"preset": "Nope/ppo"})
+
+
+@pytest.mark.parametrize("bad,field", [({"gamma": 1.5}, "gamma"), ({"steps": 0}, "steps"), ({"clip_coef": 0.0}, "clip_coef"),
+                                       ({"num_minibatches": 10_000, "preset": "none"}, "num_minibatches"),
+                                       ({"algo": "ppo3"}, "algo"), ({"lr": float("nan")}, "lr"), ({"bogus": 1}, "bogus")])
+def test_bad_config_names_the_field(bad, field):
+    with pytest.raises(ConfigError) as e:
+        resolve(bad)
+    assert str(e.value).startswith(field)
+
+
+def _short(algo, tmp_path, env="CartPole-v1", **kw):
+    fields = dict(env=env, algo=algo, steps=1024, num_envs=4, num_steps=64, seed=3, out=str(tmp_path / algo),
+                  progress="off", preset="none")
+    fields.update(kw)
+    return proxrl.train(**fields)
+
+
+@pytest.mark.parametrize("algo", ["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo", "npg"])
+def test_every_rung_runs_and_logs_the_schema(algo, tmp_path):
+    from proxrl.trainer import METRICS
+
+    res = _short(algo, tmp_path)
+    lines = [json.loads(l) for l in open(res.run_dir / "metrics.jsonl")]
+    assert len(lines) == 4
+    for line in lines:
+        assert set(METRICS) <= set(line)
+        assert line["ratio_first_dev"] in (0.0, None)
+    assert lines[-1]["step"] == 1024
+    if algo == "ppo-kl":
+        assert all(l["beta"] is not None for l in lines)
+    if algo == "ppo-clip":
+        assert all(l["clip_fraction"] is not None for l in lines)
+    cfg = json.load(open(res.run_dir / "config.json"))
+    assert cfg["algo"] == algo and cfg["preset"] == "none"
+
+
+@pytest.mark.parametrize("env", ["Pendulum-v1", "MountainCarContinuous-v0"])
+def test_continuous_actions(env, tmp_path):
+    res = _short("ppo-clip", tmp_path, env=env, obs_norm=True, reward_norm=True)
+    agent = proxrl.load(res.run_dir)
+    assert agent.policy.kind == "continuous"
+    out = proxrl.evaluate(res.run_dir, episodes=2)
+    assert np.isfinite(out["mean_return"])
+
+
+def test_multidiscrete_actions(tmp_path):
+    class Multi(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+        action_space = gym.spaces.MultiDiscrete([3, 2])
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
+
+        def step(self, a):
+            self.t += 1
+            r = float(a[0] == 2) + float(a[1] == 0)
+            return self.np_random.uniform(-1, 1, 3).astype(np.float32), r, False, self.t >= 10, {}
+
+    res = proxrl.train(env="multi", env_factory=Multi, algo="ppo-clip", steps=4096, num_envs=4, num_steps=128,
+                       out=str(tmp_path / "m"), progress="off", lr=3e-3)
+    rets = [m["episode_return"] for m in res.metrics if m["episode_return"] is not None]
+    assert rets[-1] > rets[0] and rets[-1] > 15  # optimum is 20
+
+
+def test_same_seed_same_run_bit_for_bit(tmp_path):
+    a = _short("ppo-clip", tmp_path / "a", obs_norm=True, reward_norm=True)
+    b = _short("ppo-clip", tmp_path / "b", obs_norm=True, reward_norm=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("sps", "time")} for m in ms]
+    assert strip(a.metrics) == strip(b.metrics)
+    from safetensors.torch import load_file
+    from proxrl import checkpoint
+
+    ta = load_file(str(checkpoint.latest(a.run_dir / "checkpoints") / "tensors.safetensors"))
+    tb = load_file(str(checkpoint.latest(b.run_dir / "checkpoints") / "tensors.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_normalisation_statistics_are_saved_and_used(tmp_path):
+    res = _short("ppo-clip", tmp_path, env="Pendulum-v1", obs_norm=True, reward_norm=True)
+    agent = proxrl.load(res.run_dir)
+    assert agent.obs_rms is not None and agent.obs_rms.count > 1000
+    assert not np.allclose(agent.obs_rms.mean, 0)

@@ -312,7 +312,7 @@ class PPOTrainer:
             "eos_rate": rollout.stopped.double().mean().item(),
             "rewards_whitened": whitened,
         }
-        if stats["kl_ref_k1"] < -1e-3 and not self._warned_negative_kl:
+        if stats["kl_ref_k1"] < -0.01 and not self._warned_negative_kl:
             warnings.warn(f"mean k1 KL to the reference is negative ({stats['kl_ref_k1']:.4f}): the sampler and "
                           "the scored policy disagree (temperature? sampling filters?)", stacklevel=2)
             self._warned_negative_kl = True

@@ -1,0 +1,54 @@
+"""RLHF for language models on the shared core: SFT → reward model → PPO.
+
+Heavy dependencies (transformers, peft, vaderSentiment, gensim, matplotlib) load on first use, so
+``import proxrl.lm`` costs nothing. The functions mirror the CLI commands ``proxrl rlhf sft|rm|ppo|demo``;
+:class:`PPOTrainer` is the step-wise form (generate → score → step) for your own loop.
+"""
+
+from __future__ import annotations
+
+from .config import DemoConfig, ModelOptions, PPOConfig, RMConfig, SFTConfig
+
+
+def sft(config: SFTConfig, **kwargs) -> dict:
+    """Supervised fine-tuning; see :func:`proxrl.lm.sft.sft`."""
+    from .sft import sft as _sft
+
+    return _sft(config, **kwargs)
+
+
+def reward_model(config: RMConfig, **kwargs) -> dict:
+    """Train a Bradley–Terry reward model; see :func:`proxrl.lm.rm.reward_model`."""
+    from .rm import reward_model as _rm
+
+    return _rm(config, **kwargs)
+
+
+def ppo(config: PPOConfig, reward=None, **kwargs) -> dict:
+    """PPO against a reward-model directory or a Python function ``(prompts, responses) -> floats``."""
+    from .ppo import ppo as _ppo
+
+    return _ppo(config, reward=reward, **kwargs)
+
+
+def demo(config: DemoConfig | None = None, **kwargs) -> dict:
+    """The offline pipeline on SmolLM2-135M-Instruct with the VADER sentiment reward."""
+    from .demo import demo as _demo
+
+    return _demo(config or DemoConfig(), **kwargs)
+
+
+def __getattr__(name):
+    if name in ("PPOTrainer", "Rollout"):
+        from . import ppo as _ppo_mod
+
+        return getattr(_ppo_mod, name)
+    if name in ("LMPolicy", "RewardModel", "build_policy", "load_reward_model"):
+        from . import model as _model
+
+        return getattr(_model, name)
+    raise AttributeError(name)
+
+
+__all__ = ["sft", "reward_model", "ppo", "demo", "PPOTrainer", "Rollout", "LMPolicy", "RewardModel",
+           "build_policy", "load_reward_model", "SFTConfig", "RMConfig", "PPOConfig", "DemoConfig", "ModelOptions"]

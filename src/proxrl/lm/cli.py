@@ -1,0 +1,57 @@
+"""``proxrl rlhf sft|rm|ppo|demo`` — one typed config per command (tyro: field docstrings are the help).
+
+User errors (:class:`~proxrl.errors.ProxrlError`) print one line ``error: …`` on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import ProxrlError
+
+USAGE = """usage: proxrl rlhf {sft,rm,ppo,demo} [options]
+
+  sft    supervised fine-tuning on {"prompt","response"} JSONL
+  rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} JSONL
+  ppo    PPO against a reward-model directory or a Python function module:function
+  demo   the whole pipeline offline: SmolLM2-135M-Instruct (GGUF) + LoRA + VADER sentiment reward
+
+Run `proxrl rlhf COMMAND --help` for the options of a command."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    import tyro
+
+    from . import config as C
+
+    commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "demo": C.DemoConfig}
+    if cmd not in commands:
+        print(f"error: unknown rlhf command {cmd!r}; choose one of sft, rm, ppo, demo", file=sys.stderr)
+        return 2
+    cfg = tyro.cli(commands[cmd], args=rest, prog=f"proxrl rlhf {cmd}")
+    try:
+        if cmd == "sft":
+            from .sft import sft
+            sft(cfg)
+        elif cmd == "rm":
+            from .rm import reward_model
+            reward_model(cfg)
+        elif cmd == "ppo":
+            from .ppo import ppo
+            ppo(cfg)
+        else:
+            from .demo import demo
+            demo(cfg)
+    except ProxrlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

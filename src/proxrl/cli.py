@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -24,20 +25,95 @@ commands:
 `proxrl COMMAND --help` lists the options of a command."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line ``error: <field>: <problem>`` (exit 2), not usage + error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        from .errors import ConfigError
+
+        m = re.match(r"argument (-*)([\w-]+)(?:/[\w-]+)*: (.*)", message)
+        if m:
+            raise ConfigError(m.group(2).replace("-", "_"), m.group(3), f"see `{self.prog} --help`")
+        m = re.match(r"the following arguments are required: ([\w-]+)", message)
+        if m:
+            raise ConfigError(m.group(1), "required argument missing", f"see `{self.prog} --help`")
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            raise ConfigError(m.group(1).lstrip("-").replace("-", "_") or "arguments",
+                              f"unrecognized argument {m.group(1)!r}", f"see `{self.prog} --help`")
+        raise ConfigError("arguments", message.splitlines()[0] if message else "invalid", f"see `{self.prog} --help`")
+
+
+_BOX = "╭╮╰╯│─┌┐└┘├┤ \t"
+
+
+def _tyro_error(text: str, prog: str):
+    """(field, problem) from tyro's rich error panel: the first section of the panel, unwrapped."""
+    lines, section, started = [], [], False
+    for raw in text.splitlines():
+        stripped = raw.strip(_BOX)
+        if raw.strip().startswith(("╭", "┌")):  # panel title, e.g. "─ Value error ─"
+            started = True
+            continue
+        if "───" in raw or raw.strip().startswith(("╰", "└")) or (started and not stripped and section):
+            if section:
+                break
+            continue
+        if stripped:
+            section.append(stripped)
+    msg = " ".join(section) if section else (text.strip().splitlines() or ["invalid arguments"])[0]
+    msg = re.sub(r"\s+", " ", msg)
+    m = re.match(r"Error parsing (--[\w.-]+): (.*)", msg)
+    if m:
+        return m.group(1)[2:].replace("-", "_"), f"cannot parse the value: {m.group(2)}"
+    m = re.search(r"argument '(--[\w.-]+)'", msg)
+    if m:
+        return m.group(1)[2:].replace("-", "_"), msg
+    m = re.match(r"Unrecognized options?: (\S+)", msg)
+    if m:
+        tok = m.group(1)
+        if tok.startswith("-"):
+            return tok.lstrip("-").replace("-", "_"), f"unknown option {tok}"
+        return "arguments", f"unexpected argument {tok!r}"
+    return "arguments", msg
+
+
+def tyro_cli(cls, args: list[str], prog: str, **kwargs):
+    """``tyro.cli`` whose parse errors become one :class:`~proxrl.errors.ConfigError` line (exit 2 through
+    :func:`main`) instead of a multi-line panel. ``--help`` goes to stdout untouched."""
+    import contextlib
+    import io
+
+    import tyro
+
+    from .errors import ConfigError
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            out = tyro.cli(cls, args=args, prog=prog, **kwargs)
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stderr.write(err.getvalue())
+            raise
+        field, problem = _tyro_error(err.getvalue(), prog)
+        raise ConfigError(field, problem, f"see `{prog} --help`") from None
+    sys.stderr.write(err.getvalue())
+    return out
+
+
 def _train(argv: list[str]) -> int:
     from .config import TrainConfig, resolve, validate
     from .trainer import train
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = _OneLineParser(prog="proxrl train", add_help=False)
     pre.add_argument("--env")
     pre.add_argument("--algo")
     pre.add_argument("--preset")
     known, _ = pre.parse_known_args(argv)
     explicit = {k: v for k, v in vars(known).items() if v is not None}
     base, _ = resolve(explicit)  # defaults → rung → preset; the options below override it
-    import tyro
-
-    cfg = tyro.cli(TrainConfig, args=argv, prog="proxrl train", default=base,
+    cfg = tyro_cli(TrainConfig, args=argv, prog="proxrl train", default=base,
                    description="Train one rung of the ladder on a Gymnasium environment.")
     cfg = dataclasses.replace(cfg, preset=base.preset)
     validate(cfg)
@@ -51,7 +127,7 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from .trainer import evaluate
 
-    p = argparse.ArgumentParser(prog="proxrl eval", description="Evaluate a saved run over full episodes.")
+    p = _OneLineParser(prog="proxrl eval", description="Evaluate a saved run over full episodes.")
     p.add_argument("run_dir", help="run directory written by `proxrl train`")
     p.add_argument("--episodes", type=int, default=20, help="episodes to average over (default 20)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation environments")
@@ -63,9 +139,7 @@ def _eval(argv: list[str]) -> int:
 
 def _ladder(argv: list[str]) -> int:
     from .ladder import LadderConfig, run_ladder
-    import tyro
-
-    cfg = tyro.cli(LadderConfig, args=argv, prog="proxrl ladder",
+    cfg = tyro_cli(LadderConfig, args=argv, prog="proxrl ladder",
                    description="Run every rung × seed on one environment and draw the comparison.")
     out = run_ladder(cfg)
     print(json.dumps({"ladder_md": str(out / "ladder.md"), "ladder_png": str(out / "ladder.png")}))
@@ -75,7 +149,7 @@ def _ladder(argv: list[str]) -> int:
 def _plot(argv: list[str]) -> int:
     from .plot import plot_runs
 
-    p = argparse.ArgumentParser(prog="proxrl plot", description="Draw learning curves of runs.")
+    p = _OneLineParser(prog="proxrl plot", description="Draw learning curves of runs.")
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     p.add_argument("--out", default="curves.png", help="output image (default curves.png)")
     p.add_argument("--metric", default="episode_return", help="metric against env steps (default episode_return)")
@@ -109,8 +183,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command is None:
         print(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    from .trainer import RunInterrupted
+
     try:
         return command(argv[1:])
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except ProxrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional
+import typing
+from typing import Any, Literal, Optional, Union
 
 from .errors import ConfigError, check
 from .rungs import RUNGS
@@ -96,8 +97,14 @@ class TrainConfig:
     """Clip of scaled rewards."""
     out: Optional[str] = None
     """Run directory (default: runs/<env>-<algo>-s<seed>-<time>)."""
-    checkpoint_every: int = 0
-    """Write a checkpoint every N updates (0: only at the end)."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every N updates (0: only at the end and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    resume: Optional[str] = None
+    """Continue the run in this directory from its latest checkpoint, exactly (its saved config is used)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """NaN/inf in a loss or gradient: stop with an error naming it (default), or skip the update (logged)."""
     tensorboard: bool = False
     """Also log metrics to TensorBoard in <out>/tb."""
     progress: Literal["auto", "on", "off"] = "auto"
@@ -131,8 +138,10 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(name, f"unknown config field (from {source})", "see `proxrl train --help` for the fields")
-    if "hidden" in values and values["hidden"] is not None:
+    if isinstance(values.get("hidden"), list):
         values = {**values, "hidden": tuple(values["hidden"])}
+    for name, value in values.items():
+        check_type(name, value)
     return dataclasses.replace(cfg, **values)
 
 
@@ -145,6 +154,9 @@ def resolve(explicit: dict[str, Any]) -> tuple[TrainConfig, Optional[str]]:
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(name, "unknown config field", "see `proxrl train --help` for the fields")
+    for name in ("algo", "env", "preset"):
+        if name in explicit:
+            check_type(name, explicit[name])
     algo = explicit.get("algo", TrainConfig.algo)
     if algo not in RUNGS:
         raise ConfigError("algo", f"unknown rung {algo!r}", f"choose one of {', '.join(RUNGS)}")
@@ -159,8 +171,59 @@ def resolve(explicit: dict[str, Any]) -> tuple[TrainConfig, Optional[str]]:
     return cfg, preset_name
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or unset (None)"
+    if origin is tuple:
+        return "a list of integers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _matches(tp: Any, v: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return isinstance(v, str) and v in typing.get_args(tp)
+    if origin is Union:
+        return any(_matches(a, v) for a in typing.get_args(tp))
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(tp)
+        return isinstance(v, tuple) and all(_matches(elem, x) for x in v)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, tp)
+
+
+def check_type(name: str, value: Any) -> None:
+    """The value's type matches the field's annotation (bools are not numbers), else a ConfigError."""
+    tp = _hints().get(name)
+    if tp is not None and not _matches(tp, value):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(name, f"must be {_type_name(tp)}, got {shown} ({type(value).__name__})")
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    return _HINTS
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every field checked with a message naming it and the fix. Never ``assert`` (survives ``python -O``)."""
+    for f in fields(cfg):
+        check_type(f.name, getattr(cfg, f.name))
     def finite(name: str) -> None:
         v = getattr(cfg, name)
         check(isinstance(v, (int, float)) and math.isfinite(v), name, f"must be a finite number, got {v!r}")
@@ -201,3 +264,26 @@ def validate(cfg: TrainConfig) -> None:
           "raise --steps or shrink --num-envs/--num-steps")
     check(isinstance(cfg.torch_threads, int) and cfg.torch_threads > 0, "torch_threads", "must be a positive integer")
     check(isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 0, "checkpoint_every", "must be ≥ 0")
+    check(0 <= cfg.seed < 2 ** 32, "seed", f"must be in [0, 2**32), got {cfg.seed}")
+    for name in ("num_envs", "num_steps", "torch_threads"):
+        check(getattr(cfg, name) <= 1_000_000, name, f"is implausibly large ({getattr(cfg, name)})", "at most 1e6")
+    check(all(h <= 1_000_000 for h in cfg.hidden), "hidden", f"layer sizes are implausibly large ({cfg.hidden})")
+    rung = RUNGS[cfg.algo]
+    if rung.update == "sgd":
+        check(cfg.batch_size % cfg.num_minibatches == 0, "num_minibatches",
+              f"{cfg.num_minibatches} does not divide the batch of {cfg.batch_size} (num_envs × num_steps)",
+              f"choose a divisor of {cfg.batch_size}")
+    if rung.critic and (rung.update == "trust-region" or rung.surrogate == "vanilla"):
+        check(cfg.critic_minibatches <= cfg.batch_size and cfg.batch_size % cfg.critic_minibatches == 0,
+              "critic_minibatches",
+              f"{cfg.critic_minibatches} does not divide the batch of {cfg.batch_size} (num_envs × num_steps)",
+              f"choose a divisor of {cfg.batch_size}")
+    if "keep_checkpoints" in FIELD_NAMES:
+        check(getattr(cfg, "keep_checkpoints") >= 1, "keep_checkpoints",
+              f"must be ≥ 1 (the last good checkpoint is always kept), got {getattr(cfg, 'keep_checkpoints')}")
+    try:
+        import torch
+
+        torch.device(cfg.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError("device", f"not a torch device: {cfg.device!r}", "e.g. cpu, cuda, cuda:1, mps") from None

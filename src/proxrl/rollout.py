@@ -130,10 +130,31 @@ class Runner:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {
+            "runner/raw_obs": torch.from_numpy(self.raw_obs.copy()),
+            "runner/pending_reset": torch.from_numpy(self.pending_reset.copy()),
+            "runner/ep_return": torch.from_numpy(self.ep_return.copy()),
+            "runner/ep_length": torch.from_numpy(self.ep_length.copy()),
+        }
         if self.obs_norm is not None:
             out.update(self.obs_norm.rms.state("obs_rms"))
         if self.reward_scaler is not None:
             out.update(self.reward_scaler.rms.state("ret_rms"))
             out["ret_rms/discounted"] = torch.from_numpy(self.reward_scaler.discounted.copy())
         return out
+
+    def state_json(self) -> dict:
+        return {"global_step": self.global_step}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore what :meth:`state_tensors` and :meth:`state_json` saved (exact resume)."""
+        self.global_step = int(meta["global_step"])
+        self.raw_obs = tensors["runner/raw_obs"].numpy().copy()
+        self.pending_reset = tensors["runner/pending_reset"].numpy().copy()
+        self.ep_return = tensors["runner/ep_return"].numpy().copy()
+        self.ep_length = tensors["runner/ep_length"].numpy().copy()
+        if self.obs_norm is not None:
+            self.obs_norm.rms.load(tensors, "obs_rms")
+        if self.reward_scaler is not None:
+            self.reward_scaler.rms.load(tensors, "ret_rms")
+            self.reward_scaler.discounted = tensors["ret_rms/discounted"].numpy().copy()

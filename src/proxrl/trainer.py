@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,8 @@ import torch
 from . import checkpoint
 from .config import TrainConfig, resolve
 from .envs import EnvSpec, make_vec_env
-from .errors import CheckpointError, ConfigError
+from .core import explained_variance, ppo_beta_update
+from .errors import CheckpointError, ConfigError, NumericsError, ProxrlError
 from .objective import estimate_advantages
 from .policy import ActorCritic
 from .rollout import Runner
@@ -96,26 +99,76 @@ def build_policy(envs, cfg: TrainConfig) -> ActorCritic:
                                   activation=cfg.activation, log_std_init=cfg.log_std_init, critic=rung.critic)
 
 
+class RunInterrupted(ProxrlError):
+    """SIGINT/SIGTERM: the current update finished, a checkpoint was written; resume with ``--resume``."""
+
+    def __init__(self, signum: int, run_dir: Path, update: int):
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after update {update}; checkpoint written; "
+                         f"resume with: proxrl train --resume {run_dir}")
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag checked between updates (the update in progress is finished)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def _resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+    from .config import apply
+
+    run_dir = Path(cfg.resume)
+    tensors, state = checkpoint.load(run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir)
+    if state.get("format") != "proxrl.gym/1" or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{run_dir}: not a proxrl gym run checkpoint")
+    saved = dict(state["config"])
+    saved.update(resume=None, out=str(run_dir), progress=cfg.progress)
+    return apply(TrainConfig(), saved, "checkpoint"), tensors, state
+
+
 def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callable] = None, **fields: Any) -> RunResult:
     """Train one rung on one environment; the same fields as ``proxrl train``.
 
     ``proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=50_000, seed=1)``. Pass ``env_factory`` (a
     callable returning a ``gymnasium.Env``) for custom environments; ``env`` then only names it.
-    Returns the run directory, the resolved config and the metrics lines.
+    ``resume=DIR`` continues a run from its latest checkpoint: the result is bit-identical to a run that
+    was never interrupted. Returns the run directory, the resolved config and the metrics lines.
     """
     if config is None:
         config, _ = resolve(fields)
     elif fields:
         raise TypeError("pass either a TrainConfig or keyword fields, not both")
-    cfg = config
+    cfg, resumed = config, None
+    if cfg.resume:
+        cfg, ckpt_tensors, ckpt_state = _resolve_resume(cfg)
+        resumed = (ckpt_tensors, ckpt_state)
     rung = RUNGS[cfg.algo]
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.out or _default_out(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = cfg.to_dict()
-    cfg_dict["out"] = str(run_dir)
-    checkpoint.write_json_atomic(run_dir / "config.json", cfg_dict)
+    if resumed is None:
+        cfg_dict = cfg.to_dict()
+        cfg_dict["out"] = str(run_dir)
+        checkpoint.write_json_atomic(run_dir / "config.json", cfg_dict)
 
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization)
     policy = build_policy(envs, cfg).to(cfg.device)
@@ -125,13 +178,17 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
                     cfg.clip_reward, cfg.device)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None
+    first_update, time_offset = 1, 0.0
+    metrics: list[dict[str, Any]] = []
+    if resumed is not None:
+        beta, first_update, time_offset, metrics = _restore(run_dir, resumed, policy, actor_opt, critic_opt, runner)
     tb = _tensorboard(run_dir) if cfg.tensorboard else None
     progress = _Progress(cfg)
-    metrics: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    start = time.perf_counter() - time_offset
+    update = first_update - 1
     try:
-        with open(run_dir / "metrics.jsonl", "w") as log:
-            for update in range(1, cfg.num_updates + 1):
+        with _StopSignals() as stop, open(run_dir / "metrics.jsonl", "a" if resumed else "w") as log:
+            for update in range(first_update, cfg.num_updates + 1):
                 frac = 1.0 - (update - 1) / cfg.num_updates if cfg.anneal_lr else 1.0
                 for opt, base in ((actor_opt, cfg.lr), (critic_opt, critic_lr)):
                     if opt is not None:
@@ -142,20 +199,28 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
                 flat = batch.flatten_valid()  # [N, 1]: independent samples, autoreset steps dropped
                 old = snapshot_actor(policy, flat.obs[:, 0])
-                if rung.update == "trust-region":
-                    stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update)
-                else:
-                    stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update)
-                diag = post_update_diagnostics(policy, flat, old)
+                backup = _backup(policy, actor_opt, critic_opt) if cfg.on_nonfinite == "skip" else None
                 line = {k: None for k in METRICS}
+                try:
+                    if rung.update == "trust-region":
+                        stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update)
+                    else:
+                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update)
+                    diag = post_update_diagnostics(policy, flat, old)
+                    _check_params(policy, update)
+                except NumericsError as e:
+                    if backup is None:
+                        raise  # the last good checkpoint stays untouched
+                    _restore_backup(backup, policy, actor_opt, critic_opt)  # skipped, and logged: never silent
+                    stats, diag = {"skipped": str(e)}, post_update_diagnostics(policy, flat, old)
+                    print(f"warning: update {update} skipped: {e}", file=sys.stderr)
                 line.update(stats)
                 line.update(diag)
                 if rung.surrogate == "kl-penalty":  # once per iteration, on the exact KL (DETAILS 9)
                     line["beta"] = beta
-                    from .core import ppo_beta_update
-                    beta = ppo_beta_update(beta, diag["kl_old_exact"], cfg.kl_target)
+                    if "skipped" not in stats:
+                        beta = ppo_beta_update(beta, diag["kl_old_exact"], cfg.kl_target)
                 if rung.critic:
-                    from .core import explained_variance
                     line["explained_variance"] = _nan_to_none(float(explained_variance(flat.values[:, 0], flat.ret[:, 0])))
                 elapsed = time.perf_counter() - start
                 line.update(update=update, step=runner.global_step,
@@ -171,9 +236,12 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                         if isinstance(v, (int, float)) and not isinstance(v, bool):
                             tb.add_scalar(k, v, runner.global_step)
                 progress.update(line)
-                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0 and update != cfg.num_updates:
-                    save_run(run_dir, runner, policy, cfg, update)
-        save_run(run_dir, runner, policy, cfg, cfg.num_updates)
+                last = update == cfg.num_updates
+                if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
+                    os.fsync(log.fileno())
+                    save_run(run_dir, runner, policy, cfg, update, actor_opt, critic_opt, beta, elapsed)
+                if stop.signum is not None and not last:
+                    raise RunInterrupted(stop.signum, run_dir, update)
     finally:
         progress.close()
         envs.close()
@@ -182,13 +250,110 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     return RunResult(run_dir, cfg, metrics)
 
 
-def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int) -> Path:
+def _check_params(policy: ActorCritic, update: int) -> None:
+    for name, p in policy.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NumericsError(f"parameter {name}: NaN or inf after update {update}")
+
+
+def _backup(policy, *opts) -> tuple:
+    import copy
+
+    return (copy.deepcopy(policy.state_dict()), [copy.deepcopy(o.state_dict()) if o is not None else None for o in opts])
+
+
+def _restore_backup(backup, policy, *opts) -> None:
+    policy.load_state_dict(backup[0])
+    for o, sd in zip(opts, backup[1]):
+        if o is not None:
+            o.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- checkpoint state
+def _optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"{prefix}/{i}/{k}": v for i, st in sd["state"].items() for k, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "keys": {str(i): sorted(st) for i, st in sd["state"].items()}}
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state = {int(i): {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys} for i, keys in meta["keys"].items()}
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int,
+             actor_opt=None, critic_opt=None, beta=None, elapsed: float = 0.0) -> Path:
+    """Everything that decides the future of the run: weights, optimizers, normalisers, env state, β, RNGs."""
+    from . import envstate
+
     tensors = {f"policy/{k}": v for k, v in policy.state_dict().items()}
     tensors.update(runner.state_tensors())
+    opt_meta = {}
+    for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
+        if opt is not None:
+            t, m = _optimizer_state(opt, name)
+            tensors.update(t)
+            opt_meta[name] = m
+    env_tensors, env_meta = envstate.get_state(runner.envs)
+    tensors.update(env_tensors)
+    tensors["rng/torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
     state = {"format": "proxrl.gym/1", "update": update, "step": runner.global_step, "config": cfg.to_dict(),
              "policy": {"kind": policy.kind, "obs_dim": runner.obs_dim, "act_dim": policy.act_dim,
-                        "nvec": list(policy.nvec), "critic": policy.critic is not None}}
-    return checkpoint.save(run_dir / "checkpoints", runner.global_step, tensors, state)
+                        "nvec": list(policy.nvec), "critic": policy.critic is not None},
+             "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
+             "env_state": env_meta,
+             "rng": {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                     "python": [py_state[0], list(py_state[1]), py_state[2]]}}
+    return checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
+
+
+def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runner):
+    from . import envstate
+
+    tensors, state = resumed
+    try:
+        policy.load_state_dict({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")})
+        for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
+            if opt is not None:
+                _load_optimizer_state(opt, name, tensors, state["optimizers"][name])
+        runner.load_state(tensors, state["runner"])
+        envstate.set_state(runner.envs, tensors, state["env_state"])
+        torch.set_rng_state(tensors["rng/torch"])
+        npst = state["rng"]["numpy"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+        pyst = state["rng"]["python"]
+        random.setstate((pyst[0], tuple(pyst[1]), pyst[2]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+    if state["env_state"].get("unsupported"):
+        print(f"warning: resume may not be exact: environment attributes not captured: "
+              f"{', '.join(state['env_state']['unsupported'][:5])}", file=sys.stderr)
+    update = int(state["update"])
+    metrics = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():  # lines written after the checkpoint by the interrupted run are dropped
+        with open(path) as f:
+            for raw in f:
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    break  # a line cut by the kill
+                if isinstance(row, dict) and isinstance(row.get("update"), int) and row["update"] <= update:
+                    metrics.append(row)
+    with open(path, "w") as f:
+        for row in metrics:
+            f.write(json.dumps(row) + "\n")
+    return state.get("beta"), update + 1, float(state.get("elapsed", 0.0)), metrics
 
 
 # ---------------------------------------------------------------------------- loading and evaluation

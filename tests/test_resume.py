@@ -1,0 +1,120 @@
+"""Exact resume: a run killed (SIGKILL) at a random update and resumed equals the uninterrupted run,
+bit for bit — every metrics line (wall-clock fields aside) and every saved tensor. Graceful stop:
+SIGTERM/SIGINT finish the update, checkpoint, exit 143/130, and the run resumes from there."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from proxrl import checkpoint
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+WALL = ("sps", "time")
+
+
+def cli(*args, wait=True):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "proxrl", *args]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k not in WALL} for l in open(run / "metrics.jsonl")]
+
+
+def final_tensors(run: Path) -> dict:
+    return load_file(str(checkpoint.latest(run / "checkpoints") / "tensors.safetensors"))
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert len(ma) == len(mb) and ma == mb
+    ta, tb = final_tensors(a), final_tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, different
+
+
+def wait_for_lines(run: Path, n: int, proc, timeout=300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        p = run / "metrics.jsonl"
+        if p.exists() and len(p.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError("timeout")
+
+
+CASES = {
+    "ppo-clip": ["--env", "CartPole-v1", "--algo", "ppo-clip", "--obs-norm", "--reward-norm"],
+    "ppo-kl": ["--env", "Acrobot-v1", "--algo", "ppo-kl", "--obs-norm"],
+    "trpo": ["--env", "Pendulum-v1", "--algo", "trpo", "--obs-norm", "--reward-norm"],
+}
+COMMON = ["--steps", "3072", "--num-envs", "4", "--num-steps", "128", "--seed", "11", "--preset", "none",
+          "--checkpoint-every", "1", "--progress", "off"]
+
+
+@pytest.mark.parametrize("algo", list(CASES))
+def test_sigkill_then_resume_is_bit_identical(algo, tmp_path):
+    args = CASES[algo] + COMMON
+    ref = tmp_path / "ref"
+    assert cli("train", *args, "--out", str(ref)).returncode == 0
+    run = tmp_path / "killed"
+    kill_after = random.Random(algo).randint(1, 4)  # of 6 updates
+    proc = cli("train", *args, "--out", str(run), wait=False)
+    wait_for_lines(run, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(ref, run)
+
+
+GRACEFUL = CASES["ppo-clip"] + COMMON[:-4] + ["--checkpoint-every", "0", "--progress", "off"]
+
+
+@pytest.fixture(scope="module")
+def graceful_ref(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("graceful") / "ref"
+    assert cli("train", *GRACEFUL, "--out", str(ref)).returncode == 0
+    return ref
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_graceful_stop_checkpoints_and_resumes(sig, code, tmp_path, graceful_ref):
+    args, ref = GRACEFUL, graceful_ref
+    run = tmp_path / "stopped"
+    proc = cli("train", *args, "--out", str(run), wait=False)
+    wait_for_lines(run, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "resume with" in err and "Traceback" not in err
+    stopped_at = len(metrics(run))
+    assert stopped_at < 6 and checkpoint.latest(run / "checkpoints").name.endswith(f"{stopped_at:012d}")
+    assert cli("train", "--resume", str(run)).returncode == 0
+    assert_identical(ref, run)
+
+
+def test_same_seed_twice_is_bit_identical(tmp_path):
+    args = CASES["trpo"] + COMMON
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("train", *args, "--out", str(a)).returncode == 0
+    assert cli("train", *args, "--out", str(b)).returncode == 0
+    assert_identical(a, b)

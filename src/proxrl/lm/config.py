@@ -218,11 +218,11 @@ class DemoConfig:
     """a smoke-test variant on a tiny random model (seconds, not minutes)"""
     with_rm: bool = False
     """also show the reward-model path: pairs labelled by VADER → `rlhf rm` → PPO against the learned RM"""
-    updates: int = 12
+    updates: int = 10
     """PPO updates"""
     batch_size: int = 16
     """prompts answered per update"""
-    response_length: int = 24
+    response_length: int = 20
     """maximum new tokens per response"""
     lr: float = 3e-4
     """learning rate of the LoRA adapters and value head"""

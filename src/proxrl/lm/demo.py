@@ -28,7 +28,6 @@ from ..errors import ConfigError
 from .config import DemoConfig, PPOConfig, RMConfig, SFTConfig
 from .data import write_jsonl
 
-INSTRUCTION = "Continue this movie review with one short sentence: "
 _VADER = None
 
 
@@ -134,23 +133,25 @@ def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     openings = review_openings()
-    prompts = [INSTRUCTION + f'"{o}' for o in openings]
+    # plain continuation (no chat template): the policy writes the rest of a review from its first words,
+    # the classic positive-continuation task of Ziegler et al.; short prompts keep the 2-core budget
+    prompts = openings
     if cfg.quick:
         from .sft import sft
         from .tiny import make_tiny
 
         policy_spec = str(make_tiny(out / "tiny-model", seed=cfg.seed))
-        prompts = prompts[:24]
-        model_opts = dict(finetune="lora", lora_r=4, chat_template="auto")
-        updates, batch, resp_len, n_eval = min(cfg.updates, 2), 4, 8, 4
+        prompts = prompts[:16]
+        model_opts = dict(finetune="lora", lora_r=4, chat_template="off")
+        updates, batch, resp_len, n_eval = min(cfg.updates, 2), 4, 6, 4
         # the SFT stage too, so --quick smoke-tests all three commands' code paths
-        write_jsonl(out / "demos.jsonl", [{"prompt": p, "response": "a lovely film."} for p in prompts[:8]])
+        write_jsonl(out / "demos.jsonl", [{"prompt": p, "response": "a lovely film."} for p in prompts[:4]])
         sft(SFTConfig(model=policy_spec, data=str(out / "demos.jsonl"), out=str(out / "sft"), batch_size=4,
-                      micro_batch_size=2, max_response_length=16, **model_opts), log=log)
+                      micro_batch_size=4, max_response_length=16, **model_opts), log=log)
         policy_spec = str(out / "sft")
     else:
         policy_spec = smollm2_gguf()
-        model_opts = dict(finetune="lora", lora_r=8, lora_alpha=16.0, lora_target="all-linear")
+        model_opts = dict(finetune="lora", lora_r=8, lora_alpha=16.0, lora_target="all-linear", chat_template="off")
         updates, batch, resp_len, n_eval = cfg.updates, cfg.batch_size, cfg.response_length, cfg.eval_prompts
     write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
     ppo_cfg = PPOConfig(policy=policy_spec, reward="proxrl.lm.demo:vader_reward", prompts=str(out / "prompts.jsonl"),
@@ -172,7 +173,7 @@ def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         # preference pairs labelled by VADER: two samples of the *initial* policy per prompt
         log("demo --with-rm: sampling preference pairs from the initial policy, labelled by VADER")
         sampler = PPOTrainer(replace(ppo_cfg, out=str(out / "unused")), reward=vader_reward)
-        n_pairs = min(cfg.rm_pairs, len(prompts)) if not cfg.quick else 8
+        n_pairs = min(cfg.rm_pairs, len(prompts)) if not cfg.quick else 4
         pair_prompts = prompts[:n_pairs]
         pairs = []
         for i in range(0, n_pairs, batch):

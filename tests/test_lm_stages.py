@@ -1,0 +1,139 @@
+"""SFT and reward-model stages, JSONL errors, the CLI's error contract, and the quick demo (subprocess)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch
+
+from proxrl.errors import DataError
+from proxrl.lm.cli import main
+from proxrl.lm.config import PPOConfig, RMConfig, SFTConfig
+from proxrl.lm.data import RM_FIELDS, read_jsonl, write_jsonl
+from proxrl.lm.rm import bradley_terry_loss, pairwise_accuracy, reward_model
+from proxrl.lm.tiny import make_tiny
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny(tmp_path_factory.mktemp("llama"), arch="llama"))
+
+
+def test_bradley_terry_loss_and_accuracy_hand_made():
+    rc = torch.tensor([2.0, 0.0, -1.0, 3.0], dtype=torch.float64)
+    rr = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    want = (math.log1p(math.exp(-2)) + math.log(2) + math.log1p(math.exp(2)) + math.log1p(math.exp(-2))) / 4
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(want, abs=1e-12)
+    assert pairwise_accuracy(rc, rr).item() == pytest.approx((1 + 0.5 + 0 + 1) / 4)  # a tie counts ½
+    # large margins stay finite (logsigmoid, not log(sigmoid))
+    assert torch.isfinite(bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4])))
+
+
+def test_reward_model_learns_a_separable_preference_and_normalises(tiny, tmp_path):
+    pairs = [{"prompt": f"q{i}", "chosen": "aaaa", "rejected": "zzzz"} for i in range(20)]
+    write_jsonl(tmp_path / "prefs.jsonl", pairs)
+    cfg = RMConfig(model=tiny, data=str(tmp_path / "prefs.jsonl"), out=str(tmp_path / "rm"), epochs=3,
+                   batch_size=8, micro_batch_size=4, lr=3e-3, eval_fraction=0.2, finetune="full")
+    s = reward_model(cfg, log=lambda *_: None)
+    assert s["eval_pairs"] == 4 and s["eval_accuracy"] == 1.0
+    for f in ("config.json", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "rm" / f).is_file()
+    from proxrl.lm.model import load_reward_model, left_pad
+    rm = load_reward_model(tmp_path / "rm")
+    tok = rm.tokenizer
+    seqs = [tok(f"q{i}")["input_ids"] + tok(r)["input_ids"] + [tok.eos_token_id] for i in range(16) for r in ("aaaa", "zzzz")]
+    ids, mask = left_pad(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        scores = rm(ids, mask)
+    assert abs(scores.mean().item()) < 0.1 and scores[0::2].min() > scores[1::2].max()
+
+
+def test_sft_then_ppo_from_the_sft_run(tiny, tmp_path):
+    from proxrl.lm.sft import sft
+    from proxrl.lm.ppo import ppo
+    write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"q{i}", "response": "ab", "extra": 1} for i in range(8)])
+    s = sft(SFTConfig(model=tiny, data=str(tmp_path / "demos.jsonl"), out=str(tmp_path / "sft"), epochs=20,
+                      batch_size=8, micro_batch_size=3, lr=1e-2, finetune="full"), log=lambda *_: None)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}"} for i in range(6)])
+    out = ppo(PPOConfig(policy=str(tmp_path / "sft"), reward="unused:fn", prompts=str(tmp_path / "prompts.jsonl"),
+                        out=str(tmp_path / "ppo"), updates=1, batch_size=4, micro_batch_size=2, response_length=4,
+                        eval_prompts=2), reward=lambda p, r: [float(x.startswith("ab")) for x in r], log=lambda *_: None)
+    assert out["reward_before"] > 0.3  # the SFT policy (LoRA merged into the base) answers "ab…"
+    rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    need = {"step", "reward_mean", "kl_ref", "beta", "approx_kl", "clip_fraction", "value_loss", "entropy",
+            "response_length", "eos_rate", "tokens_per_s", "time"}
+    assert need <= set(rows[0])
+    assert (tmp_path / "ppo" / "samples.md").read_text().count("**response**") >= 3
+    assert json.loads((tmp_path / "ppo" / "summary.json").read_text())["wall_time"] > 0
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": "a", "chosen": "b"}', "prefs.jsonl:2: missing field 'rejected'"),
+    ('{"prompt": "a", "chosen": "b", "rejected": 3}', "prefs.jsonl:2: field 'rejected' must be a string"),
+    ('{"prompt": ', "prefs.jsonl:2: not valid JSON"),
+    ('[1, 2]', "prefs.jsonl:2: expected a JSON object"),
+])
+def test_jsonl_errors_name_file_line_and_field(tmp_path, line, msg):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n")
+    with pytest.raises(DataError, match=msg):
+        read_jsonl(p, RM_FIELDS)
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"text": "no prompt"}\n')
+    rc = main(["ppo", "--policy", "x", "--reward", "m:f", "--prompts", str(tmp_path / "p.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "p.jsonl:1: missing field 'prompt'" in err[0]
+    rc = main(["ppo", "--policy", "x", "--reward", "m:f", "--prompts", "p", "--batch-size", "10", "--num-minibatches", "3"])
+    assert rc == 2 and "num_minibatches" in capsys.readouterr().err
+
+
+def test_reward_function_errors(tiny, tmp_path):
+    from proxrl.lm.ppo import load_reward_fn
+    from proxrl.errors import ConfigError
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_reward_fn("no_such_module_xyz:f")
+    (tmp_path / "myreward.py").write_text("def score(prompts, responses):\n    return [len(r) for r in responses]\n")
+    fn = load_reward_fn(f"{tmp_path / 'myreward.py'}:score")
+    assert fn(["a"], ["abc"]) == [3]
+
+
+def test_import_proxrl_lm_is_light():
+    code = "import sys, proxrl.lm; bad = [m for m in ('transformers', 'peft', 'vaderSentiment', 'gensim', 'matplotlib') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def _run_demo(tmp_path, *extra):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    cmd = [sys.executable, "-m", "proxrl.lm.cli", "demo", "--quick", "--out", str(tmp_path / "demo"), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp_path / "demo" / "summary.json").read_text())
+
+
+def test_quick_demo_smoke(tmp_path):
+    s = _run_demo(tmp_path)
+    for k in ("reward_before", "reward_after", "kl_ref", "wall_time"):
+        assert math.isfinite(s[k])
+    for f in ("demo.png", "demo.md", "ppo/metrics.jsonl", "ppo/config.json", "sft/summary.json"):
+        assert (tmp_path / "demo" / f).is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_with_rm(tmp_path):
+    s = _run_demo(tmp_path, "--with-rm")
+    assert "with_rm" in s and (tmp_path / "demo" / "rm" / "summary.json").is_file()

@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``ckpt-<step>/`` holding ``tensors.safetensors`` and ``state.json``. It is
 written under a temporary name, fsynced, then renamed, so a reader sees a complete checkpoint or none;
-``latest`` is the highest-numbered complete one.
+``latest`` is the highest-numbered complete one. Rotation deletes old checkpoints only after the new one
+is complete, and never the one just written. Loading checks the safetensors header (size, JSON, offsets)
+before reading the tensors and validates ``state.json`` against the schema of its format; anything
+malformed is a one-line :class:`~proxrl.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -11,18 +14,27 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 _NAME = re.compile(r"^ckpt-(\d{12})$")
+_OLD = re.compile(r"^\.old-(ckpt-\d{12})$")  # a checkpoint being replaced by one of the same step
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit is 100 MB too
+MAX_STATE_BYTES = 64 * 1024 * 1024
+GYM_FORMAT = "proxrl.gym/1"
+LM_STAGES = ("sft", "rm", "ppo")
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,16 +51,24 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
 
 
 def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``root/ckpt-<step>`` atomically, then delete all but the newest ``keep`` complete ones."""
+    """Write ``root/ckpt-<step>`` atomically, then delete all but the newest ``keep`` complete ones (never the
+    one just written, and nothing before it is complete)."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -66,14 +86,28 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+            # Same step written again: move the old one aside first (list_checkpoints still finds it under
+            # that name if we die before the new one is in place), then put the new one in, then delete it.
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            _fsync_dir(root)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for stale in list_checkpoints(root)[:-keep]:
+            if stale.name != final.name:
+                shutil.rmtree(stale, ignore_errors=True)
+    for junk in root.iterdir():  # temporaries of saves that were killed
+        if junk.name.startswith(".tmp-ckpt-") and junk != tmp:
+            shutil.rmtree(junk, ignore_errors=True)
     return final
 
 
@@ -82,16 +116,167 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)
-             and (p / TENSORS).is_file() and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found: dict[str, Path] = {}
+    for p in root.iterdir():
+        m = _NAME.match(p.name) or _OLD.match(p.name)
+        if m and p.is_dir() and (p / TENSORS).is_file() and (p / STATE).is_file():
+            name = p.name if _NAME.match(p.name) else m.group(1)
+            if name not in found or _NAME.match(p.name):  # the plain name wins over a stale .old- copy
+                found[name] = p
+    return [found[k] for k in sorted(found)]
 
 
 def latest(root: str | os.PathLike) -> Path:
     ckpts = list_checkpoints(root)
     if not ckpts:
-        raise CheckpointError(f"no checkpoint found in {root}")
+        raise CheckpointError(f"{root}: no checkpoint found (expected ckpt-<step>/ with {TENSORS} and {STATE})")
     return ckpts[-1]
+
+
+# ----------------------------------------------------------------------------------------- validation
+def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Validate a safetensors file's header without reading its data: an 8-byte little-endian header length
+    within the file and ≤ :data:`MAX_HEADER_BYTES`, a JSON object header, every tensor's dtype, shape and
+    byte range consistent with the file. Returns the header. Raises a one-line CheckpointError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes; truncated?)")
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise CheckpointError(f"{path}: not a safetensors file (looks like a torch.save/pickle file; "
+                                      "proxrl never unpickles — convert it to safetensors)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds the "
+                                      f"{MAX_HEADER_BYTES} byte limit)")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not raw.lstrip(b" ").startswith(b"{"):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not valid JSON; truncated?)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{path}: safetensors metadata must map strings to strings")
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if not (0 <= begin <= end <= data_len) or end - begin != numel * _DTYPE_BYTES[info["dtype"]]:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong byte size "
+                                  f"(truncated?)")
+    return header
+
+
+def _type_error(path: Path, key: str, want: str, got: Any) -> CheckpointError:
+    shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
+    return CheckpointError(f"{path}: '{key}' must be {want}, got {shown} ({type(got).__name__})")
+
+
+def _int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def validate_state(state: Any, path: str | os.PathLike = STATE) -> dict[str, Any]:
+    """Check ``state.json`` against the schema of its format; returns it or raises a one-line CheckpointError.
+
+    * gym (``format`` = ``proxrl.gym/1``): ``update``, ``step`` integers ≥ 0; ``config`` an object whose
+      fields are TrainConfig fields of the right types; ``policy`` an object with ``kind`` (discrete,
+      multidiscrete, continuous), ``obs_dim`` and ``act_dim`` integers ≥ 1, ``nvec`` a list of integers ≥ 1,
+      ``critic`` a boolean. Other keys (resume state) are left to their reader.
+    * language models (``stage`` = sft, rm or ppo): ``step`` an integer ≥ 0 when present.
+    """
+    path = Path(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    if "format" in state:
+        if state["format"] != GYM_FORMAT:
+            raise CheckpointError(f"{path}: unknown checkpoint format {str(state['format'])[:40]!r} "
+                                  f"(this proxrl reads {GYM_FORMAT})")
+        for key in ("update", "step", "config", "policy"):
+            if key not in state:
+                raise CheckpointError(f"{path}: missing key '{key}' of the {GYM_FORMAT} format")
+        for key in ("update", "step"):
+            if not _int(state[key]):
+                raise _type_error(path, key, "an integer ≥ 0", state[key])
+        cfg = state["config"]
+        if not isinstance(cfg, dict):
+            raise _type_error(path, "config", "an object", cfg)
+        from .config import FIELD_NAMES, check_type
+
+        for name, value in cfg.items():
+            if name not in FIELD_NAMES:
+                raise CheckpointError(f"{path}: 'config.{str(name)[:40]}' is not a TrainConfig field")
+            if name == "hidden" and isinstance(value, list):
+                value = tuple(value)
+            try:
+                check_type(name, value)
+            except ConfigError as e:
+                raise CheckpointError(f"{path}: config.{e}") from None
+        pol = state["policy"]
+        if not isinstance(pol, dict):
+            raise _type_error(path, "policy", "an object", pol)
+        for key in ("kind", "obs_dim", "act_dim", "nvec", "critic"):
+            if key not in pol:
+                raise CheckpointError(f"{path}: missing key 'policy.{key}'")
+        if pol["kind"] not in ("discrete", "multidiscrete", "continuous"):
+            raise _type_error(path, "policy.kind", "discrete, multidiscrete or continuous", pol["kind"])
+        for key in ("obs_dim", "act_dim"):
+            if not _int(pol[key], 1):
+                raise _type_error(path, f"policy.{key}", "an integer ≥ 1", pol[key])
+        if not isinstance(pol["nvec"], list) or not all(_int(n, 1) for n in pol["nvec"]):
+            raise _type_error(path, "policy.nvec", "a list of integers ≥ 1", pol["nvec"])
+        if not isinstance(pol["critic"], bool):
+            raise _type_error(path, "policy.critic", "true or false", pol["critic"])
+    elif "stage" in state:
+        if state["stage"] not in LM_STAGES:
+            raise _type_error(path, "stage", "one of " + ", ".join(LM_STAGES), state["stage"])
+        if "step" in state and not _int(state["step"]):
+            raise _type_error(path, "step", "an integer ≥ 0", state["step"])
+    else:
+        raise CheckpointError(f"{path}: not a proxrl checkpoint state (no 'format' or 'stage' key)")
+    return state
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_STATE_BYTES) -> Any:
+    """A JSON file, size-capped, with one-line CheckpointErrors."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path}: {size} bytes exceeds the {max_bytes} byte limit for a JSON file")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except ValueError as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: not valid JSON ({msg}; truncated?)") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -102,15 +287,13 @@ def load(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor
     path = Path(path)
     if not (path / TENSORS).is_file():
         path = latest(path)
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path / STATE}: missing")
+    state = validate_state(read_json(path / STATE), path / STATE)
+    check_safetensors(path / TENSORS)
     try:
         tensors = load_file(str(path / TENSORS), device=device)
     except Exception as e:  # safetensors raises its own SafetensorError (not exported under a stable name)
-        raise CheckpointError(f"{path / TENSORS}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        with open(path / STATE) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / STATE}: not valid JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path / STATE}: expected a JSON object, got {type(state).__name__}")
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path / TENSORS}: not a valid safetensors file ({first})") from None
     return tensors, state

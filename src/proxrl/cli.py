@@ -44,38 +44,30 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError("arguments", message.splitlines()[0] if message else "invalid", f"see `{self.prog} --help`")
 
 
-_BOX = "╭╮╰╯│─┌┐└┘├┤ \t"
+_SECTION_END = re.compile(r"\s(?:Got errors:|Argument helptext:|For full helptext|Perhaps you meant)")
 
 
 def _tyro_error(text: str, prog: str):
-    """(field, problem) from tyro's rich error panel: the first section of the panel, unwrapped."""
-    lines, section, started = [], [], False
-    for raw in text.splitlines():
-        stripped = raw.strip(_BOX)
-        if raw.strip().startswith(("╭", "┌")):  # panel title, e.g. "─ Value error ─"
-            started = True
-            continue
-        if "───" in raw or raw.strip().startswith(("╰", "└")) or (started and not stripped and section):
-            if section:
-                break
-            continue
-        if stripped:
-            section.append(stripped)
-    msg = " ".join(section) if section else (text.strip().splitlines() or ["invalid arguments"])[0]
-    msg = re.sub(r"\s+", " ", msg)
-    m = re.match(r"Error parsing (--[\w.-]+): (.*)", msg)
+    """(field, problem) from tyro's error panel (unicode or ASCII box, any width): box drawing removed,
+    lines joined, then the first sentence of the panel is matched."""
+    flat = re.sub(r"(?m)[╭╮╰╯│─┌┐└┘├┤┃━]+|(?:^|\s)[+|]?-{3,}[+|]?(?=\s|$)|^\s*[|+]|[|+]\s*$", " ", text)
+    flat = re.sub(r"\s+", " ", flat).strip()
+    cut = _SECTION_END.search(" " + flat)
+    msg = (" " + flat)[: cut.start()].strip() if cut else flat
+    m = re.search(r"Error parsing (--[\w.-]+): (.*)", msg)
     if m:
         return m.group(1)[2:].replace("-", "_"), f"cannot parse the value: {m.group(2)}"
     m = re.search(r"argument '(--[\w.-]+)'", msg)
     if m:
-        return m.group(1)[2:].replace("-", "_"), msg
-    m = re.match(r"Unrecognized options?: (\S+)", msg)
+        first = re.search(r"(?:invalid choice|Missing value) .*", msg)  # drop the panel title
+        return m.group(1)[2:].replace("-", "_"), first.group(0) if first else msg
+    m = re.search(r"Unrecognized options?: (\S+)", msg)
     if m:
         tok = m.group(1)
         if tok.startswith("-"):
             return tok.lstrip("-").replace("-", "_"), f"unknown option {tok}"
         return "arguments", f"unexpected argument {tok!r}"
-    return "arguments", msg
+    return "arguments", msg[:300] or "invalid arguments"
 
 
 def tyro_cli(cls, args: list[str], prog: str, **kwargs):

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericsError
 
 EnvSpec = Union[str, Callable[[], Any]]
 
@@ -92,7 +92,14 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
             if isinstance(made, VectorEnv):
                 vec = made
             else:
-                made.close()
+                if not isinstance(made, gym.Env):
+                    raise ConfigError("env_factory", f"returned a {type(made).__name__}, not a gymnasium.Env",
+                                      "return a gymnasium.Env (or a VectorEnv of num_envs envs)")
+                try:
+                    _check_spaces(made)
+                    probe_env(made)
+                finally:
+                    made.close()
                 vec = gym.vector.SyncVectorEnv([env for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
         else:
             if env not in gym.registry:
@@ -129,10 +136,50 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
     return vec
 
 
+def _check_obs(obs: Any, space, where: str) -> None:
+    try:
+        arr = np.asarray(obs, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError("env", f"observation from {where} is a {type(obs).__name__}, not an array",
+                          f"return an array of shape {space.shape}") from None
+    if arr.shape != tuple(space.shape):
+        raise ConfigError("env", f"observation from {where} has shape {arr.shape}, the observation space says "
+                          f"{tuple(space.shape)}", "make the env and its observation_space agree")
+    if not np.isfinite(arr).all():
+        raise NumericsError(f"observation: NaN or inf from the environment's {where}")
+
+
+def probe_env(env) -> None:
+    """Reset and step a single env once, checking the observation's shape and finiteness and the reward's
+    type and finiteness, so a defective custom env fails with one line before training starts."""
+    import numbers
+
+    obs, _ = env.reset(seed=0)
+    _check_obs(obs, env.observation_space, "reset()")
+    out = env.step(env.action_space.sample())
+    if not isinstance(out, tuple) or len(out) != 5:
+        raise ConfigError("env", f"step() returned {type(out).__name__} of length "
+                          f"{len(out) if hasattr(out, '__len__') else '?'}, not 5 items",
+                          "return (obs, reward, terminated, truncated, info) (Gymnasium ≥ 0.26 API)")
+    obs, reward, terminated, truncated, _ = out
+    _check_obs(obs, env.observation_space, "step()")
+    if isinstance(reward, np.ndarray) and reward.size == 1:
+        reward = reward.reshape(()).item()
+    if not isinstance(reward, numbers.Real) or isinstance(reward, bool):
+        raise ConfigError("env", f"reward from step() is a {type(reward).__name__}, not a number",
+                          "return a float reward")
+    if not np.isfinite(float(reward)):
+        raise NumericsError("reward: NaN or inf from the environment's step()")
+    for name, flag in (("terminated", terminated), ("truncated", truncated)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ConfigError("env", f"{name} from step() is a {type(flag).__name__}, not a bool")
+
+
 def _check_spaces(vec) -> None:
     import gymnasium as gym
 
-    obs, act = vec.single_observation_space, vec.single_action_space
+    obs = getattr(vec, "single_observation_space", None) or vec.observation_space
+    act = getattr(vec, "single_action_space", None) or vec.action_space
     if not isinstance(obs, gym.spaces.Box):
         raise ConfigError("env", f"observation space {obs} is not supported", "proxrl handles Box observations")
     if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete)):

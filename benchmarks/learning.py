@@ -128,8 +128,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"{stem}.json"
     data: dict[str, Any] = {"criteria": {}}
-    if json_path.exists():
-        data = json.loads(json_path.read_text())
     data.update(machine=machine(), workers=args.workers,
                 command="PYTHONPATH=src python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
@@ -153,6 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if json_path.exists():  # re-read now: another invocation may have recorded other criteria meanwhile
+        data["criteria"] = json.loads(json_path.read_text()).get("criteria", {})
     for c in crits:
         data["criteria"][c.name] = _criterion_summary(c, results[c.name], overrides)
     data["criteria"] = {n: data["criteria"][n] for n in CRITERIA if n in data["criteria"]}

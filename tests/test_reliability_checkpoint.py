@@ -298,3 +298,12 @@ def test_malicious_checkpoint_through_cli(tmp_path):
         assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, (name, p.stderr)
         assert lines[0].startswith("error: ")
     assert not marker.exists()
+
+
+def test_trust_remote_code_never_switched_on():
+    """No source file turns on transformers' trust_remote_code (it stays at its default, False)."""
+    import re
+
+    hits = [f"{p}:{i}" for p in Path(SRC).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"trust_remote_code\s*=\s*(True|1)", line)]
+    assert not hits, hits

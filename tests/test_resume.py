@@ -78,6 +78,8 @@ def test_sigkill_then_resume_is_bit_identical(algo, tmp_path):
     kill_after = random.Random(algo).randint(1, 4)  # of 6 updates
     proc = cli("train", *args, "--out", str(run), wait=False)
     wait_for_lines(run, kill_after, proc)
+    while not checkpoint.list_checkpoints(run / "checkpoints") and proc.poll() is None:
+        time.sleep(0.01)  # the metrics line of an update is written just before its checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -43,15 +43,19 @@ class Runner:
         if self.continuous:
             self.act_low, self.act_high = act_space.low.reshape(-1), act_space.high.reshape(-1)
             self.act_shape = act_space.shape
+        self.global_step = 0
         raw, _ = envs.reset(seed=seed)
         self.raw_obs = self._check_obs(raw)
         self.pending_reset = np.zeros(self.num_envs, bool)  # next step is an autoreset step
         self.ep_return = np.zeros(self.num_envs, np.float64)
         self.ep_length = np.zeros(self.num_envs, np.int64)
-        self.global_step = 0
 
     def _check_obs(self, raw) -> np.ndarray:
-        raw = np.asarray(raw, dtype=np.float32).reshape(self.num_envs, -1)
+        try:
+            raw = np.asarray(raw, dtype=np.float32).reshape(self.num_envs, -1)
+        except (TypeError, ValueError) as e:
+            raise NumericsError(f"observation: the environment returned something that is not a numeric array "
+                                f"at step {self.global_step} ({str(e).splitlines()[0]})") from None
         if raw.shape[1] != self.obs_dim:
             raise NumericsError(f"observation: env returned shape {raw.shape[1:]}, its space says {self.obs_dim}")
         if not np.isfinite(raw).all():
@@ -89,9 +93,12 @@ class Runner:
             env_action = action.cpu().numpy()
             if self.continuous:  # clip what the env sees, keep the sample (DETAILS 7)
                 env_action = np.clip(env_action, self.act_low, self.act_high).reshape(N, *self.act_shape)
-            raw, reward, terminated, truncated, _ = self.envs.step(env_action)
+            try:
+                raw, reward, terminated, truncated, _ = self.envs.step(env_action)
+                reward = np.asarray(reward, np.float64).reshape(N)
+            except (TypeError, ValueError) as e:  # wrong shapes or types from a custom env
+                raise NumericsError(f"environment step: {str(e).splitlines()[0]} at step {self.global_step}") from None
             self.global_step += N
-            reward = np.asarray(reward, np.float64)
             if not np.isfinite(reward).all():
                 raise NumericsError(f"reward: NaN or inf from the environment at step {self.global_step}")
             valid = ~self.pending_reset

@@ -1,6 +1,8 @@
 """``proxrl rlhf sft|rm|ppo|demo`` — one typed config per command (tyro: field docstrings are the help).
 
 User errors (:class:`~proxrl.errors.ProxrlError`) print one line ``error: …`` on stderr and exit 2.
+SIGINT/SIGTERM during ``ppo`` finish the update, write a checkpoint, print ``stopped: …`` and exit 130/143;
+``proxrl rlhf ppo --resume DIR`` continues the run exactly.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    import tyro
-
     from . import config as C
 
     commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "demo": C.DemoConfig}
     if cmd not in commands:
         print(f"error: unknown rlhf command {cmd!r}; choose one of sft, rm, ppo, demo", file=sys.stderr)
         return 2
-    cfg = tyro.cli(commands[cmd], args=rest, prog=f"proxrl rlhf {cmd}")
+    from ..cli import tyro_cli
+
     try:
+        cfg = tyro_cli(commands[cmd], args=rest, prog=f"proxrl rlhf {cmd}")
         if cmd == "sft":
             from .sft import sft
             sft(cfg)
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo
             demo(cfg)
     except ProxrlError as e:
+        if hasattr(e, "exit_code"):  # PPOInterrupted: SIGINT/SIGTERM, checkpoint written → 130/143
+            print(f"stopped: {e}", file=sys.stderr)
+            return e.exit_code
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -79,7 +79,8 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
                 raise ConfigError("model", f"no such GGUF file: {spec}")
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            # safetensors only: a pytorch_model.bin would be unpickled by torch.load (issue 5, safe loading)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ConfigError("model", f"cannot load a causal LM from {spec!r}: {str(e).splitlines()[0]}") from None
     return model.eval()

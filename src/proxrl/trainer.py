@@ -25,6 +25,7 @@ from .objective import estimate_advantages
 from .policy import ActorCritic
 from .rollout import Runner
 from .rungs import RUNGS
+from .state import load_optimizer_state as _load_optimizer_state, optimizer_state as _optimizer_state
 from .update import post_update_diagnostics, sgd_update, snapshot_actor, trust_region_update
 
 #: Every metrics.jsonl line has these keys (null where a rung has no such quantity).
@@ -270,25 +271,6 @@ def _restore_backup(backup, policy, *opts) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoint state
-def _optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"{prefix}/{i}/{k}": v for i, st in sd["state"].items() for k, v in st.items()
-               if isinstance(v, torch.Tensor)}
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "keys": {str(i): sorted(st) for i, st in sd["state"].items()}}
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
-    state = {int(i): {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys} for i, keys in meta["keys"].items()}
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int,
              actor_opt=None, critic_opt=None, beta=None, elapsed: float = 0.0) -> Path:
     """Everything that decides the future of the run: weights, optimizers, normalisers, env state, β, RNGs."""

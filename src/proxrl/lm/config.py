@@ -184,8 +184,19 @@ class PPOConfig(ModelOptions):
     """prompts held out to measure the reward before and after training (0: none)"""
     samples_per_update: int = 3
     """sample responses written to samples.md per update"""
-    save_every: int = 0
-    """write a checkpoint every N updates (0: only at the end)"""
+    checkpoint_every: int = 10
+    """write a full checkpoint (trainable weights, optimizer, β, RNGs, prompt cursor) every N updates;
+    one is always written at the end and on SIGINT/SIGTERM (0: only then)"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept; an older one is deleted only after a newer one is complete"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its latest checkpoint, exactly, with its saved config (the
+    other options are ignored); metrics.jsonl and samples.md are cut back to the checkpointed update"""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """NaN/inf in rewards, advantages, losses, gradients or weights: stop with an error naming the quantity
+    and the update, leaving the last good checkpoint intact (default), or skip the whole update (weights and
+    optimizer restored, logged in metrics.jsonl as 'skipped' and on stderr). A reward function returning
+    NaN/inf is always an error"""
 
     def validate(self) -> None:
         self.validate_model()
@@ -204,6 +215,9 @@ class PPOConfig(ModelOptions):
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.eval_prompts >= 0, "eval_prompts", f"must be ≥ 0, got {self.eval_prompts}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be ≥ 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints",
+              f"must be ≥ 1 (the last good checkpoint is always kept), got {self.keep_checkpoints}")
 
     @property
     def minibatch_size(self) -> int:

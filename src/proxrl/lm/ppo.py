@@ -23,8 +23,12 @@ One update, top to bottom (:meth:`PPOTrainer.generate` → :meth:`~PPOTrainer.sc
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib
+import json
 import math
+import random
 import os
 import sys
 import time
@@ -37,8 +41,9 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint, core, objective
+from .. import state as state_mod
 from ..batch import Batch
-from ..errors import ConfigError, NumericsError
+from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
 from .config import PPOConfig
 from .data import PPO_FIELDS, read_jsonl
 from .model import (LMPolicy, RewardModel, build_policy, encode_prompt, last_real_index, left_pad,
@@ -161,20 +166,33 @@ class Scorer:
         self.rm: Optional[RewardModel] = None
         if isinstance(reward, RewardModel):
             self.rm = reward
+            self.name = "reward model"
         elif callable(reward):
             self.fn = reward
+            self.name = f"reward function {getattr(reward, '__qualname__', type(reward).__name__)!r}"
         elif Path(reward).is_dir():
             self.rm = load_reward_model(reward)
+            self.name = f"reward model {reward!r}"
         else:
             self.fn = load_reward_fn(reward)
+            self.name = f"reward function {reward!r}"
         self.micro = micro_batch_size
         self.max_prompt_length = max_prompt_length
         if self.rm is not None:
             self.rm_chat = use_chat_template(self.rm.tokenizer, self.rm.opts.chat_template)
             self.same_tokens = (self.rm.tokenizer.get_vocab() == policy.tokenizer.get_vocab() and self.rm_chat == chat)
 
+    def __call__(self, rollout: Rollout, where: str = "") -> Tensor:
+        """Scores ``[B]`` (float64). NaN/inf is a one-line NumericsError naming the reward and ``where``."""
+        scores = self._scores(rollout)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise NumericsError(f"{self.name} returned {scores[bad[0]].item()} for {len(bad)} of {len(scores)} "
+                                f"responses{where} (first: response {bad[0]}, {rollout.responses[bad[0]][:40]!r})")
+        return scores
+
     @torch.inference_mode()
-    def __call__(self, rollout: Rollout) -> Tensor:
+    def _scores(self, rollout: Rollout) -> Tensor:
         if self.fn is not None:
             out = self.fn(list(rollout.prompts), list(rollout.responses))
             try:
@@ -183,8 +201,6 @@ class Scorer:
                 raise ConfigError("reward", "the reward function must return a sequence of floats") from None
             if scores.shape != (len(rollout),):
                 raise ConfigError("reward", f"the reward function returned {scores.numel()} values for {len(rollout)} responses")
-            if not torch.isfinite(scores).all():
-                raise NumericsError("reward: the reward function returned NaN or inf")
             return scores
         rm = self.rm
         if self.same_tokens:
@@ -229,6 +245,7 @@ class PPOTrainer:
         self.penalty_beta = cfg.penalty_beta
         self.step_count = 0
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self._where = ""  # position inside the update, for NumericsError messages
         self._encoded: dict[str, list[int]] = {}
         self._warned_negative_kl = False
 
@@ -265,8 +282,10 @@ class PPOTrainer:
 
     # ---- 2. score
     def score(self, rollout: Rollout) -> Tensor:
-        """Raw scores ``[B]`` of the truncated responses (reward model or function), before any penalty."""
-        return self.scorer(rollout)
+        """Raw scores ``[B]`` of the truncated responses (reward model or function), before any penalty.
+        NaN/inf scores raise a NumericsError naming the reward and the update (always, even with
+        ``on_nonfinite='skip'``: a reward that returns NaN is a bug to fix, not a numerical accident)."""
+        return self.scorer(rollout, f" at update {self.step_count + 1}")
 
     # ---- 3-6. shape, advantages, optimise, control
     @torch.inference_mode()
@@ -301,6 +320,10 @@ class PPOTrainer:
         batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
+        for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),
+                        ("values", values), ("rewards (score − β·kl_ref)", rewards), ("returns", batch.ret),
+                        ("advantages", adv)):
+            self._check_finite(name, x, mask)
         kl_seq = kl_ref_k1.sum(-1)  # [B] per-sequence KL to the reference (k1)
         stats = {
             "reward_mean": scores.double().mean().item(),
@@ -334,6 +357,8 @@ class PPOTrainer:
             v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg)
             ent_mean = core.aggregate(ent, m, cfg.loss_agg)
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent_mean
+            for name, x in (("policy loss", pg_loss), ("value loss", v_loss), ("entropy", ent_mean)):
+                self._check_finite(name, x.detach())
             (loss * w).backward()
             wf = float(w)
             for k, val in {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": ent_mean, **st}.items():
@@ -343,8 +368,42 @@ class PPOTrainer:
                     sums[k] = sums.get(k, 0.0) + wf * float(val.detach())
         return sums
 
+    def _check_finite(self, name: str, x: Tensor, mask: Optional[Tensor] = None) -> None:
+        """NaN/inf in ``x`` (over ``mask``) → NumericsError naming the quantity and the update (LM-16)."""
+        vals = x[mask.bool()] if mask is not None else x
+        if not torch.isfinite(vals).all():
+            kind = "NaN" if torch.isnan(vals).any() else "inf"
+            raise NumericsError(f"{name}: {kind} at update {self.step_count + 1}{self._where}")
+
     def step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:
-        """One PPO update on a scored rollout; returns its metrics."""
+        """One PPO update on a scored rollout; returns its metrics.
+
+        NaN/inf in the rewards, advantages, losses, gradient norm or updated weights raises a NumericsError
+        naming the quantity and the update (``on_nonfinite='stop'``, the default: nothing is saved, so the
+        last good checkpoint is intact). With ``on_nonfinite='skip'`` the weights and optimizer are put back
+        as they were before the update, the update counts, and its metrics line says ``skipped`` (also
+        printed on stderr) — never silently."""
+        backup = None
+        if self.cfg.on_nonfinite == "skip":
+            backup = ({k: v.clone() for k, v in self.policy.trainable_state().items()},
+                      copy.deepcopy(self.optimizer.state_dict()), self.penalty_beta, self.kl_coef)
+        try:
+            return self._step(rollout, scores)
+        except NumericsError as e:
+            if backup is None:
+                raise
+            self.policy.load_trainable(backup[0])
+            self.optimizer.load_state_dict(backup[1])
+            self.penalty_beta, self.kl_coef = backup[2], backup[3]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+            print(f"warning: update {self.step_count} skipped: {e}", file=sys.stderr)
+            return {"step": self.step_count, "beta": self.kl_coef, "beta_next": self.kl_coef,
+                    "penalty_beta": self.penalty_beta, "skipped": str(e), "update_time": 0.0}
+        finally:
+            self._where = ""
+
+    def _step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
         cfg = self.cfg
         batch, stats = self.make_batch(rollout, scores)
@@ -352,22 +411,24 @@ class PPOTrainer:
         B = len(rollout)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         totals: dict[str, float] = {}
-        n_mb, skipped = 0, 0
-        for _epoch in range(cfg.update_epochs):
+        n_mb = 0
+        for epoch in range(cfg.update_epochs):
             perm = torch.randperm(B, generator=self.shuffle)
-            for rows in perm.split(cfg.minibatch_size):
+            for j, rows in enumerate(perm.split(cfg.minibatch_size)):
+                self._where = f" (epoch {epoch + 1}, minibatch {j + 1})"
                 self.optimizer.zero_grad(set_to_none=True)
                 sums = self.accumulate(batch, ids, mask, rows)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):  # LM-16: never silently: counted in the metrics
-                    skipped += 1
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
-                    self.optimizer.step()
+                self._check_finite("gradient norm", grad_norm)
+                self.optimizer.step()
                 n_mb += 1
                 sums["grad_norm"] = float(grad_norm)
                 for k, v in sums.items():
                     totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
+        self._where = ""
+        for name, p in self.policy.named_parameters():
+            if p.requires_grad:
+                self._check_finite(f"weight {name} after the optimizer step", p.detach())
         metrics = {k: (v if k == "ratio_max" else v / max(n_mb, 1)) for k, v in totals.items()}
         if cfg.surrogate == "kl-penalty":
             self.penalty_beta = core.ppo_beta_update(self.penalty_beta, metrics["approx_kl"], cfg.penalty_target_kl)
@@ -376,20 +437,21 @@ class PPOTrainer:
         if cfg.adaptive_kl:
             self.kl_coef = core.ziegler_beta_update(self.kl_coef, stats["kl_ref"], cfg.target_kl_ref, B, cfg.kl_horizon)
         self.step_count += 1
-        ev = core.explained_variance(batch.values, batch.ret, batch.mask)
+        ev = float(core.explained_variance(batch.values, batch.ret, batch.mask))
         dt = time.perf_counter() - t0
         return {"step": self.step_count, **stats, "beta": beta_used, "beta_next": self.kl_coef,
-                "penalty_beta": self.penalty_beta, **metrics, "explained_variance": float(ev),
-                "skipped_steps": skipped, "update_time": dt}
+                "penalty_beta": self.penalty_beta, **metrics,
+                "explained_variance": ev if math.isfinite(ev) else None,  # None: the returns have no variance
+                "skipped": None, "update_time": dt}
 
     # ---- evaluation and state
     def evaluate(self, prompts: Sequence[str], seed: int = 12345) -> dict:
         """Mean raw score and KL to the reference on ``prompts`` with a fixed sampling seed (the same
         before and after training), plus the responses."""
         if not prompts:
-            return {"reward_mean": float("nan"), "kl_ref": float("nan"), "responses": []}
+            return {"reward_mean": float("nan"), "kl_ref": float("nan"), "eos_rate": float("nan"), "responses": []}
         rollout = self.generate(prompts, seed=seed)
-        scores = self.score(rollout)
+        scores = self.scorer(rollout, " on the held-out prompts")
         logp, _, logp_ref = self._rollout_forward(rollout)
         kl = ((logp - logp_ref) * rollout.response_mask).sum(-1)
         return {"reward_mean": scores.mean().item(), "kl_ref": kl.mean().item(),
@@ -399,6 +461,33 @@ class PPOTrainer:
 
     def state(self) -> dict:
         return {"step": self.step_count, "kl_coef": self.kl_coef, "penalty_beta": self.penalty_beta}
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything of the trainer that decides the rest of a run: trainable weights (``policy.*``: LoRA
+        adapters or trained weights, value head), Adam state (``optimizer/*`` + JSON param groups — the
+        learning rate is constant, so they are the whole schedule), the minibatch/prompt shuffle generator
+        (``rng/shuffle``), both β and the update counter. The sampling seed of update u is derived from
+        ``seed`` and u, so nothing more is needed for generation."""
+        tensors = {f"policy.{k}": v for k, v in self.policy.trainable_state().items()}
+        opt_t, opt_meta = state_mod.optimizer_state(self.optimizer, "optimizer")
+        tensors.update(opt_t)
+        tensors["rng/shuffle"] = self.shuffle.get_state()
+        return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self._warned_negative_kl}
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], state: dict) -> None:
+        """Inverse of :meth:`checkpoint_state` (the trainer must be built from the same config)."""
+        own = {k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")}
+        expected = set(self.policy.trainable_state())
+        if set(own) != expected:
+            missing = sorted(expected - set(own))[:3] or sorted(set(own) - expected)[:3]
+            raise CheckpointError(f"checkpoint weights do not fit the policy (e.g. {missing})")
+        self.policy.load_trainable(own)
+        state_mod.load_optimizer_state(self.optimizer, "optimizer", tensors, state["optimizer"])
+        self.shuffle.set_state(tensors["rng/shuffle"])
+        self.step_count = int(state["step"])
+        self.kl_coef = float(state["kl_coef"])
+        self.penalty_beta = float(state["penalty_beta"])
+        self._warned_negative_kl = bool(state.get("warned_negative_kl", False))
 
 
 # --------------------------------------------------------------------------- the whole stage
@@ -410,29 +499,55 @@ def run_dir_config(stage: str, base_model: str, cfg) -> dict:
 class RunWriter:
     """``config.json`` (atomic), ``metrics.jsonl`` (one fsynced line per update) and ``samples.md``."""
 
-    def __init__(self, out: str | Path, config_obj: dict):
-        import json
-
-        self._json = json
+    def __init__(self, out: str | Path, config_obj: Optional[dict]):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json_atomic(self.out / "config.json", config_obj)
         self.metrics_path = self.out / "metrics.jsonl"
-        self.metrics_path.write_text("")
         self.samples_path = self.out / "samples.md"
+        if config_obj is None:  # reopened by resume()
+            return
+        checkpoint.write_json_atomic(self.out / "config.json", config_obj)
+        self.metrics_path.write_text("")
         self.samples_path.write_text("# Sample responses\n")
+
+    @classmethod
+    def resume(cls, out: str | Path, step: int, samples_bytes: Optional[int]) -> "RunWriter":
+        """Reopen a run's files, cut back to what they held at the checkpoint of update ``step``: metrics
+        lines of later updates (and a line cut by a kill) are dropped, ``samples.md`` is truncated."""
+        w = cls(out, None)
+        rows = []
+        if w.metrics_path.is_file():
+            for raw in w.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    break
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
+                    break
+                rows.append(raw + "\n")
+        tmp = w.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(rows))
+        os.replace(tmp, w.metrics_path)
+        if samples_bytes is not None and w.samples_path.is_file() and w.samples_path.stat().st_size > samples_bytes:
+            with open(w.samples_path, "r+b") as f:
+                f.truncate(samples_bytes)
+        return w
 
     def metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(self._json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def samples(self, title: str, items: list[tuple[str, str, float]]) -> None:
+    def samples(self, title: str, items: list[tuple[str, str, float]]) -> int:
+        """Append a section; returns the file's size afterwards (fsynced: a checkpoint records it)."""
         with open(self.samples_path, "a", encoding="utf-8") as f:
             f.write(f"\n## {title}\n")
             for prompt, response, reward in items:
                 f.write(f"\n**prompt:** {prompt.strip()}\n\n**response** (reward {reward:+.3f}): {response.strip()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
 
 
 def split_prompts(prompts: list[str], n_eval: int, seed: int) -> tuple[list[str], list[str]]:
@@ -443,50 +558,139 @@ def split_prompts(prompts: list[str], n_eval: int, seed: int) -> tuple[list[str]
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
+class PPOInterrupted(ProxrlError):
+    """SIGINT/SIGTERM: the update in progress was finished and checkpointed; ``exit_code`` is 130/143."""
+
+    def __init__(self, signum: int, run_dir: Path, update: int):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after update {update}; checkpoint written; "
+                         f"resume with: proxrl rlhf ppo --resume {run_dir}")
+
+
+def _prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def resolve_resume(config: PPOConfig) -> tuple[PPOConfig, dict, dict]:
+    """The saved config of the run in ``config.resume`` (with ``out`` = that directory) and its latest
+    checkpoint. Raises a one-line CheckpointError if there is none or it is not a PPO run checkpoint."""
+    run_dir = Path(config.resume)
+    tensors, state = checkpoint.load(run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir)
+    saved = state.get("config")
+    if state.get("stage") != "ppo" or not isinstance(saved, dict) or "run" not in state:
+        raise CheckpointError(f"{run_dir}: not a resumable proxrl PPO checkpoint (written by an older version "
+                              "or another stage)")
+    fields = PPOConfig.__dataclass_fields__
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{run_dir}: checkpoint config has unknown fields {unknown[:3]}")
+    cfg = PPOConfig(**{**saved, "resume": None, "out": str(run_dir)})
+    return cfg, tensors, state
+
+
 def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None, log: Callable[[str], None] = print,
         policy: Optional[LMPolicy] = None) -> dict:
-    """Train with PPO; writes everything to ``config.out``; returns the summary (also ``summary.json``)."""
+    """Train with PPO; writes everything to ``config.out``; returns the summary (also ``summary.json``).
+
+    A full checkpoint (see :meth:`PPOTrainer.checkpoint_state`, plus the global torch/numpy/Python RNGs,
+    the prompt cursor and shuffle order, the held-out "before" evaluation and the elapsed time) is written
+    every ``checkpoint_every`` updates, at the end, and on SIGINT/SIGTERM (after the update in progress;
+    then :class:`PPOInterrupted`, exit 130/143 from the CLI). ``config.resume = DIR`` continues that run
+    from its latest checkpoint with its saved config: the result is bit-identical (CPU) to the run never
+    interrupted — metrics lines apart from wall-clock fields, and every checkpointed tensor. When resuming
+    a run whose reward was a Python callable, pass the same callable again as ``reward``."""
+    resumed = None
+    if config.resume:
+        config, ckpt_tensors, ckpt_state = resolve_resume(config)
+        resumed = (ckpt_tensors, ckpt_state)
+        policy = None
     cfg = config
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
-    t_start = time.perf_counter()
+    from ..trainer import _StopSignals
+
+    random.seed(cfg.seed)  # a reward function may draw from these: seeded, checkpointed, restored
+    import numpy as np
+    np.random.seed(cfg.seed % 2 ** 32)
     records = read_jsonl(cfg.prompts, PPO_FIELDS)
     train_prompts, eval_prompts = split_prompts([r["prompt"] for r in records], cfg.eval_prompts, cfg.seed)
+    digest = _prompts_digest(train_prompts + ["\0"] + eval_prompts)
     trainer = PPOTrainer(cfg, policy=policy, reward=reward)
-    writer = RunWriter(cfg.out, run_dir_config("ppo", cfg.policy, cfg))
-    before = trainer.evaluate(eval_prompts)
-    writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
-    log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
-        f"{before['reward_mean']:+.4f}")
+    out = Path(cfg.out)
     cursor, order = 0, []
-    for update in range(cfg.updates):
-        t0 = time.perf_counter()
-        batch_prompts = []
-        while len(batch_prompts) < cfg.batch_size:  # epochs over the prompts, a fresh shuffle each
-            if cursor >= len(order):
-                order = torch.randperm(len(train_prompts), generator=trainer.shuffle).tolist()
-                cursor = 0
-            batch_prompts.append(train_prompts[order[cursor]])
-            cursor += 1
-        rollout = trainer.generate(batch_prompts)
-        scores = trainer.score(rollout)
-        m = trainer.step(rollout, scores)
-        dt = time.perf_counter() - t0
-        m["tokens_per_s"] = float(rollout.response_mask.sum()) / dt
-        m["time"] = time.perf_counter() - t_start
-        for k, v in m.items():
-            if isinstance(v, float) and not math.isfinite(v) and k != "explained_variance":
-                raise NumericsError(f"{k}: {v} at update {m['step']}")
-        writer.metrics(m)
-        writer.samples(f"update {m['step']}", [(rollout.prompts[i], rollout.responses[i], float(scores[i]))
-                                               for i in range(min(cfg.samples_per_update, len(rollout)))])
-        log(f"update {m['step']:>3}/{cfg.updates}  reward {m['reward_mean']:+.4f}  kl_ref {m['kl_ref']:.3f}  "
-            f"beta {m['beta']:.4f}  approx_kl {m['approx_kl']:.4f}  clip {m['clip_fraction']:.3f}  "
-            f"len {m['response_length']:.1f}  eos {m['eos_rate']:.2f}  {dt:.1f}s")
-        if cfg.save_every and m["step"] % cfg.save_every == 0 and m["step"] < cfg.updates:
-            save_policy(cfg.out, trainer)
-    save_policy(cfg.out, trainer)
+    if resumed is None:
+        elapsed0 = 0.0
+        writer = RunWriter(out, run_dir_config("ppo", cfg.policy, cfg))
+        before = trainer.evaluate(eval_prompts)
+        writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
+        log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
+            f"{before['reward_mean']:+.4f}")
+    else:
+        tensors, st = resumed
+        run = st["run"]
+        if run.get("prompts_sha256") != digest:
+            raise CheckpointError(f"{out}: the prompts in {cfg.prompts} changed since the checkpoint; an exact "
+                                  "resume needs the same prompts file")
+        try:
+            trainer.load_checkpoint_state(tensors, st)
+            state_mod.set_rng_state(tensors, run["rng"])
+            cursor, order, before, elapsed0 = int(run["cursor"]), [int(i) for i in run["order"]], run["before"], float(run["elapsed"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{out}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+        writer = RunWriter.resume(out, trainer.step_count, run.get("samples_bytes"))
+        log(f"ppo: resuming {out} after update {trainer.step_count}/{cfg.updates}")
+    t_start = time.perf_counter() - elapsed0
+    samples_bytes = writer.samples_path.stat().st_size if writer.samples_path.is_file() else None
+
+    def save() -> Path:
+        tensors, st = trainer.checkpoint_state()
+        rng_t, rng_meta = state_mod.rng_state()
+        tensors.update(rng_t)
+        st.update(stage="ppo", config=asdict(cfg), run={
+            "cursor": cursor, "order": order, "before": before, "elapsed": time.perf_counter() - t_start,
+            "samples_bytes": samples_bytes, "rng": rng_meta, "prompts_sha256": digest})
+        return checkpoint.save(out / "checkpoints", trainer.step_count, tensors, st, keep=cfg.keep_checkpoints)
+
+    with _StopSignals() as stop:
+        for update in range(trainer.step_count + 1, cfg.updates + 1):
+            t0 = time.perf_counter()
+            batch_prompts = []
+            while len(batch_prompts) < cfg.batch_size:  # epochs over the prompts, a fresh shuffle each
+                if cursor >= len(order):
+                    order = torch.randperm(len(train_prompts), generator=trainer.shuffle).tolist()
+                    cursor = 0
+                batch_prompts.append(train_prompts[order[cursor]])
+                cursor += 1
+            rollout = trainer.generate(batch_prompts)
+            scores = trainer.score(rollout)
+            m = trainer.step(rollout, scores)
+            dt = time.perf_counter() - t0
+            m["tokens_per_s"] = float(rollout.response_mask.sum()) / dt
+            m["time"] = time.perf_counter() - t_start
+            for k, v in m.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    if m["skipped"] is None:
+                        raise NumericsError(f"metric {k}: {v} at update {m['step']}")
+                    m[k] = None
+            writer.metrics(m)
+            samples_bytes = writer.samples(
+                f"update {m['step']}" + (" (skipped)" if m["skipped"] else ""),
+                [(rollout.prompts[i], rollout.responses[i], float(scores[i]))
+                 for i in range(min(cfg.samples_per_update, len(rollout)))])
+            if m["skipped"]:
+                log(f"update {m['step']:>3}/{cfg.updates}  SKIPPED: {m['skipped']}")
+            else:
+                log(f"update {m['step']:>3}/{cfg.updates}  reward {m['reward_mean']:+.4f}  kl_ref {m['kl_ref']:.3f}  "
+                    f"beta {m['beta']:.4f}  approx_kl {m['approx_kl']:.4f}  clip {m['clip_fraction']:.3f}  "
+                    f"len {m['response_length']:.1f}  eos {m['eos_rate']:.2f}  {dt:.1f}s")
+            last = update == cfg.updates
+            if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
+                save()
+            if stop.signum is not None and not last:
+                raise PPOInterrupted(stop.signum, out, update)
     after = trainer.evaluate(eval_prompts)
     writer.samples("after training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in after["responses"]])
     summary = {"reward_before": before["reward_mean"], "reward_after": after["reward_mean"],
@@ -494,12 +698,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None, l
                "eos_rate_after": after["eos_rate"], "updates": cfg.updates,
                "wall_time": time.perf_counter() - t_start,
                "before": before["responses"], "after": after["responses"]}
-    checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+    checkpoint.write_json_atomic(out / "summary.json", summary)
     log(f"ppo: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
         f"{summary['wall_time']:.0f}s")
     return summary
-
-
-def save_policy(out: str | Path, trainer: PPOTrainer) -> Path:
-    tensors = {f"policy.{k}": v for k, v in trainer.policy.trainable_state().items()}
-    return checkpoint.save(Path(out) / "checkpoints", trainer.step_count, tensors, {"stage": "ppo", **trainer.state()})

@@ -1,0 +1,57 @@
+"""Run state shared by the gym trainer and the RLHF stages, in checkpoint form: tensors for safetensors,
+everything else JSON-able (no pickle). Used by :func:`proxrl.trainer.save_run` and :func:`proxrl.lm.ppo.ppo`."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict]:
+    """``opt.state_dict()`` split into tensors ``{prefix}/{param}/{key}`` and JSON (param groups, keys)."""
+    sd = opt.state_dict()
+    tensors = {f"{prefix}/{i}/{k}": v for i, st in sd["state"].items() for k, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "keys": {str(i): sorted(st) for i, st in sd["state"].items()}}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    """Inverse of :func:`optimizer_state` (tensors are cloned: the loaded dict may be shared)."""
+    state = {int(i): {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys} for i, keys in meta["keys"].items()}
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(prefix: str = "rng") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The global RNGs: torch CPU (and CUDA when initialised) as tensors, numpy and Python as JSON."""
+    tensors = {f"{prefix}/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}/cuda/{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str = "rng") -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(tensors[f"{prefix}/torch"])
+    cuda = sorted((k for k in tensors if k.startswith(f"{prefix}/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    npst = meta["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    pyst = meta["python"]
+    random.setstate((pyst[0], tuple(pyst[1]), pyst[2]))

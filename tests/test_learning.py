@@ -10,16 +10,16 @@ least 4 of the 5 seeds reach the threshold. Criteria and thresholds are shared w
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "proxrl_benchmarks_learning", Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py")
-learning = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(learning)
+# benchmarks/learning.py is imported as the module `learning` (on sys.path, so worker processes, which
+# receive the parent's sys.path, can unpickle learning.run_one under fork and spawn alike)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import learning  # noqa: E402
 
 SEEDS = [1, 2, 3, 4, 5]
 

@@ -1,0 +1,54 @@
+"""Smoke test of the peer benchmarks (issue 4): every script runs end to end with tiny budgets and
+``--no-peer`` (CI has no peers' venv; nothing is installed), writing its results to a temporary folder.
+The full runs are documented in BENCHMARKS_PERF.md and are not part of CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, args: list[str], out: Path) -> None:
+    env = dict(os.environ, PROXRL_BENCH_RESULTS=str(out))
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cartpole_solve_smoke(tmp_path: Path) -> None:
+    _run("cartpole_solve.py", ["--no-peer", "--seeds", "1", "--budget", "512", "--eval-every", "256",
+                               "--episodes", "2", "--threshold", "5", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "cartpole_solve-smoke.json").read_text())
+    run = data["runs"]["proxrl"][0]
+    assert run["curve"] and run["solved"] is not None and run["solved"]["steps"] == 256
+    assert (tmp_path / "cartpole_solve-smoke.md").exists()
+
+
+def test_throughput_smoke(tmp_path: Path) -> None:
+    _run("throughput.py", ["--no-peer", "--reps", "1", "--steps", "1024", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "throughput-smoke.json").read_text())
+    assert data["runs"]["proxrl"][0]["steps"] == 1024 and data["summary"]["proxrl"]["median_sps"] > 0
+
+
+def test_ladder_cost_smoke(tmp_path: Path) -> None:
+    _run("ladder_cost.py", ["--reps", "1", "--steps", "1024", "--rungs", "pg", "ppo-clip", "trpo",
+                            "--settings", "same-batch", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "ladder_cost-smoke.json").read_text())
+    s = data["summary"]["same-batch"]
+    assert set(s) == {"pg", "ppo-clip", "trpo"} and s["ppo-clip"]["update_vs_ppo_clip"] == 1.0
+
+
+def test_peer_runs_are_opt_in(tmp_path: Path) -> None:
+    """Without --no-peer and without a peers' venv the scripts stop with the set-up command; never install."""
+    env = dict(os.environ, PROXRL_BENCH_RESULTS=str(tmp_path), PROXRL_PEERS_VENV=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--reps", "1", "--steps", "512"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0 and "setup_peers.sh" in proc.stderr
+    assert not (tmp_path / "none").exists()

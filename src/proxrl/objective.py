@@ -55,7 +55,7 @@ def normalize_advantages(adv: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, *,
                    clip_coef: float = 0.2, beta: float = 0.0, kl: Optional[Tensor] = None,
-                   agg: str = "token-mean") -> tuple[Tensor, dict[str, Tensor]]:
+                   agg: str = "token-mean", ratio_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of a rung plus its diagnostics (all detached scalars).
 
     ``kl`` is the per-step KL(π_old‖π_θ) used by the penalty (exact on the gym path, k3 on tokens).
@@ -78,13 +78,12 @@ def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, 
     else:
         raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
     with torch.no_grad():
-        ratio = torch.exp(log_ratio.clamp(-20, 20))
-        m = mask.bool()
-        stats = {
-            "approx_kl": core.masked_mean(core.kl_k3(logp_old, logp), mask),
-            "ratio_mean": core.masked_mean(ratio, mask),
-            "ratio_max": ratio[m].max() if m.any() else torch.tensor(1.0),
-        }
+        stats = {"approx_kl": core.masked_mean(core.kl_k3(logp_old, logp), mask)}
+        if ratio_stats:  # ``ratio_stats=False`` (gym minibatch loop, which discards them) skips ratio_mean/max
+            ratio = torch.exp(log_ratio.clamp(-20, 20))
+            m = mask.bool()
+            stats["ratio_mean"] = core.masked_mean(ratio, mask)
+            stats["ratio_max"] = ratio[m].max() if m.any() else torch.tensor(1.0)
         if clip_fraction is not None:
             stats["clip_fraction"] = clip_fraction
     return loss, stats

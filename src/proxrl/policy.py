@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.distributions import Categorical, Independent, Normal
 
 
@@ -23,6 +24,42 @@ def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+class _Categorical(Categorical):
+    """``Categorical(logits=..., validate_args=False)`` with the per-call Python overhead removed: the same
+    normalised logits, samples (same RNG draws) and log-probs bit for bit, and still a ``Categorical`` for
+    ``kl_divergence``, ``entropy`` and ``probs``. Hot on the gym path: once per env step and per minibatch."""
+
+    def __init__(self, logits: Tensor):  # noqa: D107 - skips Distribution.__init__'s shape checks
+        self.logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+        self._param = self.logits
+        self._num_events = logits.shape[-1]
+        self._batch_shape = logits.shape[:-1]
+        self._event_shape = torch.Size()
+        self._validate_args = False
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.logits.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        if sample_shape:
+            return super().sample(sample_shape)
+        probs_2d = torch.softmax(self.logits, dim=-1).reshape(-1, self._num_events)
+        return torch.multinomial(probs_2d, 1, True).T.reshape(self._batch_shape)
+
+
+_ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}
+
+
+def forward_mlp(net: nn.Sequential, x: Tensor) -> Tensor:
+    """``net(x)`` for an :func:`mlp` without nn.Module call overhead (identical ops, identical result)."""
+    for layer in net:
+        if type(layer) is nn.Linear:
+            x = F.linear(x, layer.weight, layer.bias)
+        else:
+            x = _ACTIVATIONS[type(layer)](x)
+    return x
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str, out_gain: float) -> nn.Sequential:
@@ -94,9 +131,9 @@ class ActorCritic(nn.Module):
 
     def dist(self, obs: Tensor):
         """The action distribution at ``obs`` [..., obs_dim]; ``log_prob`` is summed over action dims."""
-        out = self.actor(obs)
+        out = forward_mlp(self.actor, obs)
         if self.kind == "discrete":
-            return Categorical(logits=out, validate_args=False)
+            return _Categorical(out)
         if self.kind == "multidiscrete":
             return MultiCategorical(out, self.nvec)
         std = self.log_std.exp().expand_as(out)
@@ -105,7 +142,7 @@ class ActorCritic(nn.Module):
     def value(self, obs: Tensor) -> Tensor:
         if self.critic is None:
             raise RuntimeError("this rung has no critic")
-        return self.critic(obs).squeeze(-1)
+        return forward_mlp(self.critic, obs).squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:

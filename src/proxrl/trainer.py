@@ -145,13 +145,17 @@ def _resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     return apply(TrainConfig(), saved, "checkpoint"), tensors, state
 
 
-def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callable] = None, **fields: Any) -> RunResult:
+def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callable] = None,
+          callback: Optional[Callable[[dict, "Agent"], Optional[bool]]] = None, **fields: Any) -> RunResult:
     """Train one rung on one environment; the same fields as ``proxrl train``.
 
     ``proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=50_000, seed=1)``. Pass ``env_factory`` (a
     callable returning a ``gymnasium.Env``) for custom environments; ``env`` then only names it.
     ``resume=DIR`` continues a run from its latest checkpoint: the result is bit-identical to a run that
-    was never interrupted. Returns the run directory, the resolved config and the metrics lines.
+    was never interrupted. ``callback(line, agent)`` is called after every update with its metrics line
+    and the current policy as an :class:`Agent`; returning True ends the run there (a checkpoint is written),
+    e.g. to stop once an evaluation reaches a threshold. Returns the run directory, the resolved config and
+    the metrics lines.
     """
     if config is None:
         config, _ = resolve(fields)
@@ -237,18 +241,27 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                         if isinstance(v, (int, float)) and not isinstance(v, bool):
                             tb.add_scalar(k, v, runner.global_step)
                 progress.update(line)
-                last = update == cfg.num_updates
+                done = callback is not None and bool(callback(line, _live_agent(policy, cfg, runner, envs)))
+                last = update == cfg.num_updates or done
                 if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
                     os.fsync(log.fileno())
                     save_run(run_dir, runner, policy, cfg, update, actor_opt, critic_opt, beta, elapsed)
                 if stop.signum is not None and not last:
                     raise RunInterrupted(stop.signum, run_dir, update)
+                if done:
+                    break
     finally:
         progress.close()
         envs.close()
         if tb is not None:
             tb.close()
     return RunResult(run_dir, cfg, metrics)
+
+
+def _live_agent(policy: ActorCritic, cfg: TrainConfig, runner: Runner, envs) -> "Agent":
+    """The policy being trained, acting on raw observations with the current normaliser statistics."""
+    rms = runner.obs_norm.rms if runner.obs_norm is not None else None
+    return Agent(policy, cfg, rms, cfg.clip_obs, envs.single_action_space)
 
 
 def _check_params(policy: ActorCritic, update: int) -> None:

@@ -101,23 +101,27 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     params = actor_params + (list(policy.critic.parameters()) if joint_critic else [])
     policy_losses, value_losses, clip_fracs, first_dev = [], [], [], None
     stopped_early = False
+    ones_by_len: dict[int, Tensor] = {}  # the all-ones mask of each minibatch size, built once
     for epoch in range(cfg.update_epochs):
         for idx in _minibatches(n, cfg.num_minibatches):
-            ones = torch.ones(len(idx), device=adv.device)
-            dist = policy.dist(obs[idx])
+            ones = ones_by_len.get(len(idx))
+            if ones is None:
+                ones = ones_by_len[len(idx)] = torch.ones(len(idx), device=adv.device)
+            mb_obs = obs[idx]  # gathered once for the actor and the critic
+            dist = policy.dist(mb_obs)
             logp = dist.log_prob(act[idx])
             mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
             kl = None
             if need_kl:
                 kl = core.exact_kl(_dist_from(policy, old_out[idx], old_log_std), dist)
             loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
-                                      beta=beta, kl=kl)
+                                      beta=beta, kl=kl, ratio_stats=False)
             if first_dev is None:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
                 first_dev = float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max())
             if cfg.ent_coef > 0:
                 loss = loss - cfg.ent_coef * dist.entropy().mean()
             if joint_critic:
-                v_loss = core.value_loss(policy.value(obs[idx]), ret[idx], flat.values[idx, 0],
+                v_loss = core.value_loss(policy.value(mb_obs), ret[idx], flat.values[idx, 0],
                                          cfg.clip_coef if cfg.clip_vloss else None)
                 loss = loss + cfg.vf_coef * v_loss
                 value_losses.append(v_loss.detach())

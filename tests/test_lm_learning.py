@@ -20,7 +20,7 @@ def share_of_letters(prompts, responses):
 def test_ppo_raises_a_checkable_reward_within_minutes(tmp_path):
     from proxrl.lm.config import PPOConfig
     from proxrl.lm.data import write_jsonl
-    from proxrl.lm.ppo import ppo
+    from proxrl.lm.ppo_trainer import ppo
     from proxrl.lm.tiny import make_tiny
 
     model = make_tiny(tmp_path / "m", hidden=64, seed=1)

@@ -13,7 +13,7 @@ import torch
 from proxrl.errors import NumericsError
 from proxrl.lm.config import PPOConfig
 from proxrl.lm.model import build_policy
-from proxrl.lm.ppo import PPOTrainer, Rollout
+from proxrl.lm.ppo_trainer import PPOTrainer, Rollout
 from proxrl.lm.tiny import make_tiny
 
 

@@ -15,7 +15,7 @@ from proxrl import core, objective
 from proxrl.batch import Batch
 from proxrl.lm.config import PPOConfig
 from proxrl.lm.model import build_policy, left_pad
-from proxrl.lm.ppo import (PPOTrainer, apply_missing_eos_penalty, micro_weight, token_batch, token_rewards,
+from proxrl.lm.ppo_trainer import (PPOTrainer, apply_missing_eos_penalty, micro_weight, token_batch, token_rewards,
                            truncate_at_stop)
 from proxrl.lm.tiny import make_tiny
 

@@ -59,8 +59,8 @@ def test_reward_model_learns_a_separable_preference_and_normalises(tiny, tmp_pat
 
 
 def test_sft_then_ppo_from_the_sft_run(tiny, tmp_path):
-    from proxrl.lm.sft import sft
-    from proxrl.lm.ppo import ppo
+    from proxrl.lm.sft_trainer import sft
+    from proxrl.lm.ppo_trainer import ppo
     write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"q{i}", "response": "ab", "extra": 1} for i in range(8)])
     s = sft(SFTConfig(model=tiny, data=str(tmp_path / "demos.jsonl"), out=str(tmp_path / "sft"), epochs=20,
                       batch_size=8, micro_batch_size=3, lr=1e-2, finetune="full"), log=lambda *_: None)
@@ -102,7 +102,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
 
 
 def test_reward_function_errors(tiny, tmp_path):
-    from proxrl.lm.ppo import load_reward_fn
+    from proxrl.lm.ppo_trainer import load_reward_fn
     from proxrl.errors import ConfigError
     with pytest.raises(ConfigError, match="cannot import"):
         load_reward_fn("no_such_module_xyz:f")

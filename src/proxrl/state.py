@@ -1,5 +1,5 @@
 """Run state shared by the gym trainer and the RLHF stages, in checkpoint form: tensors for safetensors,
-everything else JSON-able (no pickle). Used by :func:`proxrl.trainer.save_run` and :func:`proxrl.lm.ppo.ppo`."""
+everything else JSON-able (no pickle). Used by :func:`proxrl.trainer.save_run` and :func:`proxrl.lm.ppo_trainer.ppo`."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from .config import DemoConfig, ModelOptions, PPOConfig, RMConfig, SFTConfig
 
 
 def sft(config: SFTConfig, **kwargs) -> dict:
-    """Supervised fine-tuning; see :func:`proxrl.lm.sft.sft`."""
-    from .sft import sft as _sft
+    """Supervised fine-tuning; see :func:`proxrl.lm.sft_trainer.sft`."""
+    from .sft_trainer import sft as _sft
 
     return _sft(config, **kwargs)
 
@@ -26,21 +26,21 @@ def reward_model(config: RMConfig, **kwargs) -> dict:
 
 def ppo(config: PPOConfig, reward=None, **kwargs) -> dict:
     """PPO against a reward-model directory or a Python function ``(prompts, responses) -> floats``."""
-    from .ppo import ppo as _ppo
+    from .ppo_trainer import ppo as _ppo
 
     return _ppo(config, reward=reward, **kwargs)
 
 
 def demo(config: DemoConfig | None = None, **kwargs) -> dict:
     """The offline pipeline on SmolLM2-135M-Instruct with the VADER sentiment reward."""
-    from .demo import demo as _demo
+    from .demo_pipeline import demo as _demo
 
     return _demo(config or DemoConfig(), **kwargs)
 
 
 def __getattr__(name):
     if name in ("PPOTrainer", "Rollout"):
-        from . import ppo as _ppo_mod
+        from . import ppo_trainer as _ppo_mod
 
         return getattr(_ppo_mod, name)
     if name in ("LMPolicy", "RewardModel", "build_policy", "load_reward_model"):

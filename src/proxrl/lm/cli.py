@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = tyro_cli(commands[cmd], args=rest, prog=f"proxrl rlhf {cmd}")
         if cmd == "sft":
-            from .sft import sft
+            from .sft_trainer import sft
             sft(cfg)
         elif cmd == "rm":
             from .rm import reward_model
             reward_model(cfg)
         elif cmd == "ppo":
-            from .ppo import ppo
+            from .ppo_trainer import ppo
             ppo(cfg)
         else:
-            from .demo import demo
+            from .demo_pipeline import demo
             demo(cfg)
     except ProxrlError as e:
         if hasattr(e, "exit_code"):  # PPOInterrupted: SIGINT/SIGTERM, checkpoint written → 130/143

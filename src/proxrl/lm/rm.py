@@ -20,7 +20,7 @@ from .common import Timer, shuffled_chunks
 from .config import RMConfig
 from .data import RM_FIELDS, read_jsonl
 from .model import build_reward_model, encode_prompt, left_pad, use_chat_template
-from .ppo import RunWriter, run_dir_config
+from .ppo_trainer import RunWriter, run_dir_config
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:

@@ -230,7 +230,7 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy: Optional[LMPolicy] = None,
                  reward: str | RewardFn | RewardModel | None = None):
-        config.validate() if (policy is None or reward is None) else None
+        config.validate(need_policy=policy is None, need_reward=reward is None)
         self.cfg = cfg = config
         self.policy = policy if policy is not None else build_policy(cfg.policy, cfg, cfg.critic)
         tok = self.policy.tokenizer

@@ -19,7 +19,7 @@ from .config import SFTConfig
 from .data import SFT_FIELDS, read_jsonl
 from .model import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, forward, freeze, left_pad,
                     load_causal_lm, load_tokenizer, stop_token_ids, use_chat_template)
-from .ppo import RunWriter, run_dir_config
+from .ppo_trainer import RunWriter, run_dir_config
 
 
 def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):

@@ -125,7 +125,7 @@ def _print_table(rows: list[dict], title: str, log) -> None:
 def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns (and writes to ``out/summary.json``) reward before/after, kl_ref, wall time."""
     from .model import DTYPES, build_policy
-    from .ppo import PPOTrainer, ppo
+    from .ppo_trainer import PPOTrainer, ppo
     from .rm import reward_model
 
     t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     # the classic positive-continuation task of Ziegler et al.; short prompts keep the 2-core budget
     prompts = openings
     if cfg.quick:
-        from .sft import sft
+        from .sft_trainer import sft
         from .tiny import make_tiny
 
         policy_spec = str(make_tiny(out / "tiny-model", seed=cfg.seed))
@@ -154,7 +154,7 @@ def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         model_opts = dict(finetune="lora", lora_r=8, lora_alpha=16.0, lora_target="all-linear", chat_template="off")
         updates, batch, resp_len, n_eval = cfg.updates, cfg.batch_size, cfg.response_length, cfg.eval_prompts
     write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    ppo_cfg = PPOConfig(policy=policy_spec, reward="proxrl.lm.demo:vader_reward", prompts=str(out / "prompts.jsonl"),
+    ppo_cfg = PPOConfig(policy=policy_spec, reward="proxrl.lm.demo_pipeline:vader_reward", prompts=str(out / "prompts.jsonl"),
                         out=str(out / "ppo"), updates=updates, batch_size=batch, num_minibatches=2,
                         micro_batch_size=max(batch // 2, 1), update_epochs=2, response_length=resp_len,
                         temperature=0.7, lr=cfg.lr, kl_coef=cfg.kl_coef, target_kl_ref=2.0, kl_horizon=200,
@@ -199,7 +199,7 @@ def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         # the RM-trained policy, loaded from its run directory, measured with VADER on the held-out prompts
         vader_eval = PPOTrainer(replace(rm_cfg, policy=str(out / "ppo-rm"), finetune="full", out=str(out / "unused")),
                                 reward=vader_reward)
-        from .ppo import split_prompts
+        from .ppo_trainer import split_prompts
         _, eval_prompts = split_prompts(prompts, n_eval, cfg.seed)
         after = vader_eval.evaluate(eval_prompts)
         del vader_eval

@@ -19,7 +19,7 @@ from proxrl.objective import estimate_advantages
 from proxrl.policy import ActorCritic
 from proxrl.rollout import Runner
 from proxrl.rungs import RUNGS
-from proxrl.update import post_update_diagnostics, sgd_update, snapshot_actor, trust_region_update
+from proxrl.update import post_update_diagnostics, sgd_update, trust_region_update
 
 torch.set_num_threads(1)
 
@@ -121,7 +121,7 @@ def test_ratio_is_exactly_one_on_first_minibatch(algo):
     policy, flat, rung = _flat_batch(cfg)
     actor_opt = torch.optim.Adam(policy.actor_parameters(), lr=1e-3)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3) if policy.critic is not None else None
-    stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, cfg.beta_init, 1)
+    stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, cfg.beta_init, 1, policy.snapshot(flat.obs[:, 0]))
     assert stats["ratio_first_dev"] == 0.0
 
 
@@ -131,9 +131,9 @@ def test_trust_region_step_respects_kl(algo, env):
                       "max_kl": 0.01})
     policy, flat, rung = _flat_batch(cfg, env)
     critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3)
-    old = snapshot_actor(policy, flat.obs[:, 0])
+    old = policy.snapshot(flat.obs[:, 0])
     theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
-    stats = trust_region_update(policy, critic_opt, flat, rung, cfg, 1)
+    stats = trust_region_update(policy, critic_opt, flat, rung, cfg, 1, old)
     diag = post_update_diagnostics(policy, flat, old)
     moved = not torch.equal(theta0, torch.nn.utils.parameters_to_vector(policy.actor_parameters()))
     assert stats["ls_accepted"] and moved
@@ -155,7 +155,7 @@ def test_rejected_line_search_restores_parameters(monkeypatch):
 
     monkeypatch.setattr(core, "backtracking_line_search", reject_all)
     theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
-    stats = trust_region_update(policy, torch.optim.Adam(policy.critic.parameters()), flat, rung, cfg, 1)
+    stats = trust_region_update(policy, torch.optim.Adam(policy.critic.parameters()), flat, rung, cfg, 1, policy.snapshot(flat.obs[:, 0]))
     assert not stats["ls_accepted"] and len(tried) == 2
     assert torch.equal(theta0, torch.nn.utils.parameters_to_vector(policy.actor_parameters()))
 

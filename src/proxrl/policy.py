@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -131,13 +131,22 @@ class ActorCritic(nn.Module):
 
     def dist(self, obs: Tensor):
         """The action distribution at ``obs`` [..., obs_dim]; ``log_prob`` is summed over action dims."""
-        out = forward_mlp(self.actor, obs)
+        return self.distribution(forward_mlp(self.actor, obs), self.log_std if self.kind == "continuous" else None)
+
+    def distribution(self, out: Tensor, log_std: Optional[Tensor] = None):
+        """The distribution for actor outputs ``out`` (and, for Gaussians, ``log_std``): the one place that
+        builds it, for the live policy and for a :meth:`snapshot` of π_old alike."""
         if self.kind == "discrete":
             return _Categorical(out)
         if self.kind == "multidiscrete":
             return MultiCategorical(out, self.nvec)
-        std = self.log_std.exp().expand_as(out)
-        return Independent(Normal(out, std, validate_args=False), 1, validate_args=False)
+        return Independent(Normal(out, log_std.exp().expand_as(out), validate_args=False), 1, validate_args=False)
+
+    @torch.no_grad()
+    def snapshot(self, obs: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """π_old at ``obs``, frozen: ``self.distribution(*snapshot)`` is its distribution after θ moves."""
+        log_std = self.log_std.detach().clone() if self.kind == "continuous" else None
+        return forward_mlp(self.actor, obs), log_std
 
     def value(self, obs: Tensor) -> Tensor:
         if self.critic is None:

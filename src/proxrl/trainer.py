@@ -26,7 +26,7 @@ from .policy import ActorCritic
 from .rollout import Runner
 from .rungs import RUNGS
 from .state import load_optimizer_state as _load_optimizer_state, optimizer_state as _optimizer_state
-from .update import post_update_diagnostics, sgd_update, snapshot_actor, trust_region_update
+from .update import post_update_diagnostics, sgd_update, trust_region_update
 
 #: Every metrics.jsonl line has these keys (null where a rung has no such quantity).
 METRICS = {
@@ -203,14 +203,14 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 batch, episodes = runner.collect(cfg.num_steps)
                 batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
                 flat = batch.flatten_valid()  # [N, 1]: independent samples, autoreset steps dropped
-                old = snapshot_actor(policy, flat.obs[:, 0])
+                old = policy.snapshot(flat.obs[:, 0])  # π_old, taken once: penalty, trust region and diagnostics
                 backup = _backup(policy, actor_opt, critic_opt) if cfg.on_nonfinite == "skip" else None
                 line = {k: None for k in METRICS}
                 try:
                     if rung.update == "trust-region":
-                        stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update)
+                        stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update, old)
                     else:
-                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update)
+                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update, old)
                     diag = post_update_diagnostics(policy, flat, old)
                     _check_params(policy, update)
                 except NumericsError as e:
@@ -357,14 +357,20 @@ class Agent:
 
     def __init__(self, policy: ActorCritic, config: TrainConfig, obs_rms=None, clip_obs: float = 10.0, act_space=None):
         self.policy, self.config, self.obs_rms, self.clip_obs, self.act_space = policy, config, obs_rms, clip_obs, act_space
+        self._normalize = None
+        if obs_rms is not None:  # the training-time normaliser, frozen (never updated while acting)
+            from .envs import ObsNormalizer
+
+            self._normalize = ObsNormalizer(obs_rms.mean.shape, clip_obs)
+            self._normalize.rms = obs_rms
 
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Actions for a batch of observations ``[n, *obs_shape]`` (or one observation)."""
         obs = np.asarray(obs, np.float32)
         single = obs.size == self.policy_obs_dim
         x = obs.reshape(1 if single else obs.shape[0], -1)
-        if self.obs_rms is not None:
-            x = np.clip((x - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -self.clip_obs, self.clip_obs)
+        if self._normalize is not None:
+            x = self._normalize(x, update=False)
         with torch.no_grad():
             a = self.policy.act(torch.as_tensor(x, dtype=torch.float32), deterministic).numpy()
         if self.policy.kind == "continuous" and self.act_space is not None:

@@ -59,33 +59,10 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
     return float(torch.stack(last).mean())
 
 
-def snapshot_actor(policy: ActorCritic, obs: Tensor):
-    return _old_actor_output(policy, obs)
-
-
-def _old_actor_output(policy: ActorCritic, obs: Tensor):
-    """Snapshot of π_old's distribution at ``obs`` (for exact KL against it)."""
-    with torch.no_grad():
-        out = policy.actor(obs)
-        log_std = policy.log_std.detach().clone() if policy.kind == "continuous" else None
-    return out, log_std
-
-
-def _dist_from(policy: ActorCritic, out: Tensor, log_std: Optional[Tensor]):
-    from torch.distributions import Categorical, Independent, Normal
-
-    from .policy import MultiCategorical
-
-    if policy.kind == "discrete":
-        return Categorical(logits=out, validate_args=False)
-    if policy.kind == "multidiscrete":
-        return MultiCategorical(out, policy.nvec)
-    return Independent(Normal(out, log_std.exp().expand_as(out), validate_args=False), 1, validate_args=False)
-
-
 def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt: Optional[torch.optim.Optimizer],
-               flat: Batch, rung: Rung, cfg, beta: float, update: int) -> dict[str, float]:
-    """``update_epochs`` × ``num_minibatches`` optimizer steps of the rung's surrogate.
+               flat: Batch, rung: Rung, cfg, beta: float, update: int, old) -> dict[str, float]:
+    """``update_epochs`` × ``num_minibatches`` optimizer steps of the rung's surrogate. ``old`` is
+    ``policy.snapshot(obs)`` taken before the update (π_old, for the exact KL of the penalty).
 
     Rungs 4–6 train the critic in the same steps (loss + vf_coef·value loss); rungs 1–3 take their policy
     step(s) first and then fit the critic separately for ``critic_epochs``.
@@ -95,8 +72,7 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     n = len(adv)
     joint_critic = policy.critic is not None and rung.surrogate != "vanilla"
     need_kl = rung.surrogate == "kl-penalty"
-    if need_kl:
-        old_out, old_log_std = _old_actor_output(policy, obs)
+    old_out, old_log_std = old
     actor_params = policy.actor_parameters()
     params = actor_params + (list(policy.critic.parameters()) if joint_critic else [])
     policy_losses, value_losses, clip_fracs, first_dev = [], [], [], None
@@ -113,7 +89,7 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
             mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
             kl = None
             if need_kl:
-                kl = core.exact_kl(_dist_from(policy, old_out[idx], old_log_std), dist)
+                kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist)
             loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
                                       beta=beta, kl=kl, ratio_stats=False)
             if first_dev is None:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
@@ -152,7 +128,7 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
 
 
 def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, flat: Batch, rung: Rung, cfg,
-                        update: int) -> dict[str, float]:
+                        update: int, old) -> dict[str, float]:
     """TRPO (Schulman et al. 2015, arXiv:1502.05477, App. C): s = F⁻¹g by conjugate gradient on
     Fisher-vector products, scaled so ½sᵀFs = δ, then a backtracking line search accepting only a step
     with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG)."""
@@ -160,8 +136,7 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
     ones = torch.ones(len(obs), device=obs.device)
     adv = normalize_advantages(flat.adv[:, 0], ones, cfg.norm_adv)
     params = policy.actor_parameters()
-    old_out, old_log_std = _old_actor_output(policy, obs)
-    old_dist = _dist_from(policy, old_out, old_log_std)
+    old_dist = policy.distribution(*old)  # π_old: ``old`` = policy.snapshot(obs) taken before the update
 
     def surrogate() -> Tensor:  # J(θ) = E[ratio·A], to maximise
         logp = policy.dist(obs).log_prob(act)
@@ -224,6 +199,6 @@ def post_update_diagnostics(policy: ActorCritic, flat: Batch, old=None) -> dict[
         "ess": float(core.effective_sample_size(log_w)),
         "entropy": float(dist.entropy().mean()),
     }
-    if old is not None:  # exact KL(π_old‖π) from a snapshot taken by snapshot_actor() before the update
-        out["kl_old_exact"] = float(core.exact_kl(_dist_from(policy, *old), dist).mean())
+    if old is not None:  # exact KL(π_old‖π) from policy.snapshot() taken before the update
+        out["kl_old_exact"] = float(core.exact_kl(policy.distribution(*old), dist).mean())
     return out

@@ -51,6 +51,16 @@ class ModelOptions:
         return asdict(self)
 
 
+def _validate_supervised(cfg, data_example: str) -> None:
+    """The checks SFT and the reward model share (same fields, same meaning)."""
+    cfg.validate_model()
+    check(bool(cfg.model), "model", "is required", "pass --model DIR, a hub name or a .gguf file")
+    check(bool(cfg.data), "data", "is required", f"pass --data {data_example}")
+    for name in ("epochs", "batch_size", "micro_batch_size", "max_response_length"):
+        check(getattr(cfg, name) >= 1, name, f"must be ≥ 1, got {getattr(cfg, name)}")
+    check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+
+
 @dataclass
 class SFTConfig(ModelOptions):
     model: str = ""
@@ -73,12 +83,7 @@ class SFTConfig(ModelOptions):
     """global gradient-norm clip"""
 
     def validate(self) -> None:
-        self.validate_model()
-        check(bool(self.model), "model", "is required", "pass --model DIR, a hub name or a .gguf file")
-        check(bool(self.data), "data", "is required", "pass --data demos.jsonl")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_response_length"):
-            check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _validate_supervised(self, "demos.jsonl")
 
 
 @dataclass
@@ -105,13 +110,8 @@ class RMConfig(ModelOptions):
     """global gradient-norm clip"""
 
     def validate(self) -> None:
-        self.validate_model()
-        check(bool(self.model), "model", "is required", "pass --model DIR, a hub name or a .gguf file")
-        check(bool(self.data), "data", "is required", "pass --data prefs.jsonl")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_response_length"):
-            check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
+        _validate_supervised(self, "prefs.jsonl")
         check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass

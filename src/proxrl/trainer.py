@@ -25,7 +25,7 @@ from .objective import estimate_advantages
 from .policy import ActorCritic
 from .rollout import Runner
 from .rungs import RUNGS
-from .state import load_optimizer_state as _load_optimizer_state, optimizer_state as _optimizer_state
+from .state import load_optimizer_state as _load_optimizer_state, optimizer_state as _optimizer_state, rng_state, set_rng_state
 from .update import post_update_diagnostics, sgd_update, trust_region_update
 
 #: Every metrics.jsonl line has these keys (null where a rung has no such quantity).
@@ -299,16 +299,13 @@ def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfi
             opt_meta[name] = m
     env_tensors, env_meta = envstate.get_state(runner.envs)
     tensors.update(env_tensors)
-    tensors["rng/torch"] = torch.get_rng_state()
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
     state = {"format": "proxrl.gym/1", "update": update, "step": runner.global_step, "config": cfg.to_dict(),
              "policy": {"kind": policy.kind, "obs_dim": runner.obs_dim, "act_dim": policy.act_dim,
                         "nvec": list(policy.nvec), "critic": policy.critic is not None},
              "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
-             "env_state": env_meta,
-             "rng": {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                     "python": [py_state[0], list(py_state[1]), py_state[2]]}}
+             "env_state": env_meta, "rng": rng_meta}
     return checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
 
 
@@ -323,11 +320,7 @@ def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runn
                 _load_optimizer_state(opt, name, tensors, state["optimizers"][name])
         runner.load_state(tensors, state["runner"])
         envstate.set_state(runner.envs, tensors, state["env_state"])
-        torch.set_rng_state(tensors["rng/torch"])
-        npst = state["rng"]["numpy"]
-        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
-        pyst = state["rng"]["python"]
-        random.setstate((pyst[0], tuple(pyst[1]), pyst[2]))
+        set_rng_state(tensors, state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
     if state["env_state"].get("unsupported"):

@@ -17,9 +17,8 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 USAGE = """usage: proxrl COMMAND [OPTIONS]
 

@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint
 from .config import TrainConfig, resolve
-from .envs import EnvSpec, make_vec_env
+from .envs import make_vec_env
 from .core import explained_variance, ppo_beta_update
 from .errors import CheckpointError, ConfigError, NumericsError, ProxrlError
 from .objective import estimate_advantages

@@ -124,7 +124,6 @@ def _print_table(rows: list[dict], title: str, log) -> None:
 
 def demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns (and writes to ``out/summary.json``) reward before/after, kl_ref, wall time."""
-    from .model import DTYPES, build_policy
     from .ppo_trainer import PPOTrainer, ppo
     from .rm import reward_model
 

@@ -3,6 +3,7 @@ argv[1] is a JSON task; the last stdout line is the JSON result."""
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import tempfile
@@ -55,6 +56,33 @@ def throughput(task: dict) -> dict:
     return {"steps": steps, "time": wall, "sps": steps / wall, "cpu_time": time.process_time() - cpu0, "final_return": r.final_return}
 
 
+def learn(task: dict) -> dict:
+    """A full training run at the env's preset (e.g. HalfCheetah-v5, 1M steps), then a final deterministic
+    evaluation; the curve is the mean return of the last 10 training rollouts' episodes every ``curve_every`` env steps."""
+    import proxrl
+
+    warm_torch_optim()
+    curve, st, last = [], {"next": 0}, collections.deque(maxlen=10)
+
+    def callback(line, agent):
+        if line["episode_return"] is not None:
+            last.append(line["episode_return"])
+        if line["step"] >= st["next"] and last:
+            curve.append([line["step"], time.perf_counter() - start, sum(last) / len(last)])
+            st["next"] = line["step"] + task["curve_every"]
+        return False
+
+    with tempfile.TemporaryDirectory() as out:
+        start, cpu0 = time.perf_counter(), time.process_time()
+        r = proxrl.train(env=task["env"], algo=task["algo"], steps=task["steps"], seed=task["seed"], out=out,
+                         progress="off", torch_threads=task["threads"], callback=callback)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        agent = proxrl.load(out)
+        ret = evaluate(lambda o: agent.act(o, True), task["env"], task["episodes"])
+    return {"steps": r.metrics[-1]["step"], "time": wall, "cpu_time": cpu, "eval_return": ret,
+            "final_train_return": r.final_return, "curve": curve}
+
+
 if __name__ == "__main__":
     task = json.loads(sys.argv[1])
-    print(json.dumps({"solve": solve, "throughput": throughput}[task["kind"]](task)))
+    print(json.dumps({"solve": solve, "throughput": throughput, "learn": learn}[task["kind"]](task)))

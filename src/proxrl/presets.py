@@ -52,9 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                                     ent_coef=0.000401762, clip_coef=0.1, update_epochs=20, gae_lambda=0.92,
                                     max_grad_norm=0.8, vf_coef=0.58096, log_std_init=-2.0, activation="relu",
                                     hidden=(256, 256), obs_norm=True, reward_norm=True),
-    # zoo (sb3-contrib) trpo.yml HalfCheetah: normalize, 2 envs × 1024, γ 0.99, λ 0.95, 20 critic updates
+    # zoo (sb3-contrib) trpo.yml HalfCheetah: normalize, 2 envs × 1024, γ 0.99, λ 0.95, 20 critic updates of
+    # minibatch 128, 25 CG steps, damping 0.1, target KL 0.04
     "HalfCheetah-v5/trpo": dict(num_envs=2, num_steps=1024, critic_minibatches=16, gamma=0.99, gae_lambda=0.95,
-                                lr=1e-3, critic_epochs=20, max_kl=0.04, obs_norm=True, reward_norm=True),
+                                lr=1e-3, critic_epochs=20, max_kl=0.04, cg_iters=25, cg_damping=0.1,
+                                obs_norm=True, reward_norm=True),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 
 def test_functions_are_not_shadowed_by_submodules():
@@ -27,14 +26,15 @@ def test_stepwise_loop_from_the_readme(tmp_path):
     from proxrl.lm.tiny import make_tiny
 
     model = make_tiny(tmp_path / "tiny")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(8)))
     reward = lambda ps, rs: [r.count("e") / max(1, len(r)) for r in rs]
-    trainer = PPOTrainer(PPOConfig(policy=str(model), prompts=str(prompts), batch_size=8, micro_batch_size=4,
-                                   response_length=8), reward=reward)
+    # the step-wise trainer needs no prompts file: the caller brings the prompts
+    trainer = PPOTrainer(PPOConfig(policy=str(model), batch_size=8, micro_batch_size=4, response_length=8),
+                         reward=reward)
     rollout = trainer.generate([f"hello {i}" for i in range(8)])
     scores = trainer.score(rollout)
     metrics = trainer.step(rollout, scores)
     for key in ("reward_mean", "kl_ref", "beta", "approx_kl", "clip_fraction", "value_loss", "entropy"):
         assert key in metrics
+    assert 0 < metrics["forward_time"] < metrics["update_time"]
+    assert abs(metrics["forward_time"] + metrics["train_time"] - metrics["update_time"]) < 1e-9
     assert metrics["approx_kl"] >= 0

@@ -1,6 +1,6 @@
 """Smoke test of the peer benchmarks (issue 4): every script runs end to end with tiny budgets and
 ``--no-peer`` (CI has no peers' venv; nothing is installed), writing its results to a temporary folder.
-The full runs are documented in BENCHMARKS_PERF.md and are not part of CI."""
+The full runs are documented in BENCHMARKS.md and are not part of CI."""
 
 from __future__ import annotations
 
@@ -43,6 +43,33 @@ def test_ladder_cost_smoke(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "ladder_cost-smoke.json").read_text())
     s = data["summary"]["same-batch"]
     assert set(s) == {"pg", "ppo-clip", "trpo"} and s["ppo-clip"]["update_vs_ppo_clip"] == 1.0
+
+
+def test_learning_comparison_smoke(tmp_path: Path) -> None:
+    """benchmarks/halfcheetah.py end to end on CartPole (CI has no MuJoCo), then --resume
+    keeps the finished runs and adds only the missing ones."""
+    args = ["--no-peer", "--env", "CartPole-v1", "--steps", "1024", "--seeds", "1", "--episodes", "2",
+            "--curve-every", "256", "--tag", "smoke", "--jobs", "1"]
+    _run("halfcheetah.py", args, tmp_path)
+    data = json.loads((tmp_path / "halfcheetah-smoke.json").read_text())
+    assert set(data["runs"]) == {"proxrl-ppo-clip", "proxrl-trpo"}
+    run = data["runs"]["proxrl-ppo-clip"][0]
+    assert run["steps"] == 1024 and run["eval_return"] > 0 and "error" not in run
+    _run("halfcheetah.py", args[:6] + ["2"] + args[7:] + ["--resume"], tmp_path)
+    data = json.loads((tmp_path / "halfcheetah-smoke.json").read_text())
+    assert sorted(r["seed"] for r in data["runs"]["proxrl-trpo"]) == [1, 2]
+    assert data["runs"]["proxrl-ppo-clip"][0] == run  # kept, not re-run
+    assert len(data["commands"]) == 2
+
+
+def test_rlhf_update_timing_smoke(tmp_path: Path) -> None:
+    _run("rlhf_vs_trl.py", ["--no-peer", "--reps", "1", "--updates", "2", "--batch-size", "8",
+                            "--response-length", "4", "--epochs", "1", "--num-minibatches", "2",
+                            "--micro-batch-size", "4", "--threads", "1", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "rlhf_vs_trl-smoke.json").read_text())
+    r = data["runs"]["proxrl"][0]
+    assert len(r["update_times"]) == 2 and all(g < u for g, u in zip(r["generation_times"], r["update_times"]))
+    assert data["summary"]["proxrl"]["median_update"] > 0
 
 
 def test_peer_runs_are_opt_in(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from proxrl import checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-WALL = ("time", "tokens_per_s", "update_time")
+WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time")
 UPDATES = 8
 REWARD = '''
 import os, random, time

@@ -83,6 +83,48 @@ def learn(task: dict) -> dict:
             "final_train_return": r.final_return, "curve": curve}
 
 
+def rlhf_update(task: dict) -> dict:
+    """Time PPO updates (generate → score → step) of a tiny GPT-2 policy, fully fine-tuned, with a separate
+    value model and a reward model (a GPT-2 trunk with a scalar head), configured like the TRL side."""
+    from proxrl.lm import PPOTrainer
+    from proxrl.lm.config import ModelOptions, PPOConfig
+    from proxrl.lm.model import build_reward_model, freeze
+
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
+    warm_torch_optim()
+    cfg = PPOConfig(policy=task["policy"], finetune="full", critic="separate", chat_template="off",
+                    batch_size=task["batch_size"], num_minibatches=task["num_minibatches"],
+                    micro_batch_size=task["micro_batch_size"], update_epochs=task["epochs"],
+                    response_length=task["response_length"], temperature=task["temperature"], lr=task["lr"],
+                    kl_coef=task["kl_coef"], adaptive_kl=False, missing_eos_penalty=1.0, seed=task["seed"],
+                    max_prompt_length=512)
+    rm = freeze(build_reward_model(task["policy"], ModelOptions(finetune="full", chat_template="off",
+                                                                 seed=task["seed"] + 1)))
+    trainer = PPOTrainer(cfg, reward=rm)
+    prompts, B = task["prompts"], task["batch_size"]
+    times, gen, fwd, train, cpu = [], [], [], [], []
+    for u in range(task["updates"]):
+        batch = [prompts[(u * B + i) % len(prompts)] for i in range(B)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        rollout = trainer.generate(batch)
+        t1 = time.perf_counter()
+        m = trainer.step(rollout, trainer.score(rollout))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        gen.append(t1 - t0)
+        fwd.append(m["forward_time"])
+        train.append(m["train_time"])
+    import statistics
+
+    import transformers
+
+    return {"update_times": times, "generation_times": gen, "forward_times": fwd, "train_times": train,
+            "cpu_times": cpu, "median_update_excl_first": statistics.median(times[1:] or times),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 if __name__ == "__main__":
     task = json.loads(sys.argv[1])
-    print(json.dumps({"solve": solve, "throughput": throughput, "learn": learn}[task["kind"]](task)))
+    kinds = {"solve": solve, "throughput": throughput, "learn": learn, "rlhf_update": rlhf_update}
+    print(json.dumps(kinds[task["kind"]](task)))

@@ -198,12 +198,13 @@ class PPOConfig(ModelOptions):
     optimizer restored, logged in metrics.jsonl as 'skipped' and on stderr). A reward function returning
     NaN/inf is always an error"""
 
-    def validate(self, need_policy: bool = True, need_reward: bool = True) -> None:
-        """``need_policy``/``need_reward`` = False when the Python API passes those objects directly."""
+    def validate(self, need_policy: bool = True, need_reward: bool = True, need_prompts: bool = True) -> None:
+        """``need_policy``/``need_reward`` = False when the Python API passes those objects directly;
+        ``need_prompts`` = False for the step-wise :class:`PPOTrainer`, whose caller brings the prompts."""
         self.validate_model()
         check(not need_policy or bool(self.policy), "policy", "is required", "pass --policy DIR, a hub name or a .gguf file")
         check(not need_reward or bool(self.reward), "reward", "is required", "pass --reward RM_DIR or --reward module:function")
-        check(bool(self.prompts), "prompts", "is required", "pass --prompts prompts.jsonl")
+        check(not need_prompts or bool(self.prompts), "prompts", "is required", "pass --prompts prompts.jsonl")
         for name in ("updates", "batch_size", "num_minibatches", "micro_batch_size", "update_epochs",
                      "response_length", "kl_horizon"):
             check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")

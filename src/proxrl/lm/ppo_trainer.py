@@ -230,7 +230,7 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy: Optional[LMPolicy] = None,
                  reward: str | RewardFn | RewardModel | None = None):
-        config.validate(need_policy=policy is None, need_reward=reward is None)
+        config.validate(need_policy=policy is None, need_reward=reward is None, need_prompts=False)
         self.cfg = cfg = config
         self.policy = policy if policy is not None else build_policy(cfg.policy, cfg, cfg.critic)
         tok = self.policy.tokenizer
@@ -407,6 +407,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         batch, stats = self.make_batch(rollout, scores)
+        t_forward = time.perf_counter() - t0
         ids, mask = rollout.ids.to(cfg.device), rollout.mask.to(cfg.device)
         B = len(rollout)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -442,7 +443,7 @@ class PPOTrainer:
         return {"step": self.step_count, **stats, "beta": beta_used, "beta_next": self.kl_coef,
                 "penalty_beta": self.penalty_beta, **metrics,
                 "explained_variance": ev if math.isfinite(ev) else None,  # None: the returns have no variance
-                "skipped": None, "update_time": dt}
+                "skipped": None, "update_time": dt, "forward_time": t_forward, "train_time": dt - t_forward}
 
     # ---- evaluation and state
     def evaluate(self, prompts: Sequence[str], seed: int = 12345) -> dict:
@@ -665,9 +666,12 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None, l
                 batch_prompts.append(train_prompts[order[cursor]])
                 cursor += 1
             rollout = trainer.generate(batch_prompts)
+            t_gen = time.perf_counter() - t0
             scores = trainer.score(rollout)
+            t_score = time.perf_counter() - t0 - t_gen
             m = trainer.step(rollout, scores)
             dt = time.perf_counter() - t0
+            m["generate_time"], m["score_time"] = t_gen, t_score
             m["tokens_per_s"] = float(rollout.response_mask.sum()) / dt
             m["time"] = time.perf_counter() - t_start
             for k, v in m.items():

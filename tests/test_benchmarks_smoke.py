@@ -72,6 +72,16 @@ def test_rlhf_update_timing_smoke(tmp_path: Path) -> None:
     assert data["summary"]["proxrl"]["median_update"] > 0
 
 
+def test_lm_flops_smoke(tmp_path: Path) -> None:
+    _run("lm_flops.py", ["--tiny", "--modes", "lora", "--updates", "1", "--batch-size", "4", "--micro-batch-size", "2",
+                         "--response-length", "4", "--peak-n", "256", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "lm_flops-smoke.json").read_text())
+    row = data["results"]["lora"]["rows"][-1]
+    # counted FLOPs: training (forward + backward) costs more than the rollout forwards of the same tokens
+    assert row["training"]["flops"] > row["forwards"]["flops"] > 0 and row["generation"]["flops"] > 0
+    assert 0 < data["results"]["lora"]["summary"]["update_total"]["median_fraction"] < 1
+
+
 def test_peer_runs_are_opt_in(tmp_path: Path) -> None:
     """Without --no-peer and without a peers' venv the scripts stop with the set-up command; never install."""
     env = dict(os.environ, PROXRL_BENCH_RESULTS=str(tmp_path), PROXRL_PEERS_VENV=str(tmp_path / "none"))

@@ -72,20 +72,16 @@ class Runner:
         has_critic = self.policy.critic is not None
         obs_buf = torch.empty((T, N, self.obs_dim), device=dev)
         act_buf: Optional[torch.Tensor] = None
-        logp_buf = torch.empty((T, N), device=dev)
-        val_buf = torch.zeros((T, N), device=dev)
         rew = np.empty((T, N), np.float32)
         term = np.empty((T, N), bool)
         trunc = np.empty((T, N), bool)
         mask = np.empty((T, N), bool)
         stats = EpisodeStats()
+        # per step only what the env needs: the actor's forward and a sample. log π_old(a|s) and V(s) of the
+        # whole rollout are one batched forward each after the loop (same weights: nothing trains in between)
         for t in range(T):
             obs = self._policy_obs(self.raw_obs, update=True)
-            dist = self.policy.dist(obs)
-            action = dist.sample()
-            logp_buf[t] = dist.log_prob(action)
-            if has_critic:
-                val_buf[t] = self.policy.value(obs)
+            action = self.policy.dist(obs).sample()
             obs_buf[t] = obs
             if act_buf is None:
                 act_buf = torch.empty((T, *action.shape), dtype=action.dtype, device=dev)
@@ -119,17 +115,19 @@ class Runner:
             self.pending_reset = ended
             self.raw_obs = self._check_obs(raw)
         last_obs = self._policy_obs(self.raw_obs, update=False)
+        obs_nt = obs_buf.transpose(0, 1).contiguous()         # [N, T, obs_dim]
+        act_nt = act_buf.transpose(0, 1).contiguous()         # [N, T, ...]
+        logp_old = self.policy.dist(obs_nt).log_prob(act_nt)  # [N, T]
         next_values = None
         values = None
         if has_critic:
-            last_v = self.policy.value(last_obs)
-            values = val_buf.T.contiguous()  # [N, T]
-            next_values = torch.cat([values[:, 1:], last_v[:, None]], dim=1)
+            values = self.policy.value(torch.cat([obs_nt, last_obs[:, None]], dim=1))  # [N, T+1]
+            values, next_values = values[:, :-1].contiguous(), values[:, 1:].contiguous()
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.T)).to(dev)  # [T, N] → [N, T]
         batch = Batch(
-            obs=obs_buf.transpose(0, 1).contiguous(),           # [N, T, obs_dim]
-            actions=act_buf.transpose(0, 1).contiguous(),       # [N, T, ...]
-            logp_old=logp_buf.T.contiguous(),                   # [N, T]
+            obs=obs_nt,
+            actions=act_nt,
+            logp_old=logp_old,
             rewards=to_t(rew), terminated=to_t(term).float(), truncated=to_t(trunc).float(),
             mask=to_t(mask).float(), values=values, next_values=next_values,
         )

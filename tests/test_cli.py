@@ -27,9 +27,9 @@ def test_train_eval_plot(tmp_path):
     info = json.loads(p.stdout.strip().splitlines()[-1])
     assert info["steps"] == 2048
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["preset"] == "CartPole-v1/ppo-clip" and cfg["num_envs"] == 4 and cfg["num_steps"] == 32
+    assert cfg["preset"] == "CartPole-v1/ppo-clip" and cfg["num_envs"] == 4 and cfg["num_steps"] == 64
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2048 // (4 * 32)
+    assert len(lines) == 2048 // (4 * 64)
     p = run("eval", str(out), "--episodes", "3", "--seed", "1")
     assert p.returncode == 0, p.stderr
     ev = json.loads(p.stdout)

@@ -162,9 +162,9 @@ def test_rejected_line_search_restores_parameters(monkeypatch):
 
 def test_preset_resolution_order():
     cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip"})
-    assert name == "CartPole-v1/ppo-clip" and cfg.num_steps == 32 and cfg.update_epochs == 20
+    assert name == "CartPole-v1/ppo-clip" and cfg.num_steps == 64 and cfg.update_epochs == 4
     cfg, _ = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "update_epochs": 3})
-    assert cfg.update_epochs == 3 and cfg.num_steps == 32  # explicit beats preset, preset beats rung
+    assert cfg.update_epochs == 3 and cfg.num_steps == 64  # explicit beats preset, preset beats rung
     cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "preset": "none"})
     assert name is None and cfg.num_steps == 128 and cfg.preset == "none"
     cfg, name = resolve({"env": "MountainCar-v0", "algo": "pg"})

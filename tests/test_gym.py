@@ -256,3 +256,22 @@ def test_normalisation_statistics_are_saved_and_used(tmp_path):
     agent = proxrl.load(res.run_dir)
     assert agent.obs_rms is not None and agent.obs_rms.count > 1000
     assert not np.allclose(agent.obs_rms.mean, 0)
+
+
+def test_categorical_sampler_is_exact():
+    """The inverse-CDF sampler of the gym path draws each action with its probability (4σ bounds over
+    200k draws), never draws a zero-probability action, and keeps the batch shape and integer dtype."""
+    from proxrl.policy import _Categorical
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf")], [2.0, 0.0, 0.0, 0.0], [-30.0, 0.0, -30.0, -30.0]])
+    d = _Categorical(logits)
+    n = 200_000
+    draws = torch.stack([d.sample() for _ in range(n)])
+    assert draws.dtype == torch.int64 and draws.shape == (n, 3)
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=4).double() / n
+        p = d.probs[row].double()
+        assert torch.all((freq - p).abs() <= 4 * torch.sqrt(p * (1 - p) / n) + 1e-12), (row, freq, p)
+    assert (draws[:, 0] != 3).all()
+    assert _Categorical(torch.randn(3, 5, 2)).sample().shape == (3, 5)

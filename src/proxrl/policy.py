@@ -27,12 +27,14 @@ def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
 
 
 class _Categorical(Categorical):
-    """``Categorical(logits=..., validate_args=False)`` with the per-call Python overhead removed: the same
-    normalised logits, samples (same RNG draws) and log-probs bit for bit, and still a ``Categorical`` for
-    ``kl_divergence``, ``entropy`` and ``probs``. Hot on the gym path: once per env step and per minibatch."""
+    """``Categorical(logits=..., validate_args=False)`` with the per-call overhead removed, and still a
+    ``Categorical`` for ``kl_divergence``, ``entropy`` and ``probs``. Hot on the gym path: once per env step
+    and per minibatch. Normalises with the fused ``log_softmax`` (torch's ``logits − logsumexp`` is six
+    kernels: ~8× slower on rollout-sized batches) and samples by inverting the CDF with one uniform draw per
+    row (exact; ~2× cheaper than ``torch.multinomial`` on rollout-sized batches)."""
 
     def __init__(self, logits: Tensor):  # noqa: D107 - skips Distribution.__init__'s shape checks
-        self.logits = logits - logits.logsumexp(dim=-1, keepdim=True)
+        self.logits = torch.log_softmax(logits, dim=-1)
         self._param = self.logits
         self._num_events = logits.shape[-1]
         self._batch_shape = logits.shape[:-1]
@@ -45,8 +47,10 @@ class _Categorical(Categorical):
     def sample(self, sample_shape=torch.Size()) -> Tensor:
         if sample_shape:
             return super().sample(sample_shape)
-        probs_2d = torch.softmax(self.logits, dim=-1).reshape(-1, self._num_events)
-        return torch.multinomial(probs_2d, 1, True).T.reshape(self._batch_shape)
+        cdf = self.logits.exp().cumsum(-1)  # [..., K]
+        u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, device=cdf.device)
+        # a = #{k : F(k) ≤ u}: a zero-probability event is never drawn; the clamp covers F(K−1) < 1 by rounding
+        return (cdf <= u).sum(-1).clamp_(max=self._num_events - 1)
 
 
 _ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}

@@ -22,6 +22,7 @@ from .envs import make_vec_env
 from .core import explained_variance, ppo_beta_update
 from .errors import CheckpointError, ConfigError, NumericsError, ProxrlError
 from .objective import estimate_advantages
+from .optim import make_adam
 from .policy import ActorCritic
 from .rollout import Runner
 from .rungs import RUNGS
@@ -71,16 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with eps=1e-5 (DETAILS 3). The fused kernel is ~20 % faster per step on small nets where the
-    installed torch has it for the device; the result is the same algorithm."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, eps=1e-5, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, eps=1e-5)
 
 
 def _default_out(cfg: TrainConfig) -> str:
@@ -177,9 +168,9 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
 
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization)
     policy = build_policy(envs, cfg).to(cfg.device)
-    actor_opt = make_adam(policy.actor_parameters(), cfg.lr)
+    actor_opt = make_adam(policy.actor_parameters(), cfg.lr, eps=1e-5)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    critic_opt = make_adam(policy.critic.parameters(), critic_lr) if rung.critic else None
+    critic_opt = make_adam(policy.critic.parameters(), critic_lr, eps=1e-5) if rung.critic else None
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
                     cfg.clip_reward, cfg.device)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None

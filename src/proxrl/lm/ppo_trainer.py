@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint, core, objective
+from ..optim import make_adam
 from .. import state as state_mod
 from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
@@ -240,7 +241,7 @@ class PPOTrainer:
         self.scorer = Scorer(reward if reward is not None else cfg.reward, self.policy, self.chat,
                              cfg.max_prompt_length, cfg.micro_batch_size)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.optimizer = make_adam(params, lr=cfg.lr)
         self.kl_coef = cfg.kl_coef
         self.penalty_beta = cfg.penalty_beta
         self.step_count = 0

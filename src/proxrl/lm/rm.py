@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checkpoint
+from ..optim import make_adam
 from .common import Timer, shuffled_chunks
 from .config import RMConfig
 from .data import RM_FIELDS, read_jsonl
@@ -68,7 +69,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
     eval_pairs = [pairs[i] for i in order[:n_eval]]
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_adam(params, lr=cfg.lr)
     writer = RunWriter(cfg.out, run_dir_config("rm", cfg.model, cfg))
     pad = tok.pad_token_id
     step = 0

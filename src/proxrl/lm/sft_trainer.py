@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
+from ..optim import make_adam
 from .common import Timer, shuffled_chunks
 from .config import SFTConfig
 from .data import SFT_FIELDS, read_jsonl
@@ -55,7 +56,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = print) -> dict:
     chat = use_chat_template(tok, cfg.chat_template)
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = make_adam(params, lr=cfg.lr)
     writer = RunWriter(cfg.out, run_dir_config("sft", cfg.model, cfg))
     g = torch.Generator().manual_seed(cfg.seed)
     step = 0

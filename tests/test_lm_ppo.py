@@ -14,7 +14,7 @@ import torch
 from proxrl import core, objective
 from proxrl.batch import Batch
 from proxrl.lm.config import PPOConfig
-from proxrl.lm.model import build_policy, left_pad
+from proxrl.lm.model import InverseCDFSampler, build_policy, left_pad
 from proxrl.lm.ppo_trainer import (PPOTrainer, apply_missing_eos_penalty, micro_weight, token_batch, token_rewards,
                            truncate_at_stop)
 from proxrl.lm.tiny import make_tiny
@@ -172,6 +172,48 @@ def test_generation_and_training_forward_agree(tiny):
     logp, _, _ = tr.policy(ids, mask, resp.shape[1], 0.8)
     # generate() keeps its scores in float32, hence 1e-5 and not 1e-10
     torch.testing.assert_close(logp, gen_logp.to(logp.dtype), atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_sampler_is_exact():
+    """InverseCDFSampler draws from softmax(logits / T): frequencies over 200k draws within 4.5 σ of the
+    probabilities, a −inf logit is never drawn, and as a logits processor it leaves exactly one finite
+    logit (0) per row at the drawn token, which greedy decoding takes."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, float("-inf"), 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, -30.0]])
+    T, n = 0.7, 100_000
+    sampler = InverseCDFSampler(T, generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(logits.double() / T, -1)
+    for row in range(2):
+        draws = sampler.draw(logits[row:row + 1].expand(n, -1))
+        freq = torch.bincount(draws, minlength=6).double() / n
+        sigma = (p[row] * (1 - p[row]) / n).sqrt()
+        assert ((freq - p[row]).abs() <= 4.5 * sigma + 1e-12).all(), (row, freq, p[row])
+    assert (sampler.draw(logits[:1].expand(n, -1)) != 3).all()
+    out = sampler(None, logits)
+    assert (torch.isfinite(out).sum(-1) == 1).all() and (out.max(-1).values == 0).all()
+
+
+def test_trainer_generate_samples_each_token_from_the_policy(tiny):
+    """trainer.generate (KV cache, greedy decoding over the sampler's one-hot logits) gives, for a seed,
+    exactly the tokens of a plain loop that runs the full padded forward at every step and draws from
+    softmax(logits / T) with the same uniforms: the behaviour policy is π_θ at the temperature (LM-5, LM-6)."""
+    from proxrl.lm.model import forward
+
+    tr = make_trainer(tiny, temperature=0.8, response_length=12)
+    prompts = ["a", "abcdef", "xyz", "hello world"]
+    ro = tr.generate(prompts, seed=123)
+    q_ids, q_mask = left_pad(tr.encode(prompts), tr.pad_id)
+    torch.manual_seed(123)
+    sampler, ids, mask = InverseCDFSampler(0.8), q_ids, q_mask
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = forward(tr.policy.lm, ids, mask, 1)
+            tok = sampler.draw(logits[:, -1])
+            ids, mask = torch.cat([ids, tok[:, None]], 1), torch.cat([mask, torch.ones_like(tok[:, None])], 1)
+    resp_ids, resp_mask, stopped = truncate_at_stop(ids[:, q_ids.shape[1]:], tr.stop_ids, tr.pad_id)
+    R = ro.response_ids.shape[1]  # generate() ends early once every row has stopped
+    assert torch.equal(ro.response_ids, resp_ids[:, :R]) and torch.equal(ro.response_mask, resp_mask[:, :R])
+    assert torch.equal(ro.stopped, stopped)
+    assert len({tuple(r.tolist()) for r in ro.response_ids}) > 1  # rows are sampled, not copies
 
 
 def test_update_improves_the_checkable_reward_direction(tiny):

@@ -8,7 +8,8 @@ Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.
 * LM-5 **left padding with position ids** ``cumsum(mask) − 1`` in every training forward, so a padded
   and an unpadded sequence give the same logits.
 * LM-6 **temperature**: log-probs are ``log_softmax(logits / T)`` for the policy, the old policy and the
-  reference alike; sampling uses the full distribution (top_k=0, top_p=1).
+  reference alike; sampling uses the full distribution (top_k=0, top_p=1), drawn by
+  :class:`InverseCDFSampler`.
 * LM-7 **dropout off**: every model is kept in ``eval()`` mode, also while it is trained.
 * LM-13 **critic**: a value head on the policy trunk (one forward gives log-probs and values) or a separate
   model; heads are initialised N(0, 1/√(d+1)) with zero bias (Ziegler et al. 2019).
@@ -248,6 +249,35 @@ def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tens
     logp_all = torch.log_softmax(logits.float() if logits.dtype == torch.bfloat16 else logits, dim=-1) \
         if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
     return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class InverseCDFSampler:
+    """Exact sampling from ``softmax(logits / T)`` for ``generate``, as the last logits processor of a greedy
+    decode: it draws one token per row by inverting the CDF with a single uniform (float64 cumulative sum, so
+    rounding cannot move probability between tokens; a zero-probability token is never drawn), and returns
+    logits that are −inf everywhere except at the drawn token, which greedy decoding then takes. Same
+    distribution as ``do_sample=True`` with ``temperature=T, top_k=0, top_p=1`` (LM-6), without
+    ``torch.multinomial``'s exponential draw over the whole vocabulary at every step (14 ms of a 90 ms step
+    of SmolLM2-135M at batch 16 on 2 CPU cores), and immune to sampling defaults in a model's
+    ``generation_config`` (top-k/top-p warpers are never built for greedy decoding)."""
+
+    def __init__(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None):
+        self.temperature = float(temperature)
+        self.generator = generator
+
+    def draw(self, logits: Tensor) -> Tensor:
+        """One token index per row of ``logits`` ``[B, V]``: ``[B]``."""
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)                  # [B, V], cdf[:, -1] ≈ 1
+        u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device, generator=self.generator)
+        u = u * cdf[:, -1:]                                          # uniform on [0, total): no clamp bias
+        # #{k : F(k) ≤ u}: the token whose CDF step contains u
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(-1)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        tok = self.draw(scores)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok[:, None], 0.0)
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:

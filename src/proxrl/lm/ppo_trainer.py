@@ -47,7 +47,7 @@ from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
 from .config import PPOConfig
 from .data import PPO_FIELDS, read_jsonl
-from .model import (LMPolicy, RewardModel, build_policy, encode_prompt, last_real_index, left_pad,
+from .model import (InverseCDFSampler, LMPolicy, RewardModel, build_policy, encode_prompt, last_real_index, left_pad,
                     load_reward_model, stop_token_ids, use_chat_template)
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -263,18 +263,19 @@ class PPOTrainer:
     def generate(self, prompts: Sequence[str], seed: Optional[int] = None) -> Rollout:
         """Sample one response per prompt (KV cache; full distribution at the configured temperature).
         ``seed`` (default: derived from the config seed and the step) makes the sample reproducible."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         cfg = self.cfg
         q_ids, q_mask = left_pad(self.encode(prompts), self.pad_id)
         dev = cfg.device
-        gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=cfg.response_length, eos_token_id=self.stop_ids,
+        # greedy decoding over InverseCDFSampler's one-hot logits = sampling at the temperature (LM-6)
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.response_length, eos_token_id=self.stop_ids,
                                    pad_token_id=self.pad_id, use_cache=True)
         torch.manual_seed(cfg.seed * 1_000_003 + self.step_count if seed is None else seed)
         with torch.inference_mode():
             out = self.policy.lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev),
-                                          generation_config=gen_cfg)
+                                          generation_config=gen_cfg,
+                                          logits_processor=LogitsProcessorList([InverseCDFSampler(cfg.temperature)]))
         resp = out[:, q_ids.shape[1]:].cpu().clone()  # [B, R'] R' ≤ response_length; clone: a normal tensor
         resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
         tok = self.policy.tokenizer

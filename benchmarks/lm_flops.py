@@ -104,15 +104,46 @@ def run_mode(mode: str, spec: str, args) -> dict:
             f"{ph} {row[ph]['time']:.2f}s {row[ph]['flops_per_s'] / 1e9:.1f} GFLOP/s ({100 * row[ph]['fraction']:.0f}%)"
             for ph in ("generation", "forwards", "training", "update_total")), flush=True)
     timed = rows[1:] or rows
-    summary = {"peak_gflops_median": statistics.median(r["peak_flops"] for r in timed) / 1e9,
+    reference = plain_forward_backward(trainer, rollout, cfg.micro_batch_size)
+    print(f"{mode} reference (plain HF forward+backward, same micro-batch): {reference['time']:.2f}s "
+          f"{reference['flops_per_s'] / 1e9:.1f} GFLOP/s ({100 * reference['fraction']:.0f}%)", flush=True)
+    summary = {"reference": reference, "peak_gflops_median": statistics.median(r["peak_flops"] for r in timed) / 1e9,
                "trainable_params": sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad),
                "total_params": sum(p.numel() for p in trainer.policy.parameters())}
     for ph in ("generation", "forwards", "training", "update_total"):
         summary[ph] = {"median_fraction": statistics.median(r[ph]["fraction"] for r in timed),
                        "median_gflops_per_s": statistics.median(r[ph]["flops_per_s"] for r in timed) / 1e9,
                        "median_time": statistics.median(r[ph]["time"] for r in timed)}
-    del trainer
+    trainer = None  # free the models before the next mode
     return {"rows": rows, "summary": summary}
+
+
+def plain_forward_backward(trainer, rollout, micro: int, reps: int = 3) -> dict:
+    """The yardstick the training fraction is read against: a plain Hugging Face forward + backward of the
+    same model (LoRA adapters or all weights trainable, as configured) on one training micro-batch of the
+    same padded shape — no PPO loss terms, no value model, no optimizer step. Same counter, same peak."""
+    import torch
+
+    from proxrl.lm.model import forward
+
+    lm, R = trainer.policy.lm, rollout.response_ids.shape[1]
+    ids, mask = rollout.ids[:micro], rollout.mask[:micro]
+
+    def step():
+        logits, _ = forward(lm, ids, mask, R + 1)
+        torch.logsumexp(logits, -1).mean().backward()
+
+    _, flops = counted(step)
+    times = []
+    for _ in range(reps):
+        lm.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    lm.zero_grad(set_to_none=True)
+    t, peak = statistics.median(times), matmul_flops_per_s(2048)
+    return {"shape": list(ids.shape), "time": t, "flops": flops, "flops_per_s": flops / t, "fraction": flops / t / peak,
+            "peak_flops": peak}
 
 
 TARGETS = {"training": 0.70, "generation": 0.30, "update_total": 0.40}
@@ -169,6 +200,10 @@ def write_md(path, data) -> None:
             verdict = "" if t is None else (f"≥ {t:.0%}: " + ("met" if m["median_fraction"] >= t else "missed"))
             lines.append(f"| {ph} | {m['median_time']:.2f} | {m['median_gflops_per_s']:.1f} | "
                          f"**{m['median_fraction']:.0%}** | {verdict} |")
+        ref = s.get("reference")
+        if ref:
+            lines.append(f"| *plain HF forward+backward, one micro-batch {ref['shape']}* | {ref['time']:.2f} | "
+                         f"{ref['flops_per_s'] / 1e9:.1f} | {ref['fraction']:.0%} | yardstick for training |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

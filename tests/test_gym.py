@@ -11,7 +11,6 @@ import torch
 
 import proxrl
 from proxrl import core
-from proxrl.batch import Batch
 from proxrl.config import TrainConfig, resolve
 from proxrl.envs import make_vec_env
 from proxrl.errors import ConfigError

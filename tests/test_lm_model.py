@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from proxrl.lm.config import ModelOptions
-from proxrl.lm.model import (LMPolicy, RewardModel, build_policy, ensure_pad_token, forward, last_real_index,
+from proxrl.lm.model import (LMPolicy, RewardModel, build_policy, ensure_pad_token, last_real_index,
                              left_pad, load_causal_lm, load_tokenizer, token_logp)
 from proxrl.lm.tiny import make_tiny
 
@@ -154,3 +154,22 @@ def test_head_init_scale():
     torch.manual_seed(0)
     head = make_head(10000, torch.float64)
     assert abs(head.weight.std().item() - 1 / (10001 ** 0.5)) < 1e-3 and head.bias.abs().max() == 0
+
+
+def test_fused_gelu_is_the_same_function(tmp_path):
+    """load_causal_lm swaps GPT-2's Python-composed gelu_new for torch's fused tanh-GELU: every MLP is
+    swapped, the logits agree with the stock model to float rounding, and a SiLU model is left alone."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from proxrl.lm.model import fuse_activations, load_causal_lm
+
+    path = make_tiny(tmp_path / "gpt2", arch="gpt2", layers=2, hidden=64)
+    stock = AutoModelForCausalLM.from_pretrained(path).eval()
+    fused = load_causal_lm(str(path))
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == 2
+    ids = torch.randint(3, 200, (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    llama = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "llama", arch="llama"))
+    assert fuse_activations(llama) == 0

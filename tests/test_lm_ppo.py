@@ -2,7 +2,6 @@
 the token bandit that runs one problem through the gym-shaped and the LM-shaped batch."""
 
 import copy
-import math
 
 import pytest
 

@@ -62,7 +62,7 @@ def test_sft_then_ppo_from_the_sft_run(tiny, tmp_path):
     from proxrl.lm.sft_trainer import sft
     from proxrl.lm.ppo_trainer import ppo
     write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"q{i}", "response": "ab", "extra": 1} for i in range(8)])
-    s = sft(SFTConfig(model=tiny, data=str(tmp_path / "demos.jsonl"), out=str(tmp_path / "sft"), epochs=20,
+    sft(SFTConfig(model=tiny, data=str(tmp_path / "demos.jsonl"), out=str(tmp_path / "sft"), epochs=20,
                       batch_size=8, micro_batch_size=3, lr=1e-2, finetune="full"), log=lambda *_: None)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0]

@@ -40,7 +40,7 @@ def solve(task: dict) -> dict:
         proxrl.train(env=task["env"], algo=task["algo"], steps=task["budget"], seed=task["seed"], out=out,
                      progress="off", torch_threads=task["threads"], callback=callback)
         total = time.perf_counter() - start
-    return {"solved": st["solved"], "curve": st["curve"], "total_time": total, "eval_time": st["eval_time"]}
+    return {"solved": st["solved"], "curve": st["curve"], "total_time": total, "eval_time": st["eval_time"], "total_cpu_time": time.process_time() - cpu0}
 
 
 def throughput(task: dict) -> dict:

@@ -72,7 +72,7 @@ def solve(task: dict) -> dict:
     cb = EvalStop()
     model.learn(task["budget"], callback=cb)
     total = time.perf_counter() - start
-    return {"solved": cb.solved, "curve": cb.curve, "total_time": total, "eval_time": cb.eval_time}
+    return {"solved": cb.solved, "curve": cb.curve, "total_time": total, "eval_time": cb.eval_time, "total_cpu_time": time.process_time() - cpu0}
 
 
 def throughput(task: dict) -> dict:

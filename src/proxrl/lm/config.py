@@ -133,6 +133,9 @@ class PPOConfig(ModelOptions):
     """minibatches per epoch, one optimizer step each"""
     micro_batch_size: int = 8
     """sequences per forward pass (gradient accumulation; does not change the result)"""
+    forward_batch_size: int = 32
+    """sequences per no-grad forward: the rollout's log-probs, values and reference log-probs, and reward-model
+    scoring (no activations are kept for backward, so larger chunks than micro_batch_size fit and run faster)"""
     update_epochs: int = 2
     """PPO epochs over each rollout batch, a fresh shuffle each"""
     response_length: int = 32
@@ -205,8 +208,8 @@ class PPOConfig(ModelOptions):
         check(not need_policy or bool(self.policy), "policy", "is required", "pass --policy DIR, a hub name or a .gguf file")
         check(not need_reward or bool(self.reward), "reward", "is required", "pass --reward RM_DIR or --reward module:function")
         check(not need_prompts or bool(self.prompts), "prompts", "is required", "pass --prompts prompts.jsonl")
-        for name in ("updates", "batch_size", "num_minibatches", "micro_batch_size", "update_epochs",
-                     "response_length", "kl_horizon"):
+        for name in ("updates", "batch_size", "num_minibatches", "micro_batch_size", "forward_batch_size",
+                     "update_epochs", "response_length", "kl_horizon"):
             check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
         check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
               f"must divide batch_size={self.batch_size}, got {self.num_minibatches}")

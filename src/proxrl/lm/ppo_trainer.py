@@ -162,7 +162,7 @@ class Scorer:
     prompt format) or a Python function of the decoded text."""
 
     def __init__(self, reward: str | RewardFn | RewardModel, policy: LMPolicy, chat: bool, max_prompt_length: int,
-                 micro_batch_size: int):
+                 batch_size: int):
         self.fn: Optional[RewardFn] = None
         self.rm: Optional[RewardModel] = None
         if isinstance(reward, RewardModel):
@@ -177,7 +177,7 @@ class Scorer:
         else:
             self.fn = load_reward_fn(reward)
             self.name = f"reward function {reward!r}"
-        self.micro = micro_batch_size
+        self.chunk = batch_size  # sequences per reward-model forward
         self.max_prompt_length = max_prompt_length
         if self.rm is not None:
             self.rm_chat = use_chat_template(self.rm.tokenizer, self.rm.opts.chat_template)
@@ -214,7 +214,7 @@ class Scorer:
                 a = tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stop else [])
                 seqs.append(q + a)
             ids, mask = left_pad(seqs, tok.pad_token_id)
-        out = [rm(ids[i:i + self.micro], mask[i:i + self.micro]) for i in range(0, len(rollout), self.micro)]
+        out = [rm(ids[i:i + self.chunk], mask[i:i + self.chunk]) for i in range(0, len(rollout), self.chunk)]
         return torch.cat(out).to(torch.float64)
 
 
@@ -239,7 +239,7 @@ class PPOTrainer:
         self.stop_ids = stop_token_ids(tok, self.policy.lm)
         self.chat = use_chat_template(tok, cfg.chat_template)
         self.scorer = Scorer(reward if reward is not None else cfg.reward, self.policy, self.chat,
-                             cfg.max_prompt_length, cfg.micro_batch_size)
+                             cfg.max_prompt_length, cfg.forward_batch_size)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_adam(params, lr=cfg.lr)
         self.kl_coef = cfg.kl_coef
@@ -293,7 +293,7 @@ class PPOTrainer:
     @torch.inference_mode()
     def _rollout_forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
         ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
-        T, mb = self.cfg.temperature, self.cfg.micro_batch_size
+        T, mb = self.cfg.temperature, self.cfg.forward_batch_size
         logp, values, logp_ref = [], [], []
         for i in range(0, len(rollout), mb):
             lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=True, entropy=False)

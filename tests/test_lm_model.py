@@ -19,15 +19,17 @@ def tiny(request, tmp_path_factory):
     return str(make_tiny(tmp_path_factory.mktemp(request.param), arch=request.param))
 
 
-def _plain_logp(path, seqs, n_resp, T):
-    """Reference: each sequence alone, no padding, plain HF forward with default positions."""
+def _plain_logp(path, seqs, n_resp, T, entropy=False):
+    """Reference: each sequence alone, no padding, plain HF forward with default positions (and, with
+    ``entropy``, the per-token entropy of softmax(logits / T))."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    out = []
+    out, ents = [], []
     for s in seqs:
         ids = torch.tensor([s])
-        logits = model(input_ids=ids).logits[0, -n_resp - 1:-1] / T
-        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, -n_resp:, None]).squeeze(-1))
-    return torch.stack(out)
+        logp_all = torch.log_softmax(model(input_ids=ids).logits[0, -n_resp - 1:-1] / T, -1)
+        out.append(logp_all.gather(-1, ids[0, -n_resp:, None]).squeeze(-1))
+        ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    return (torch.stack(out), torch.stack(ents)) if entropy else torch.stack(out)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
@@ -46,7 +48,12 @@ def test_logp_equals_plain_forward_with_and_without_left_padding(tiny, finetune)
         torch.testing.assert_close(one[0], expected[i], atol=1e-10, rtol=0)
     # the reference is the initial policy: same log-probs before any update
     torch.testing.assert_close(pol.ref_logp(ids, mask, R, T), expected, atol=1e-10, rtol=0)
-    assert values.shape == (3, R) and ent.shape == (3, R)
+    assert values.shape == (3, R)
+    _, want_ent = _plain_logp(tiny, seqs, R, T, entropy=True)
+    torch.testing.assert_close(ent, want_ent, atol=1e-10, rtol=0)
+    logp_g, _, ent_g = pol(ids, mask, R, T, entropy_grad=True)  # the differentiable entropy: same values
+    assert ent_g.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(ent_g.detach(), want_ent, atol=1e-10, rtol=0)
 
 
 def test_temperature_divides_logits():

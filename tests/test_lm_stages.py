@@ -137,3 +137,17 @@ def test_quick_demo_smoke(tmp_path):
 def test_quick_demo_with_rm(tmp_path):
     s = _run_demo(tmp_path, "--with-rm")
     assert "with_rm" in s and (tmp_path / "demo" / "rm" / "summary.json").is_file()
+
+
+def test_keep_freed_memory_is_applied_once_and_can_be_turned_off():
+    """The allocator setting of the LM stages: on under Linux/glibc, decided once per process, and
+    PROXRL_KEEP_FREED_MEMORY=0 keeps glibc's defaults (checked in a fresh interpreter)."""
+    from proxrl.lm.common import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    if sys.platform.startswith("linux"):
+        code = "from proxrl.lm.common import keep_freed_memory as k; print(k())"
+        env = dict(os.environ, PROXRL_KEEP_FREED_MEMORY="0")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == "False"

@@ -1,7 +1,10 @@
-"""Small helpers shared by the supervised stages (SFT, reward model)."""
+"""Small helpers shared by the LM stages (SFT, reward model, PPO)."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import time
 from typing import Iterator
 
@@ -20,3 +23,33 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+_KEEP_FREED: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to serve every allocation from its heap and never hand freed memory back to the OS
+    (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2³¹−1)``); once per process, before the models
+    are loaded.
+
+    Why: an LM step allocates and frees tensors larger than glibc's largest mmap threshold (32 MB) many
+    times — log-softmax, exp and their gradients over the vocabulary, the gradient of a tied embedding —
+    and glibc serves each one with a fresh ``mmap`` whose pages then fault in one by one and go back to the
+    OS on free. Kept in the heap, they are reused without a fault. Measured on SmolLM2-135M, 2 CPU cores,
+    one PPO step of batch 16: 9.0 → 6.8 s with all weights trained, 7.3 → 6.2 s with LoRA.
+    Cost: the process keeps its peak heap (its resident size does not shrink after a peak). Linux/glibc
+    only (elsewhere nothing happens); ``PROXRL_KEEP_FREED_MEMORY=0`` turns it off. Returns whether it is on."""
+    if _KEEP_FREED:
+        return _KEEP_FREED[0]
+    on = False
+    if sys.platform.startswith("linux") and os.environ.get("PROXRL_KEEP_FREED_MEMORY", "1") != "0":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version  # glibc only (musl has no such symbol)
+            M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+            on = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        except (OSError, AttributeError):
+            on = False
+    _KEEP_FREED.append(on)
+    return on

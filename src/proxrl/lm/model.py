@@ -264,11 +264,15 @@ def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidde
     return logits, (out.hidden_states[-1] if hidden else None)
 
 
+def log_probs_all(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T)`` over the vocabulary (bfloat16 logits are normalised in float32)."""
+    x = logits.float() if logits.dtype == torch.bfloat16 else logits
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+
+
 def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """``log_softmax(logits / T)`` at ``tokens``: ``[B, T, V]``, ``[B, T]`` → ``[B, T]``."""
-    logp_all = torch.log_softmax(logits.float() if logits.dtype == torch.bfloat16 else logits, dim=-1) \
-        if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
-    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return log_probs_all(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class InverseCDFSampler:
@@ -298,11 +302,6 @@ class InverseCDFSampler:
         tok = self.draw(scores)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tok[:, None], 0.0)
-
-
-def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    return -(logp_all.exp() * logp_all).sum(-1)
 
 
 def last_real_index(mask: Tensor) -> Tensor:
@@ -361,17 +360,21 @@ class LMPolicy(nn.Module):
         ``[B, R]``, ``values`` ``[B, R]`` (or None), ``entropy`` ``[B, R]`` (or None; detached unless
         ``entropy_grad``)."""
         shared = values and self.critic_lm is None
+        # [B, R+1, V]: position P-1+t predicts response token t; the last position predicts nothing. It is
+        # scored against a dummy token and dropped AFTER the vocabulary reduction, so that backward never
+        # zero-fills a [B, R+1, V] gradient for a slice of the logits
         logits, h = forward(self.lm, ids, mask, n_resp + 1, hidden=shared)
-        logits = logits[:, :-1]  # [B, R, V]: position P-1+t predicts response token t
-        resp = ids[:, -n_resp:]
-        logp = token_logp(logits, resp, temperature)
+        logp_all = log_probs_all(logits, temperature)
+        resp = torch.nn.functional.pad(ids[:, -n_resp:], (0, 1))
+        logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
         ent = None
-        if entropy:
+        if entropy:  # from the same log-softmax (one normalisation of the logits, not two)
             if entropy_grad:
-                ent = token_entropy(logits, temperature)
+                ent = -(logp_all.exp() * logp_all).sum(-1)[:, :-1]
             else:
                 with torch.no_grad():
-                    ent = token_entropy(logits.detach(), temperature)
+                    lp = logp_all.detach()
+                    ent = -(lp.exp() * lp).sum(-1)[:, :-1]
         v = None
         if values:
             if h is None:

@@ -45,6 +45,7 @@ from ..optim import make_adam
 from .. import state as state_mod
 from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
+from .common import keep_freed_memory
 from .config import PPOConfig
 from .data import PPO_FIELDS, read_jsonl
 from .model import (InverseCDFSampler, LMPolicy, RewardModel, build_policy, encode_prompt, last_real_index, left_pad,
@@ -232,6 +233,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy: Optional[LMPolicy] = None,
                  reward: str | RewardFn | RewardModel | None = None):
         config.validate(need_policy=policy is None, need_reward=reward is None, need_prompts=False)
+        keep_freed_memory()  # before the models are loaded (glibc heap instead of an mmap per large tensor)
         self.cfg = cfg = config
         self.policy = policy if policy is not None else build_policy(cfg.policy, cfg, cfg.critic)
         tok = self.policy.tokenizer

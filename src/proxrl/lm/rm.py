@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import checkpoint
 from ..optim import make_adam
-from .common import Timer, shuffled_chunks
+from .common import Timer, keep_freed_memory, shuffled_chunks
 from .config import RMConfig
 from .data import RM_FIELDS, read_jsonl
 from .model import build_reward_model, encode_prompt, left_pad, use_chat_template
@@ -57,6 +57,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
     ``eval_accuracy`` (held-out pairwise accuracy)."""
     cfg = config
     cfg.validate()
+    keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, RM_FIELDS)
     rm = build_reward_model(cfg.model, cfg)

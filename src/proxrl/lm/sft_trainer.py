@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint
 from ..optim import make_adam
-from .common import Timer, shuffled_chunks
+from .common import Timer, keep_freed_memory, shuffled_chunks
 from .config import SFTConfig
 from .data import SFT_FIELDS, read_jsonl
 from .model import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, forward, freeze, left_pad,
@@ -44,6 +44,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = print) -> dict:
     """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
     cfg = config
     cfg.validate()
+    keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, SFT_FIELDS)
     torch.manual_seed(cfg.seed)

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     def save() -> None:
         info["loadavg_end"] = os.getloadavg()
         data = {"command": command, "commands": commands, "machine": info, "settings": vars(args) | {"sb3": SB3_ZOO},
-                "runs": runs, "summary": summarise(runs, [a for a in SB3_ZOO if any(k.startswith(("sb3-" + a, f"proxrl-{PROXRL_ALGO[a]}")) for k in runs)])}
+                "runs": runs, "summary": summarise(runs, [a for a in SB3_ZOO if {f"sb3-{a}", f"proxrl-{PROXRL_ALGO[a]}"} & set(runs)])}
         write_json(f"halfcheetah{tag}.json", data)
         write_md(RESULTS / f"halfcheetah{tag}.md", data)
         plot(RESULTS / f"halfcheetah{tag}.png", runs, args.env)

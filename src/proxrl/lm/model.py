@@ -369,12 +369,9 @@ class LMPolicy(nn.Module):
         logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
         ent = None
         if entropy:  # from the same log-softmax (one normalisation of the logits, not two)
-            if entropy_grad:
-                ent = -(logp_all.exp() * logp_all).sum(-1)[:, :-1]
-            else:
-                with torch.no_grad():
-                    lp = logp_all.detach()
-                    ent = -(lp.exp() * lp).sum(-1)[:, :-1]
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                lp = logp_all if entropy_grad else logp_all.detach()
+                ent = -(lp.exp() * lp).sum(-1)[:, :-1]
         v = None
         if values:
             if h is None:

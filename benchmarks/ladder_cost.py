@@ -27,8 +27,8 @@ SAME_BATCH = dict(preset="none", num_envs=8, num_steps=128)  # the rung's own ep
 def measure(env: str, algo: str, steps: int, seed: int, extra: dict) -> dict:
     """Train with timers around Runner.collect and the update functions (benchmark-local instrumentation)."""
     import proxrl
-    import proxrl.rollout as rollout
-    import proxrl.trainer as trainer
+    import proxrl.gym.rollout as rollout
+    import proxrl.gym.trainer as trainer
 
     timers = {"collect": 0.0, "update": 0.0}
 

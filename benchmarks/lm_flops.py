@@ -127,7 +127,7 @@ def plain_forward_backward(trainer, rollout, micro: int, reps: int = 3) -> dict:
     same padded shape — no PPO loss terms, no value model, no optimizer step. Same counter, same peak."""
     import torch
 
-    from proxrl.lm.model import forward
+    from proxrl.lm.policy import forward
 
     lm, R = trainer.policy.lm, rollout.response_ids.shape[1]
     ids, mask = rollout.ids[:micro], rollout.mask[:micro]

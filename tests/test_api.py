@@ -10,7 +10,7 @@ def test_functions_are_not_shadowed_by_submodules():
     import proxrl.lm.ppo_trainer  # noqa: F401
     import proxrl.lm.sft_trainer  # noqa: F401
     import proxrl.lm.demo_pipeline  # noqa: F401
-    import proxrl.trainer  # noqa: F401
+    import proxrl.gym.trainer  # noqa: F401
 
     for f in (proxrl.train, proxrl.load, proxrl.evaluate, proxrl.lm.ppo, proxrl.lm.sft, proxrl.lm.demo,
               proxrl.lm.reward_model):

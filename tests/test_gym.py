@@ -11,14 +11,14 @@ import torch
 
 import proxrl
 from proxrl import core
-from proxrl.config import TrainConfig, resolve
-from proxrl.envs import make_vec_env
+from proxrl.gym.config import TrainConfig, resolve
+from proxrl.gym.envs import make_vec_env
 from proxrl.errors import ConfigError
 from proxrl.objective import estimate_advantages
-from proxrl.policy import ActorCritic
-from proxrl.rollout import Runner
+from proxrl.gym.policy import ActorCritic
+from proxrl.gym.rollout import Runner
 from proxrl.rungs import RUNGS
-from proxrl.update import post_update_diagnostics, sgd_update, trust_region_update
+from proxrl.gym.update import post_update_diagnostics, sgd_update, trust_region_update
 
 torch.set_num_threads(1)
 
@@ -190,7 +190,7 @@ def _short(algo, tmp_path, env="CartPole-v1", **kw):
 
 @pytest.mark.parametrize("algo", ["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo", "npg"])
 def test_every_rung_runs_and_logs_the_schema(algo, tmp_path):
-    from proxrl.trainer import METRICS
+    from proxrl.gym.trainer import METRICS
 
     res = _short(algo, tmp_path)
     lines = [json.loads(l) for l in open(res.run_dir / "metrics.jsonl")]
@@ -260,7 +260,7 @@ def test_normalisation_statistics_are_saved_and_used(tmp_path):
 def test_categorical_sampler_is_exact():
     """The inverse-CDF sampler of the gym path draws each action with its probability (4σ bounds over
     200k draws), never draws a zero-probability action, and keeps the batch shape and integer dtype."""
-    from proxrl.policy import _Categorical
+    from proxrl.gym.policy import _Categorical
 
     torch.manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, -1.0, float("-inf")], [2.0, 0.0, 0.0, 0.0], [-30.0, 0.0, -30.0, -30.0]])

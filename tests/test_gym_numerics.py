@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import proxrl
-from proxrl import checkpoint, core
+from proxrl import core
+from proxrl.run import checkpoint
 from proxrl.errors import NumericsError
 
 
@@ -33,7 +34,7 @@ KW = dict(env="CartPole-v1", algo="ppo-clip", steps=5 * 256, num_envs=4, num_ste
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(nan_at_update_3, tmp_path):
-    with pytest.raises(NumericsError, match=r"policy_loss: NaN or inf in update 3"):
+    with pytest.raises(NumericsError, match=r"policy_loss: NaN at update 3 \(epoch 1, minibatch 1\)"):
         proxrl.train(out=str(tmp_path / "r"), **KW)
     last = checkpoint.latest(tmp_path / "r" / "checkpoints")
     tensors, state = checkpoint.load(last)

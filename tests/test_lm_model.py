@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from proxrl.lm.config import ModelOptions
-from proxrl.lm.model import (LMPolicy, RewardModel, build_policy, ensure_pad_token, last_real_index,
-                             left_pad, load_causal_lm, load_tokenizer, token_logp)
+from proxrl.lm.policy import LMPolicy, RewardModel, build_policy, last_real_index, token_logp
+from proxrl.lm.loading import ensure_pad_token, left_pad, load_causal_lm, load_tokenizer
 from proxrl.lm.tiny import make_tiny
 
 
@@ -157,7 +157,7 @@ def test_reward_model_scores_at_last_real_token(tiny):
 
 
 def test_head_init_scale():
-    from proxrl.lm.model import make_head
+    from proxrl.lm.policy import make_head
     torch.manual_seed(0)
     head = make_head(10000, torch.float64)
     assert abs(head.weight.std().item() - 1 / (10001 ** 0.5)) < 1e-3 and head.bias.abs().max() == 0
@@ -168,7 +168,7 @@ def test_fused_gelu_is_the_same_function(tmp_path):
     swapped, the logits agree with the stock model to float rounding, and a SiLU model is left alone."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from proxrl.lm.model import fuse_activations, load_causal_lm
+    from proxrl.lm.loading import fuse_activations, load_causal_lm
 
     path = make_tiny(tmp_path / "gpt2", arch="gpt2", layers=2, hidden=64)
     stock = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -12,7 +12,7 @@ import torch
 
 from proxrl.errors import NumericsError
 from proxrl.lm.config import PPOConfig
-from proxrl.lm.model import build_policy
+from proxrl.lm.policy import build_policy
 from proxrl.lm.ppo_trainer import PPOTrainer, Rollout
 from proxrl.lm.tiny import make_tiny
 

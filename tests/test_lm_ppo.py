@@ -13,7 +13,9 @@ import torch
 from proxrl import core, objective
 from proxrl.batch import Batch
 from proxrl.lm.config import PPOConfig
-from proxrl.lm.model import InverseCDFSampler, build_policy, left_pad
+from proxrl.lm.sampling import InverseCDFSampler
+from proxrl.lm.policy import build_policy
+from proxrl.lm.loading import left_pad
 from proxrl.lm.ppo_trainer import (PPOTrainer, apply_missing_eos_penalty, micro_weight, token_batch, token_rewards,
                            truncate_at_stop)
 from proxrl.lm.tiny import make_tiny
@@ -195,7 +197,7 @@ def test_trainer_generate_samples_each_token_from_the_policy(tiny):
     """trainer.generate (KV cache, greedy decoding over the sampler's one-hot logits) gives, for a seed,
     exactly the tokens of a plain loop that runs the full padded forward at every step and draws from
     softmax(logits / T) with the same uniforms: the behaviour policy is π_θ at the temperature (LM-5, LM-6)."""
-    from proxrl.lm.model import forward
+    from proxrl.lm.policy import forward
 
     tr = make_trainer(tiny, temperature=0.8, response_length=12)
     prompts = ["a", "abcdef", "xyz", "hello world"]

@@ -26,7 +26,7 @@ pytest.importorskip("peft")
 import torch
 from safetensors.torch import load_file
 
-from proxrl import checkpoint
+from proxrl.run import checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time")
@@ -120,7 +120,8 @@ def runs(tmp_path_factory):
     info = {"kill_after": kill_after, "killed_lines": lines(r["killed"]),
             "killed_ckpt": checkpoint.latest(r["killed"] / "checkpoints").name,
             "termed_lines": lines(r["termed"]), "termed_ckpt": checkpoint.latest(r["termed"] / "checkpoints").name}
-    resumes = {name: start(tmp, "--resume", str(r[name])) for name in ("killed", "termed")}
+    resumes = {name: start(tmp, "--resume", str(r[name]), "--reward", f"{tmp / 'reward.py'}:share_of_a")
+               for name in ("killed", "termed")}
     out.update({f"{name}-resume": finish(p) for name, p in resumes.items()})
     return r, out, info
 

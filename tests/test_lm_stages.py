@@ -48,7 +48,8 @@ def test_reward_model_learns_a_separable_preference_and_normalises(tiny, tmp_pat
     assert s["eval_pairs"] == 4 and s["eval_accuracy"] == 1.0
     for f in ("config.json", "metrics.jsonl", "summary.json"):
         assert (tmp_path / "rm" / f).is_file()
-    from proxrl.lm.model import load_reward_model, left_pad
+    from proxrl.lm.policy import load_reward_model
+    from proxrl.lm.loading import left_pad
     rm = load_reward_model(tmp_path / "rm")
     tok = rm.tokenizer
     seqs = [tok(f"q{i}")["input_ids"] + tok(r)["input_ids"] + [tok.eos_token_id] for i in range(16) for r in ("aaaa", "zzzz")]

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import proxrl
-from proxrl import checkpoint
+from proxrl.run import checkpoint
 from proxrl.errors import CheckpointError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -165,7 +165,7 @@ def test_every_gym_artifact_loads_without_pickle(gym_run, monkeypatch):
     assert agent.act(torch.zeros(4).numpy()).shape == ()
     ev = proxrl.evaluate(gym_run, episodes=2)
     assert ev["episodes"] == 2
-    from proxrl.plot import read_metrics
+    from proxrl.run.plot import read_metrics
 
     assert read_metrics(gym_run)
     json.loads((gym_run / "config.json").read_text())
@@ -174,7 +174,7 @@ def test_every_gym_artifact_loads_without_pickle(gym_run, monkeypatch):
 
 def test_lm_artifacts_load_without_pickle(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from proxrl.lm.model import load_causal_lm, load_tokenizer
+    from proxrl.lm.loading import load_causal_lm, load_tokenizer
     from proxrl.lm.tiny import make_tiny
 
     tiny = make_tiny(tmp_path / "tiny", arch="llama")

@@ -317,7 +317,7 @@ def test_defective_env_one_line_error(defect, quantity, tmp_path):
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from proxrl.config import FIELD_NAMES, resolve  # noqa: E402
+from proxrl.gym.config import FIELD_NAMES, resolve  # noqa: E402
 from proxrl.errors import ConfigError  # noqa: E402
 
 _values = st.one_of(

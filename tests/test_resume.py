@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from proxrl import checkpoint
+from proxrl.run import checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 WALL = ("sps", "time")

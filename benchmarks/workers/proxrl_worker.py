@@ -88,7 +88,8 @@ def rlhf_update(task: dict) -> dict:
     value model and a reward model (a GPT-2 trunk with a scalar head), configured like the TRL side."""
     from proxrl.lm import PPOTrainer
     from proxrl.lm.config import ModelOptions, PPOConfig
-    from proxrl.lm.model import build_reward_model, freeze
+    from proxrl.lm.policy import build_reward_model
+    from proxrl.lm.loading import freeze
 
     if task.get("threads"):
         torch.set_num_threads(task["threads"])

@@ -9,28 +9,28 @@ __version__ = "0.1.0"
 
 from . import core
 from .batch import Batch
-from .config import TrainConfig
+from .gym.config import TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, NumericsError, ProxrlError
 from .rungs import LADDER, RUNGS
 
 
 def train(*args, **kwargs):
     """Train a rung on an environment; see :func:`proxrl.trainer.train`."""
-    from .trainer import train as _train
+    from .gym.trainer import train as _train
 
     return _train(*args, **kwargs)
 
 
 def load(run_dir):
     """Load a trained run as an :class:`~proxrl.trainer.Agent` that acts on raw observations."""
-    from .trainer import load as _load
+    from .gym.trainer import load as _load
 
     return _load(run_dir)
 
 
 def evaluate(run_dir, episodes: int = 20, seed: int = 12345, deterministic: bool = True, env_factory=None):
     """Evaluate a saved run; returns ``{"mean_return", "std_return", "episodes"}``."""
-    from .trainer import evaluate as _evaluate
+    from .gym.trainer import evaluate as _evaluate
 
     return _evaluate(run_dir, episodes, seed, deterministic, env_factory)
 

@@ -95,8 +95,8 @@ def tyro_cli(cls, args: list[str], prog: str, **kwargs):
 
 
 def _train(argv: list[str]) -> int:
-    from .config import TrainConfig, resolve, validate
-    from .trainer import train
+    from .gym.config import TrainConfig, resolve, validate
+    from .gym.trainer import train
 
     pre = _OneLineParser(prog="proxrl train", add_help=False)
     pre.add_argument("--env")
@@ -117,7 +117,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .trainer import evaluate
+    from .gym.trainer import evaluate
 
     p = _OneLineParser(prog="proxrl eval", description="Evaluate a saved run over full episodes.")
     p.add_argument("run_dir", help="run directory written by `proxrl train`")
@@ -130,7 +130,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _ladder(argv: list[str]) -> int:
-    from .ladder import LadderConfig, run_ladder
+    from .gym.ladder import LadderConfig, run_ladder
     cfg = tyro_cli(LadderConfig, args=argv, prog="proxrl ladder",
                    description="Run every rung × seed on one environment and draw the comparison.")
     out = run_ladder(cfg)
@@ -139,7 +139,7 @@ def _ladder(argv: list[str]) -> int:
 
 
 def _plot(argv: list[str]) -> int:
-    from .plot import plot_runs
+    from .run.plot import plot_runs
 
     p = _OneLineParser(prog="proxrl plot", description="Draw learning curves of runs.")
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command is None:
         print(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    from .trainer import RunInterrupted
+    from .run.signals import RunInterrupted
 
     try:
         return command(argv[1:])

@@ -344,3 +344,13 @@ def explained_variance(pred: Tensor, target: Tensor, mask: Tensor | None = None)
     if var_t <= 0:
         return torch.tensor(float("nan"))
     return 1.0 - masked_var(target - pred, mask) / var_t
+
+
+# --------------------------------------------------------------------------- sampling
+def inverse_cdf_sample(cdf: Tensor, u: Tensor) -> Tensor:
+    """Index drawn by inverting a cumulative distribution: ``#{k : F(k) ≤ u}`` for ``cdf`` ``[..., K]``
+    (non-decreasing along the last dim) and ``u`` ``[..., 1]`` uniform on ``[0, F(K−1))``. A
+    zero-probability event (a flat step of F) is never drawn; the clamp covers F(K−1) < u by rounding.
+    One uniform per row instead of ``torch.multinomial``'s exponential draw per event; used by the gym
+    Categorical and the LM sampler alike. Returns ``[...]``."""
+    return torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)

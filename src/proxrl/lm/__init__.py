@@ -44,9 +44,9 @@ def __getattr__(name):
 
         return getattr(_ppo_mod, name)
     if name in ("LMPolicy", "RewardModel", "build_policy", "load_reward_model"):
-        from . import model as _model
+        from . import policy as _policy
 
-        return getattr(_model, name)
+        return getattr(_policy, name)
     raise AttributeError(name)
 
 

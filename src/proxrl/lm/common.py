@@ -7,15 +7,7 @@ import functools
 import os
 import sys
 import time
-from typing import Iterator
 
-import torch
-from torch import Tensor
-
-
-def shuffled_chunks(n: int, size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """A fresh permutation of ``range(n)`` cut into chunks of ``size`` (the last may be shorter)."""
-    yield from torch.randperm(n, generator=generator).split(size)
 
 
 class Timer:

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .. import checkpoint
+from ..run import checkpoint
 from ..errors import ConfigError
 from .config import DemoConfig, PPOConfig, RMConfig, SFTConfig
 from .data import write_jsonl

@@ -8,6 +8,7 @@ pairs' chosen and rejected responses (the statistics live in the checkpoint).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,13 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checkpoint
-from ..optim import make_adam
-from .common import Timer, keep_freed_memory, shuffled_chunks
+from ..run import checkpoint
+from ..run.guards import check_finite
+from ..run.optim import make_adam
+from ..run.rundir import RunWriter, lm_run_config
+from ..run.sgd import chunks, sgd_epochs
+from ..run.state import CHECKPOINT_VERSION, seed_everything
+from .common import Timer, keep_freed_memory
 from .config import RMConfig
 from .data import RM_FIELDS, read_jsonl
-from .model import build_reward_model, encode_prompt, left_pad, use_chat_template
-from .ppo_trainer import RunWriter, run_dir_config
+from .loading import encode_prompt, left_pad, use_chat_template
+from .policy import build_reward_model
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
@@ -52,7 +57,7 @@ def score_pairs(rm, pairs: list[tuple[list[int], list[int]]], pad: int, device: 
     return r[:len(pairs)], r[len(pairs):]
 
 
-def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
+def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Train a reward model on ``config.data``; writes the run to ``config.out``; returns a summary with
     ``eval_accuracy`` (held-out pairwise accuracy)."""
     cfg = config
@@ -60,6 +65,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, RM_FIELDS)
+    seed_everything(cfg.seed)
     rm = build_reward_model(cfg.model, cfg)
     tok = rm.tokenizer
     chat = use_chat_template(tok, cfg.chat_template)
@@ -71,28 +77,31 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    writer = RunWriter(cfg.out, run_dir_config("rm", cfg.model, cfg))
+    writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg))
     pad = tok.pad_token_id
     step = 0
     log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
-    for epoch in range(cfg.epochs):
-        for rows in shuffled_chunks(len(train_pairs), cfg.batch_size, g):
-            opt.zero_grad(set_to_none=True)
-            loss_total, acc_total = 0.0, 0.0
-            for micro in rows.split(cfg.micro_batch_size):
-                rc, rr = score_pairs(rm, [train_pairs[i] for i in micro.tolist()], pad, cfg.device)
-                w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
-                loss = bradley_terry_loss(rc, rr)
-                (loss * w).backward()
-                loss_total += w * float(loss.detach())
-                acc_total += w * float(pairwise_accuracy(rc.detach(), rr.detach()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                opt.step()
-            step += 1
-            writer.metrics({"step": step, "epoch": epoch, "loss": loss_total, "accuracy": acc_total,
-                            "grad_norm": float(grad_norm), "skipped": int(not torch.isfinite(grad_norm)), "time": timer()})
-            log(f"rm step {step}  loss {loss_total:.4f}  acc {acc_total:.3f}")
+
+    def minibatch(rows: Tensor, where: str) -> dict:
+        loss_total, acc_total = 0.0, 0.0
+        for micro in rows.split(cfg.micro_batch_size):
+            rc, rr = score_pairs(rm, [train_pairs[i] for i in micro.tolist()], pad, cfg.device)
+            w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
+            loss = bradley_terry_loss(rc, rr)
+            check_finite("loss", loss.detach(), None, where)
+            (loss * w).backward()
+            loss_total += w * float(loss.detach())
+            acc_total += w * float(pairwise_accuracy(rc.detach(), rr.detach()))
+        return {"loss": loss_total, "accuracy": acc_total}
+
+    def logged(epoch: int, st: dict, grad_norm: float) -> None:
+        nonlocal step
+        step += 1
+        writer.metrics({"step": step, "epoch": epoch, **st, "grad_norm": grad_norm, "skipped": 0, "time": timer()})
+        log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}")
+
+    sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
+               None, minibatch, after_step=logged)
     with torch.inference_mode():
         def scores(ps):
             out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
@@ -105,7 +114,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = print) -> dict:
         if eval_pairs:
             ec, er = scores(eval_pairs)
             eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
-    checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(), {"stage": "rm", "step": step})
+    checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(), {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step})
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
                "score_std": float(rm.score_std), "wall_time": timer()}

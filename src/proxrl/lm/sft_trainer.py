@@ -7,20 +7,25 @@ response tokens of the optimizer batch (token-mean), split into micro-batches wi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint
-from ..optim import make_adam
-from .common import Timer, keep_freed_memory, shuffled_chunks
+from ..run import checkpoint
+from ..run.guards import check_finite
+from ..run.optim import make_adam
+from ..run.rundir import RunWriter, lm_run_config
+from ..run.sgd import chunks, sgd_epochs
+from ..run.state import CHECKPOINT_VERSION, seed_everything
+from .common import Timer, keep_freed_memory
 from .config import SFTConfig
 from .data import SFT_FIELDS, read_jsonl
-from .model import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, forward, freeze, left_pad,
-                    load_causal_lm, load_tokenizer, stop_token_ids, use_chat_template)
-from .ppo_trainer import RunWriter, run_dir_config
+from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
+                      load_tokenizer, stop_token_ids, use_chat_template)
+from .policy import forward
 
 
 def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):
@@ -40,14 +45,14 @@ def sft_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.
     return (ce.view(ids.shape[0], -1) * loss_mask[:, 1:]).sum()
 
 
-def sft(config: SFTConfig, log: Callable[[str], None] = print) -> dict:
+def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
     cfg = config
     cfg.validate()
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, SFT_FIELDS)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
     tok = load_tokenizer(cfg.model)
     pad = ensure_pad_token(tok, base)
@@ -58,30 +63,34 @@ def sft(config: SFTConfig, log: Callable[[str], None] = print) -> dict:
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    writer = RunWriter(cfg.out, run_dir_config("sft", cfg.model, cfg))
+    writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg))
     g = torch.Generator().manual_seed(cfg.seed)
-    step = 0
     log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
-    for epoch in range(cfg.epochs):
-        for rows in shuffled_chunks(len(examples), cfg.batch_size, g):
-            opt.zero_grad(set_to_none=True)
-            n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
-            total = 0.0
-            for micro in rows.split(cfg.micro_batch_size):
-                ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
-                lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
-                loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
-                loss.backward()
-                total += float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                opt.step()
-            step += 1
-            writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": n_tok, "grad_norm": float(grad_norm),
-                            "skipped": int(not torch.isfinite(grad_norm)), "time": timer()})
-            log(f"sft step {step}  loss {total:.4f}")
+    step, total = 0, 0.0
+
+    def minibatch(rows: torch.Tensor, where: str) -> dict:
+        n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
+        loss_sum = 0.0
+        for micro in rows.split(cfg.micro_batch_size):
+            ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
+            lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
+            loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
+            check_finite("loss", loss.detach(), None, where)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return {"loss": loss_sum, "tokens": n_tok}
+
+    def logged(epoch: int, st: dict, grad_norm: float) -> None:
+        nonlocal step, total
+        step, total = step + 1, st["loss"]
+        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], "grad_norm": grad_norm,
+                        "skipped": 0, "time": timer()})
+        log(f"sft step {step}  loss {total:.4f}")
+
+    sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
+               None, minibatch, after_step=logged)
     tensors = {f"policy.lm.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors, {"stage": "sft", "step": step})
+    checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors, {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step})
     with torch.inference_mode():  # a few greedy answers for the readable samples file
         items = []
         for rec in records[:3]:

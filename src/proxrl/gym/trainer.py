@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +12,22 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoint
+from ..run import checkpoint
 from .config import TrainConfig, resolve
 from .envs import make_vec_env
-from .core import explained_variance, ppo_beta_update
-from .errors import CheckpointError, ConfigError, NumericsError, ProxrlError
-from .objective import estimate_advantages
-from .optim import make_adam
+from ..core import explained_variance, ppo_beta_update
+from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
+from ..objective import estimate_advantages
+from ..run.optim import make_adam
 from .policy import ActorCritic
 from .rollout import Runner
-from .rungs import RUNGS
-from .state import load_optimizer_state as _load_optimizer_state, optimizer_state as _optimizer_state, rng_state, set_rng_state
+from ..rungs import RUNGS
+from ..run.guards import Backup, check_parameters
+from ..run.progress import Progress, tensorboard
+from ..run.rundir import RunWriter, latest_checkpoint
+from ..run.signals import RunInterrupted, StopSignals
+from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
+                         set_rng_state)
 from .update import post_update_diagnostics, sgd_update, trust_region_update
 
 #: Every metrics.jsonl line has these keys (null where a rung has no such quantity).
@@ -68,12 +69,6 @@ class RunResult:
         return vals[-1] if vals else None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _default_out(cfg: TrainConfig) -> str:
     env = cfg.env.replace("/", "_")
     return os.path.join("runs", f"{env}-{cfg.algo}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -91,44 +86,11 @@ def build_policy(envs, cfg: TrainConfig) -> ActorCritic:
                                   activation=cfg.activation, log_std_init=cfg.log_std_init, critic=rung.critic)
 
 
-class RunInterrupted(ProxrlError):
-    """SIGINT/SIGTERM: the current update finished, a checkpoint was written; resume with ``--resume``."""
-
-    def __init__(self, signum: int, run_dir: Path, update: int):
-        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after update {update}; checkpoint written; "
-                         f"resume with: proxrl train --resume {run_dir}")
-
-
-class _StopSignals:
-    """Turn SIGINT/SIGTERM into a flag checked between updates (the update in progress is finished)."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
 def _resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     from .config import apply
 
     run_dir = Path(cfg.resume)
-    tensors, state = checkpoint.load(run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir)
+    tensors, state = latest_checkpoint(run_dir)
     if state.get("format") != "proxrl.gym/1" or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{run_dir}: not a proxrl gym run checkpoint")
     saved = dict(state["config"])
@@ -160,11 +122,10 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.out or _default_out(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resumed is None:
         cfg_dict = cfg.to_dict()
         cfg_dict["out"] = str(run_dir)
-        checkpoint.write_json_atomic(run_dir / "config.json", cfg_dict)
+        writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
 
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization)
     policy = build_policy(envs, cfg).to(cfg.device)
@@ -177,13 +138,14 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []
     if resumed is not None:
-        beta, first_update, time_offset, metrics = _restore(run_dir, resumed, policy, actor_opt, critic_opt, runner)
-    tb = _tensorboard(run_dir) if cfg.tensorboard else None
-    progress = _Progress(cfg)
+        beta, first_update, time_offset = _restore(run_dir, resumed, policy, actor_opt, critic_opt, runner)
+        writer, metrics = RunWriter.resume(run_dir, "update", first_update - 1, fsync_each=False)
+    tb = tensorboard(run_dir, cfg.tensorboard)
+    progress = Progress(cfg.num_updates, f"{cfg.algo} {cfg.env}", _progress_info, cfg.progress, done=first_update - 1)
     start = time.perf_counter() - time_offset
     update = first_update - 1
     try:
-        with _StopSignals() as stop, open(run_dir / "metrics.jsonl", "a" if resumed else "w") as log:
+        with StopSignals() as stop:
             for update in range(first_update, cfg.num_updates + 1):
                 frac = 1.0 - (update - 1) / cfg.num_updates if cfg.anneal_lr else 1.0
                 for opt, base in ((actor_opt, cfg.lr), (critic_opt, critic_lr)):
@@ -195,7 +157,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
                 flat = batch.flatten_valid()  # [N, 1]: independent samples, autoreset steps dropped
                 old = policy.snapshot(flat.obs[:, 0])  # π_old, taken once: penalty, trust region and diagnostics
-                backup = _backup(policy, actor_opt, critic_opt) if cfg.on_nonfinite == "skip" else None
+                backup = Backup(policy, (actor_opt, critic_opt)) if cfg.on_nonfinite == "skip" else None
                 line = {k: None for k in METRICS}
                 try:
                     if rung.update == "trust-region":
@@ -203,11 +165,11 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                     else:
                         stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update, old)
                     diag = post_update_diagnostics(policy, flat, old)
-                    _check_params(policy, update)
+                    check_parameters(policy.named_parameters(), update)
                 except NumericsError as e:
                     if backup is None:
                         raise  # the last good checkpoint stays untouched
-                    _restore_backup(backup, policy, actor_opt, critic_opt)  # skipped, and logged: never silent
+                    backup.restore()  # skipped, and logged: never silent
                     stats, diag = {"skipped": str(e)}, post_update_diagnostics(policy, flat, old)
                     print(f"warning: update {update} skipped: {e}", file=sys.stderr)
                 line.update(stats)
@@ -224,25 +186,23 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                             episode_length=float(np.mean(episodes.lengths)) if episodes.lengths else None,
                             lr=actor_opt.param_groups[0]["lr"], sps=runner.global_step / elapsed, time=elapsed)
                 line = {k: _nan_to_none(v) for k, v in line.items()}
-                log.write(json.dumps(line) + "\n")
-                log.flush()
+                writer.metrics(line)
                 metrics.append(line)
                 if tb is not None:
-                    for k, v in line.items():
-                        if isinstance(v, (int, float)) and not isinstance(v, bool):
-                            tb.add_scalar(k, v, runner.global_step)
+                    tb.log(line, runner.global_step)
                 progress.update(line)
                 done = callback is not None and bool(callback(line, _live_agent(policy, cfg, runner, envs)))
                 last = update == cfg.num_updates or done
                 if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
-                    os.fsync(log.fileno())
+                    writer.sync()
                     save_run(run_dir, runner, policy, cfg, update, actor_opt, critic_opt, beta, elapsed)
                 if stop.signum is not None and not last:
-                    raise RunInterrupted(stop.signum, run_dir, update)
+                    raise RunInterrupted(stop.signum, run_dir, update, "proxrl train")
                 if done:
                     break
     finally:
         progress.close()
+        writer.close()
         envs.close()
         if tb is not None:
             tb.close()
@@ -253,25 +213,6 @@ def _live_agent(policy: ActorCritic, cfg: TrainConfig, runner: Runner, envs) -> 
     """The policy being trained, acting on raw observations with the current normaliser statistics."""
     rms = runner.obs_norm.rms if runner.obs_norm is not None else None
     return Agent(policy, cfg, rms, cfg.clip_obs, envs.single_action_space)
-
-
-def _check_params(policy: ActorCritic, update: int) -> None:
-    for name, p in policy.named_parameters():
-        if not torch.isfinite(p).all():
-            raise NumericsError(f"parameter {name}: NaN or inf after update {update}")
-
-
-def _backup(policy, *opts) -> tuple:
-    import copy
-
-    return (copy.deepcopy(policy.state_dict()), [copy.deepcopy(o.state_dict()) if o is not None else None for o in opts])
-
-
-def _restore_backup(backup, policy, *opts) -> None:
-    policy.load_state_dict(backup[0])
-    for o, sd in zip(opts, backup[1]):
-        if o is not None:
-            o.load_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------- checkpoint state
@@ -285,14 +226,14 @@ def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfi
     opt_meta = {}
     for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
         if opt is not None:
-            t, m = _optimizer_state(opt, name)
+            t, m = optimizer_state(opt, name)
             tensors.update(t)
             opt_meta[name] = m
     env_tensors, env_meta = envstate.get_state(runner.envs)
     tensors.update(env_tensors)
     rng_tensors, rng_meta = rng_state()
     tensors.update(rng_tensors)
-    state = {"format": "proxrl.gym/1", "update": update, "step": runner.global_step, "config": cfg.to_dict(),
+    state = {"format": "proxrl.gym/1", "version": CHECKPOINT_VERSION, "update": update, "step": runner.global_step, "config": cfg.to_dict(),
              "policy": {"kind": policy.kind, "obs_dim": runner.obs_dim, "act_dim": policy.act_dim,
                         "nvec": list(policy.nvec), "critic": policy.critic is not None},
              "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
@@ -308,7 +249,7 @@ def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runn
         policy.load_state_dict({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")})
         for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
             if opt is not None:
-                _load_optimizer_state(opt, name, tensors, state["optimizers"][name])
+                load_optimizer_state(opt, name, tensors, state["optimizers"][name])
         runner.load_state(tensors, state["runner"])
         envstate.set_state(runner.envs, tensors, state["env_state"])
         set_rng_state(tensors, state["rng"])
@@ -318,21 +259,7 @@ def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runn
         print(f"warning: resume may not be exact: environment attributes not captured: "
               f"{', '.join(state['env_state']['unsupported'][:5])}", file=sys.stderr)
     update = int(state["update"])
-    metrics = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():  # lines written after the checkpoint by the interrupted run are dropped
-        with open(path) as f:
-            for raw in f:
-                try:
-                    row = json.loads(raw)
-                except ValueError:
-                    break  # a line cut by the kill
-                if isinstance(row, dict) and isinstance(row.get("update"), int) and row["update"] <= update:
-                    metrics.append(row)
-    with open(path, "w") as f:
-        for row in metrics:
-            f.write(json.dumps(row) + "\n")
-    return state.get("beta"), update + 1, float(state.get("elapsed", 0.0)), metrics
+    return state.get("beta"), update + 1, float(state.get("elapsed", 0.0))
 
 
 # ---------------------------------------------------------------------------- loading and evaluation
@@ -415,35 +342,7 @@ def evaluate(run_dir: str | os.PathLike, episodes: int = 20, seed: int = 12345, 
     return {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "episodes": episodes}
 
 
-# ---------------------------------------------------------------------------- progress and tensorboard
-class _Progress:
-    def __init__(self, cfg: TrainConfig):
-        show = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
-        self.bar = None
-        if show:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn(f"{cfg.algo} {cfg.env}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task("train", total=cfg.num_updates, info="")
-            self.bar.start()
-
-    def update(self, line: dict) -> None:
-        if self.bar is None:
-            return
-        ret = line["episode_return"]
-        info = f"return {ret:8.1f}" if ret is not None else "return     -   "
-        info += f"  sps {line['sps']:7.0f}  kl {line['approx_kl'] or 0:.4f}"
-        self.bar.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard", "TensorBoard is not installed", "pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tb"))
+def _progress_info(line: dict) -> str:
+    ret = line["episode_return"]
+    info = f"return {ret:8.1f}" if ret is not None else "return     -   "
+    return info + f"  sps {line['sps']:7.0f}  kl {line['approx_kl'] or 0:.4f}"

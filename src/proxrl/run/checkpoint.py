@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -220,7 +220,7 @@ def validate_state(state: Any, path: str | os.PathLike = STATE) -> dict[str, Any
         cfg = state["config"]
         if not isinstance(cfg, dict):
             raise _type_error(path, "config", "an object", cfg)
-        from .config import FIELD_NAMES, check_type
+        from ..gym.config import FIELD_NAMES, check_type
 
         for name, value in cfg.items():
             if name not in FIELD_NAMES:

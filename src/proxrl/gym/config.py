@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import typing
 from typing import Any, Literal, Optional, Union
 
-from .errors import ConfigError, check
-from .rungs import RUNGS
+from ..errors import ConfigError, check
+from ..rungs import RUNGS
 
 Algo = Literal["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo", "npg"]
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

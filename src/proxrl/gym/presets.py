@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _CARTPOLE_PPO = dict(num_envs=8, num_steps=32, num_minibatches=1, gae_lambda=0.8, gamma=0.98,
                      update_epochs=20, ent_coef=0.0, lr=1e-3)

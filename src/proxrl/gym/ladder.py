@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ConfigError
-from .rungs import LADDER, RUNGS
+from ..errors import ConfigError
+from ..rungs import LADDER, RUNGS
 
 
 @dataclass
@@ -144,7 +144,7 @@ def draw(path: Path, results: list[dict], cfg: LadderConfig, threshold) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plot import band, curve
+    from ..run.plot import band, curve
 
     grid = np.linspace(0, cfg.steps, 100)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))

@@ -1,5 +1,5 @@
-"""Run state shared by the gym trainer and the RLHF stages, in checkpoint form: tensors for safetensors,
-everything else JSON-able (no pickle). Used by :func:`proxrl.trainer.save_run` and :func:`proxrl.lm.ppo_trainer.ppo`."""
+"""Run state shared by every stage, in checkpoint form — tensors for safetensors, everything else
+JSON-able (no pickle) — and the one place the global RNGs are seeded."""
 
 from __future__ import annotations
 
@@ -55,3 +55,16 @@ def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str 
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
     pyst = meta["python"]
     random.setstate((pyst[0], tuple(pyst[1]), pyst[2]))
+
+
+#: Version of the checkpoint layout written by this proxrl (``state.json`` key ``version``). 1: no key
+#: (proxrl ≤ 0.1, read as before); 2: the run layer (same tensors and keys, plus ``version``).
+CHECKPOINT_VERSION = 2
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs from one seed (numpy takes it modulo 2³²). Every stage
+    calls this once, before building models, so that initialisation is a function of the seed alone."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

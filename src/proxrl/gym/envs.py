@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError, NumericsError
+from ..errors import ConfigError, NumericsError
 
 EnvSpec = Union[str, Callable[[], Any]]
 

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.distributions import Categorical, Independent, Normal
 
+from .. import core
+
 
 def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
     """Orthogonal weights with the given gain, zero bias (DETAILS 3)."""
@@ -49,8 +51,7 @@ class _Categorical(Categorical):
             return super().sample(sample_shape)
         cdf = self.logits.exp().cumsum(-1)  # [..., K]
         u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, device=cdf.device)
-        # a = #{k : F(k) ≤ u}: a zero-probability event is never drawn; the clamp covers F(K−1) < 1 by rounding
-        return (cdf <= u).sum(-1).clamp_(max=self._num_events - 1)
+        return core.inverse_cdf_sample(cdf, u)
 
 
 _ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}

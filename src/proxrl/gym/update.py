@@ -12,31 +12,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import core
-from .batch import Batch
-from .errors import NumericsError
-from .objective import normalize_advantages, surrogate_loss
+from .. import core
+from ..batch import Batch
+from ..objective import normalize_advantages, surrogate_loss
+from ..run.guards import check_finite
+from ..run.sgd import minibatches, sgd_epochs
+from ..rungs import Rung
 from .policy import ActorCritic
-from .rungs import Rung
-
-
-def _minibatches(n: int, num_minibatches: int) -> list[Tensor]:
-    """A fresh shuffle split into ``num_minibatches`` near-equal parts covering every sample."""
-    return list(torch.randperm(n).tensor_split(num_minibatches))
-
-
-def _check_finite(name: str, value: Tensor, update: int) -> None:
-    if not torch.isfinite(value).all():
-        raise NumericsError(f"{name}: NaN or inf in update {update}")
-
-
-def _clip_and_check(params: list[nn.Parameter], max_grad_norm: float, update: int) -> Tensor:
-    if max_grad_norm > 0:
-        norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    _check_finite("gradient", norm, update)
-    return norm
 
 
 def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, epochs: int,
@@ -44,19 +26,16 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
     """Regress V(s) on the returns for ``epochs`` shuffled passes (the separately trained critic of
     pg-rtg and TRPO, DETAILS 10). Returns the last epoch's mean value loss."""
     obs, ret, v_old = flat.obs[:, 0], flat.ret[:, 0], flat.values[:, 0]
-    params = list(policy.critic.parameters())
-    last = []
-    for _ in range(epochs):
-        last = []
-        for idx in _minibatches(len(ret), num_minibatches):
-            loss = core.value_loss(policy.value(obs[idx]), ret[idx], v_old[idx], clip_coef)
-            _check_finite("value_loss", loss, update)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _clip_and_check(params, max_grad_norm, update)
-            optimizer.step()
-            last.append(loss.detach())
-    return float(torch.stack(last).mean())
+
+    def step(idx: Tensor, where: str) -> dict:
+        loss = core.value_loss(policy.value(obs[idx]), ret[idx], v_old[idx], clip_coef)
+        check_finite("value_loss", loss, update, where)
+        loss.backward()
+        return {"value_loss": loss.detach()}
+
+    res = sgd_epochs([optimizer], list(policy.critic.parameters()), epochs,
+                     lambda: minibatches(len(ret), num_minibatches), max_grad_norm, update, step)
+    return float(torch.stack([st["value_loss"] for st in res.stats[-num_minibatches:]]).mean())
 
 
 def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt: Optional[torch.optim.Optimizer],
@@ -75,47 +54,42 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     old_out, old_log_std = old
     actor_params = policy.actor_parameters()
     params = actor_params + (list(policy.critic.parameters()) if joint_critic else [])
-    policy_losses, value_losses, clip_fracs, first_dev = [], [], [], None
-    stopped_early = False
     ones_by_len: dict[int, Tensor] = {}  # the all-ones mask of each minibatch size, built once
-    for epoch in range(cfg.update_epochs):
-        for idx in _minibatches(n, cfg.num_minibatches):
-            ones = ones_by_len.get(len(idx))
-            if ones is None:
-                ones = ones_by_len[len(idx)] = torch.ones(len(idx), device=adv.device)
-            mb_obs = obs[idx]  # gathered once for the actor and the critic
-            dist = policy.dist(mb_obs)
-            logp = dist.log_prob(act[idx])
-            mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
-            kl = None
-            if need_kl:
-                kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist)
-            loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
-                                      beta=beta, kl=kl, ratio_stats=False)
-            if first_dev is None:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
-                first_dev = float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max())
-            if cfg.ent_coef > 0:
-                loss = loss - cfg.ent_coef * dist.entropy().mean()
-            if joint_critic:
-                v_loss = core.value_loss(policy.value(mb_obs), ret[idx], flat.values[idx, 0],
-                                         cfg.clip_coef if cfg.clip_vloss else None)
-                loss = loss + cfg.vf_coef * v_loss
-                value_losses.append(v_loss.detach())
-            _check_finite("policy_loss", loss, update)
-            actor_opt.zero_grad(set_to_none=True)
-            if joint_critic:
-                critic_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _clip_and_check(params, cfg.max_grad_norm, update)
-            actor_opt.step()
-            if joint_critic:
-                critic_opt.step()
-            policy_losses.append(loss.detach())
-            if "clip_fraction" in st:
-                clip_fracs.append(st["clip_fraction"])
-        if cfg.target_kl is not None and float(st["approx_kl"]) > cfg.target_kl:
-            stopped_early = True
-            break
+    first_dev: list[float] = []
+
+    def step(idx: Tensor, where: str) -> dict:
+        ones = ones_by_len.get(len(idx))
+        if ones is None:
+            ones = ones_by_len[len(idx)] = torch.ones(len(idx), device=adv.device)
+        mb_obs = obs[idx]  # gathered once for the actor and the critic
+        dist = policy.dist(mb_obs)
+        logp = dist.log_prob(act[idx])
+        mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
+        kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist) if need_kl else None
+        loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
+                                  beta=beta, kl=kl, ratio_stats=False)
+        if not first_dev:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
+            first_dev.append(float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max()))
+        if cfg.ent_coef > 0:
+            loss = loss - cfg.ent_coef * dist.entropy().mean()
+        if joint_critic:
+            v_loss = core.value_loss(policy.value(mb_obs), ret[idx], flat.values[idx, 0],
+                                     cfg.clip_coef if cfg.clip_vloss else None)
+            loss = loss + cfg.vf_coef * v_loss
+            st["value_loss"] = v_loss.detach()
+        check_finite("policy_loss", loss, update, where)
+        loss.backward()
+        st["policy_loss"] = loss.detach()
+        return st
+
+    optimizers = [actor_opt] + ([critic_opt] if joint_critic else [])
+    stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None
+    res = sgd_epochs(optimizers, params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
+                     cfg.max_grad_norm, update, step, stop_after_epoch=stop)
+    policy_losses = [st["policy_loss"] for st in res.stats]
+    clip_fracs = [st["clip_fraction"] for st in res.stats if "clip_fraction" in st]
+    value_losses = [st["value_loss"] for st in res.stats if "value_loss" in st]
+    first_dev, epoch, stopped_early = first_dev[0], res.epochs_done - 1, res.stopped_early
     out = {"policy_loss": float(torch.stack(policy_losses).mean()), "ratio_first_dev": first_dev,
            "epochs_done": epoch + 1, "early_stop": stopped_early}
     out["clip_fraction"] = float(torch.stack(clip_fracs).mean()) if clip_fracs else None
@@ -148,7 +122,7 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
     j0 = surrogate()
     g = core.flat_grad(j0, params)
     j0 = float(j0.detach())
-    _check_finite("policy gradient", g, update)
+    check_finite("policy gradient", g, update)
     fvp = lambda v: core.fisher_vector_product(mean_kl, params, v, cfg.cg_damping)
     stepdir = core.conjugate_gradient(fvp, g, cfg.cg_iters)
     shs = float(0.5 * (stepdir @ fvp(stepdir)))

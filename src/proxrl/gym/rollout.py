@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .batch import Batch
+from ..batch import Batch
 from .envs import ObsNormalizer, RewardScaler
-from .errors import NumericsError
+from ..errors import NumericsError
 from .policy import ActorCritic
 
 

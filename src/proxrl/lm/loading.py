@@ -1,0 +1,238 @@
+"""Loading causal LMs and tokenizers, tokenising prompts, and the fine-tuning modes.
+
+Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.py``:
+
+* LM-1 **pad ≠ eos.** When a tokenizer has no pad token, or pads with EOS, an existing non-EOS special
+  token (unk, then bos) becomes the pad; only if there is none is ``<|pad|>`` added (embeddings resized).
+  Masks are never derived from the pad id anyway: responses are cut at their first stop token.
+* Only safetensors weights are read (a ``pytorch_model.bin`` would be unpickled); ``trust_remote_code``
+  stays off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError
+from ..run import checkpoint
+from .config import ModelOptions
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+RUN_CONFIG = "config.json"
+
+
+def read_run_config(path: str | Path) -> Optional[dict]:
+    """The config of a proxrl run directory (``config.json`` with a ``stage`` key), or None."""
+    cfg = Path(path) / RUN_CONFIG
+    if not cfg.is_file():
+        return None
+    try:
+        obj = json.loads(cfg.read_text())
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "stage" in obj else None
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    run = read_run_config(spec)
+    if run is not None:
+        return load_tokenizer(run["base_model"])
+    p = Path(spec)
+    try:
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model", f"cannot load a tokenizer from {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
+    """A plain ``AutoModelForCausalLM`` from a local directory, a hub name (offline: from the local cache),
+    a ``.gguf`` file (de-quantised by transformers), or a proxrl SFT/PPO run directory (its trained weights
+    loaded into its base model; a LoRA adapter is merged so the result is again a plain model)."""
+    from transformers import AutoModelForCausalLM
+
+    run = read_run_config(spec)
+    if run is not None:
+        return load_run_policy(spec, run, dtype)
+    p = Path(spec)
+    try:
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise ConfigError("model", f"no such GGUF file: {spec}")
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+        else:
+            # safetensors only: a pytorch_model.bin would be unpickled by torch.load (issue 5, safe loading)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model", f"cannot load a causal LM from {spec!r}: {str(e).splitlines()[0]}") from None
+    fuse_activations(model)
+    return model.eval()
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Swap Python-composed tanh-GELU modules (``gelu_new`` of GPT-2 and its descendants, ``gelu_fast``) for
+    transformers' own ``GELUTanh`` — torch's fused ``gelu(approximate="tanh")``: the same function
+    0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in one kernel instead of eight elementwise ones, which on a small
+    GPT-2 are the costliest ops of a training step. Results differ by float rounding only. Models with other
+    activations (SiLU in Llama/SmolLM2, exact GELU) are untouched. Returns the number of modules swapped."""
+    try:
+        from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+    except ImportError:  # an older transformers without these classes: nothing to swap
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
+def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype):
+    opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
+    base = load_causal_lm(run["base_model"], dtype)
+    tok = load_tokenizer(run["base_model"])
+    ensure_pad_token(tok, base)
+    freeze(base)
+    lm = apply_finetune(base, opts)
+    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
+    prefix = "policy.lm."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not own:
+        raise CheckpointError(f"{run_dir}: checkpoint holds no policy weights")
+    load_into(lm, own)
+    if opts.finetune == "lora":
+        lm = lm.merge_and_unload()
+    freeze(lm)
+    return lm.eval()
+
+
+def load_into(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise CheckpointError(f"checkpoint tensors do not fit the model: {unexpected[:3]}")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def ensure_pad_token(tokenizer, model=None) -> int:
+    """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id."""
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return tokenizer.pad_token_id
+    for cand in (tokenizer.unk_token, tokenizer.bos_token):
+        if cand is not None and tokenizer.convert_tokens_to_ids(cand) != eos:
+            tokenizer.pad_token = cand
+            return tokenizer.pad_token_id
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.pad_token_id
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS of the tokenizer plus those of the model's generation config (chat models stop at end-of-turn)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    ids.discard(tokenizer.pad_token_id)
+    if not ids:
+        raise ConfigError("model", "the tokenizer has no EOS token", "responses could never stop")
+    return sorted(ids)
+
+
+def use_chat_template(tokenizer, mode: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has:
+        raise ConfigError("chat_template", "is 'on' but the tokenizer has no chat template")
+    return has if mode == "auto" else mode == "on"
+
+
+def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
+    """Token ids of one prompt (chat-formatted with the generation prompt when ``chat``), keeping the last
+    ``max_len`` tokens."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return ids[-max_len:]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``[B, L]`` ids and mask, padded on the left."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s)
+            mask[i, L - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, length: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    L = length if length is not None else max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[:L]
+        if s:
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks (the one whose length is ``num_hidden_layers``)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise ConfigError("finetune", "cannot find the transformer blocks of this model", "use --finetune lora or full")
+
+
+def apply_finetune(model: nn.Module, opts: ModelOptions) -> nn.Module:
+    """Mark what trains: LoRA adapters (returns a peft model), all weights, or the last blocks."""
+    if opts.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        target = opts.lora_target if opts.lora_target == "all-linear" else [t.strip() for t in opts.lora_target.split(",")]
+        cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=0.0, bias="none",
+                         target_modules=target, task_type="CAUSAL_LM")
+        freeze(model)
+        peft_model = get_peft_model(model, cfg)
+        return peft_model.eval()
+    if opts.finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.eval()
+    if opts.finetune == "layers":
+        freeze(model)
+        _, blocks = transformer_blocks(model)
+        k = min(opts.train_layers, len(blocks))
+        for block in list(blocks)[len(blocks) - k:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        return model.eval()
+    raise ConfigError("finetune", f"must be lora, full or layers, got {opts.finetune!r}")
+
+

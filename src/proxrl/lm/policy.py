@@ -1,0 +1,227 @@
+"""A causal LM as a policy over tokens (with its critic and frozen reference), and the reward model.
+
+Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.py``:
+
+* LM-5 **left padding with position ids** ``cumsum(mask) − 1`` in every training forward, so a padded
+  and an unpadded sequence give the same logits.
+* LM-6 **temperature**: log-probs are ``log_softmax(logits / T)`` for the policy, the old policy and the
+  reference alike (the sampler draws from the same distribution, :mod:`proxrl.lm.sampling`).
+* LM-7 **dropout off**: every model is kept in ``eval()`` mode, also while it is trained.
+* LM-13 **critic**: a value head on the policy trunk (one forward gives log-probs and values) or a separate
+  model; heads are initialised N(0, 1/√(d+1)) with zero bias (Ziegler et al. 2019).
+* LM-14 **reference**: with LoRA, the base model with the adapter disabled (no second copy); otherwise a
+  frozen copy of the initial policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..run import checkpoint
+from .config import ModelOptions
+from .loading import (DTYPES, apply_finetune, ensure_pad_token, freeze, load_causal_lm, load_into, load_tokenizer,
+                      read_run_config)
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """``cumsum(mask) − 1`` (0 on left padding): a left-padded sequence gets the positions it would have
+    unpadded (DETAILS LM-5)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidden: bool = False):
+    """One forward with explicit position ids; only the last ``keep_logits`` positions get logits
+    (the vocabulary projection of prompt tokens is never computed)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                logits_to_keep=keep_logits, output_hidden_states=hidden)
+    logits = out.logits[:, -keep_logits:] if keep_logits else out.logits
+    return logits, (out.hidden_states[-1] if hidden else None)
+
+
+def log_probs_all(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T)`` over the vocabulary (bfloat16 logits are normalised in float32)."""
+    x = logits.float() if logits.dtype == torch.bfloat16 else logits
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+
+
+def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T)`` at ``tokens``: ``[B, T, V]``, ``[B, T]`` → ``[B, T]``."""
+    return log_probs_all(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def last_real_index(mask: Tensor) -> Tensor:
+    """Index of the last position with mask 1 in each row, whatever the padding side: ``[B]``."""
+    L = mask.shape[-1]
+    ar = torch.arange(L, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), ar, torch.full_like(ar, -1)).max(-1).values.clamp(min=0)
+
+
+def make_head(d: int, dtype: torch.dtype) -> nn.Linear:
+    """Scalar head initialised N(0, 1/√(d+1)) with zero bias (Ziegler et al. 2019; DETAILS LM-13)."""
+    head = nn.Linear(d, 1, dtype=dtype)
+    nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+
+class LMPolicy(nn.Module):
+    """A causal LM as a policy over tokens, with its critic and its frozen reference.
+
+    ``forward`` returns per-response-token ``logp`` (temperature-scaled), ``values`` V(s_t) read at the
+    position *before* response token t (the state in which it was chosen) and the entropy.
+    """
+
+    def __init__(self, base: nn.Module, tokenizer, opts: ModelOptions, critic: str = "head"):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.opts = opts
+        self.critic_mode = critic
+        dtype = next(base.parameters()).dtype
+        freeze(base)
+        self.is_lora = opts.finetune == "lora"
+        # the reference: the base itself (adapter disabled) with LoRA, else a frozen copy (LM-14)
+        self.ref_lm = None if self.is_lora else freeze(copy.deepcopy(base))
+        critic_base = copy.deepcopy(base) if critic == "separate" else None
+        self.lm = apply_finetune(base, opts)
+        self.critic_lm = apply_finetune(critic_base, opts) if critic_base is not None else None
+        self.value_head = make_head(hidden_size(base), dtype)
+        self.eval()
+
+    def train(self, mode: bool = True):  # dropout stays off (LM-7): the module never leaves eval mode
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.value_head.weight.dtype
+
+    def forward(self, ids: Tensor, mask: Tensor, n_resp: int, temperature: float = 1.0, values: bool = True,
+                entropy: bool = True, entropy_grad: bool = False):
+        """``ids``/``mask`` ``[B, P+R]`` = left-padded prompt ‖ right-padded response; returns ``logp``
+        ``[B, R]``, ``values`` ``[B, R]`` (or None), ``entropy`` ``[B, R]`` (or None; detached unless
+        ``entropy_grad``)."""
+        shared = values and self.critic_lm is None
+        # [B, R+1, V]: position P-1+t predicts response token t; the last position predicts nothing. It is
+        # scored against a dummy token and dropped AFTER the vocabulary reduction, so that backward never
+        # zero-fills a [B, R+1, V] gradient for a slice of the logits
+        logits, h = forward(self.lm, ids, mask, n_resp + 1, hidden=shared)
+        logp_all = log_probs_all(logits, temperature)
+        resp = torch.nn.functional.pad(ids[:, -n_resp:], (0, 1))
+        logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
+        ent = None
+        if entropy:  # from the same log-softmax (one normalisation of the logits, not two)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                lp = logp_all if entropy_grad else logp_all.detach()
+                ent = -(lp.exp() * lp).sum(-1)[:, :-1]
+        v = None
+        if values:
+            if h is None:
+                _, h = forward(self.critic_lm, ids, mask, 1, hidden=True)
+            v = self.value_head(h[:, -n_resp - 1:-1]).squeeze(-1)  # [B, R]
+        return logp, v, ent
+
+    def log_softmax(self, ids: Tensor, mask: Tensor, n_resp: int, temperature: float = 1.0) -> Tensor:
+        """The policy's full ``log_softmax(logits / T)`` at each response position: ``[B, R, V]`` (for exact
+        KLs; the training forward never materialises it twice)."""
+        logits, _ = forward(self.lm, ids, mask, n_resp + 1)
+        return log_probs_all(logits[:, :-1], temperature)
+
+    def ref_logp(self, ids: Tensor, mask: Tensor, n_resp: int, temperature: float = 1.0) -> Tensor:
+        if self.is_lora:
+            with self.lm.disable_adapter():
+                logits, _ = forward(self.lm, ids, mask, n_resp + 1)
+        else:
+            logits, _ = forward(self.ref_lm, ids, mask, n_resp + 1)
+        return token_logp(logits[:, :-1], ids[:, -n_resp:], temperature)
+
+    def generator(self) -> nn.Module:
+        return self.lm
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Only what trains (LoRA adapters, or the trained weights) and the value head: the checkpoint."""
+        out = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                out[name] = p.detach()
+        return out
+
+    def load_trainable(self, tensors: dict[str, Tensor]) -> None:
+        load_into(self, tensors)
+
+
+def build_policy(spec: str, opts: ModelOptions, critic: str = "head") -> LMPolicy:
+    """The policy of ``spec`` with its critic and reference (the caller seeds: heads are initialised from
+    the global torch RNG, :func:`proxrl.run.state.seed_everything`)."""
+    dtype = DTYPES[opts.dtype]
+    base = load_causal_lm(spec, dtype)
+    tok = load_tokenizer(spec)
+    ensure_pad_token(tok, base)
+    return LMPolicy(base, tok, opts, critic)
+
+
+class RewardModel(nn.Module):
+    """The LM trunk with a scalar head; the score is read at the last real token (DETAILS LM-4) and
+    normalised with statistics measured after training: ``(r − score_mean) / score_std``."""
+
+    def __init__(self, base: nn.Module, tokenizer, opts: ModelOptions):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.opts = opts
+        dtype = next(base.parameters()).dtype
+        freeze(base)
+        self.lm = apply_finetune(base, opts)
+        self.head = make_head(hidden_size(base), dtype)
+        self.register_buffer("score_mean", torch.zeros((), dtype=dtype))
+        self.register_buffer("score_std", torch.ones((), dtype=dtype))
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def raw(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Unnormalised score ``[B]`` at the last real token."""
+        _, h = forward(self.lm, ids, mask, 1, hidden=True)
+        last = last_real_index(mask)  # [B]
+        h_last = h[torch.arange(h.shape[0]), last]  # [B, d]
+        return self.head(h_last).squeeze(-1)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return (self.raw(ids, mask) - self.score_mean) / self.score_std
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        out["score_mean"], out["score_std"] = self.score_mean, self.score_std
+        return out
+
+
+def build_reward_model(spec: str, opts: ModelOptions) -> RewardModel:
+    dtype = DTYPES[opts.dtype]
+    base = load_causal_lm(spec, dtype)
+    tok = load_tokenizer(spec)
+    ensure_pad_token(tok, base)
+    return RewardModel(base, tok, opts)
+
+
+def load_reward_model(run_dir: str | Path) -> RewardModel:
+    """A trained reward model from an ``rlhf rm`` run directory (LoRA kept unmerged: it is only scored)."""
+    run = read_run_config(run_dir)
+    if run is None or run.get("stage") != "rm":
+        raise ConfigError("reward", f"{run_dir} is not a reward-model run directory (no config.json with stage 'rm')")
+    opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
+    rm = build_reward_model(run["base_model"], opts)
+    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
+    load_into(rm, tensors)
+    freeze(rm)
+    return rm
+
+

@@ -1,0 +1,296 @@
+"""What produces a :class:`~proxrl.batch.Batch` from prompts: sampling, scoring, the no-grad forwards
+and the reward shaping, for every RL stage on tokens.
+
+1. **generate** — sample a response to each prompt with the KV cache, from the full distribution at
+   temperature T (:mod:`proxrl.lm.sampling`); cut each response after its first stop token (LM-2).
+2. **score** — the reward model or a Python function scores the *truncated* text; a response that never
+   stopped loses ``missing_eos_penalty`` (the "EOS trick", LM-2).
+3. **shape** — per-token reward = −β·kl_ref_k1 on every response token, plus the score on the last real
+   response token (LM-3). ``kl_ref_k1`` = logp_old − logp_ref (k1: unbiased, the estimator in the reward);
+   ``kl_ref`` logged = the mean over sequences of its sum (LM-8).
+4. **advantages** — the token MDP as a :class:`~proxrl.batch.Batch` (EOS = terminated, length limit =
+   truncated; the score is final, so nothing is bootstrapped after the last token) through
+   :func:`proxrl.objective.estimate_advantages` — the function the gym path calls; advantages whitened over
+   the whole rollout batch (LM-10).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import core, objective
+from ..batch import Batch
+from ..errors import ConfigError, NumericsError
+from ..run.guards import check_finite
+from .loading import encode_prompt, left_pad, stop_token_ids, use_chat_template
+from .policy import LMPolicy, RewardModel, last_real_index, load_reward_model
+from .sampling import InverseCDFSampler
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+MIN_WHITEN_TOKENS = 8
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses, as token ids (never re-tokenised) and text."""
+
+    prompts: list[str]
+    query_ids: Tensor       # [B, P] left-padded
+    query_mask: Tensor      # [B, P]
+    response_ids: Tensor    # [B, R] right-padded, cut after the first stop token
+    response_mask: Tensor   # [B, R] 1 up to and including the stop token
+    stopped: Tensor         # [B] bool: the response ended with a stop token
+    responses: list[str]    # decoded truncated responses (special tokens skipped)
+
+    @property
+    def ids(self) -> Tensor:
+        return torch.cat([self.query_ids, self.response_ids], 1)  # [B, P+R]
+
+    @property
+    def mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask], 1)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+# --------------------------------------------------------------------------- pure pieces (tested alone)
+def truncate_at_stop(response: Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut ``[B, R]`` sampled tokens after the first stop token. Returns ``(ids, mask, stopped)``; tokens
+    after the cut become ``pad_id`` and mask 0; the stop token itself is kept (mask 1)."""
+    is_stop = torch.isin(response, torch.tensor(list(stop_ids), device=response.device))  # [B, R]
+    stopped = is_stop.any(-1)
+    R = response.shape[1]
+    first = torch.where(stopped, is_stop.int().argmax(-1), torch.full_like(stopped, R - 1, dtype=torch.long))
+    mask = (torch.arange(R, device=response.device)[None, :] <= first[:, None]).long()
+    return torch.where(mask.bool(), response, torch.full_like(response, pad_id)), mask, stopped
+
+
+def apply_missing_eos_penalty(scores: Tensor, stopped: Tensor, penalty: Optional[float]) -> Tensor:
+    """score − penalty for responses that never stopped (LM-2); unchanged when ``penalty`` is None."""
+    if penalty is None:
+        return scores
+    return torch.where(stopped, scores, scores - penalty)
+
+
+def token_rewards(scores: Tensor, kl_ref_k1: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """−β·kl_ref_k1 on every real response token + the score on the last real one (LM-3): ``[B, R]``."""
+    rewards = -kl_coef * kl_ref_k1 * mask
+    last = last_real_index(mask)  # [B]
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def token_batch(response_ids: Tensor, mask: Tensor, stopped: Tensor, logp_old: Tensor, rewards: Tensor,
+                values: Tensor, logp_ref: Optional[Tensor] = None) -> Batch:
+    """The token MDP as the shared ``[B, T]`` schema: an episode is one response; it ends at its last real
+    token, ``terminated`` when that is a stop token, ``truncated`` at the length limit. The score is final
+    either way, so V after the last token is 0 (no bootstrap)."""
+    m = mask.to(rewards.dtype)
+    last = last_real_index(mask)
+    rows = torch.arange(mask.shape[0])
+    terminated = torch.zeros_like(m)
+    truncated = torch.zeros_like(m)
+    terminated[rows, last] = stopped.to(m.dtype)
+    truncated[rows, last] = (~stopped).to(m.dtype)
+    values = values * m
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)  # V(s_{t+1})
+    next_values[rows, last] = 0.0
+    return Batch(obs=None, actions=response_ids, logp_old=logp_old, rewards=rewards, terminated=terminated,
+                 truncated=truncated, mask=m, values=values, next_values=next_values, logp_ref=logp_ref)
+
+
+# --------------------------------------------------------------------------- rewards
+def load_reward_fn(spec: str) -> RewardFn:
+    """``module:function`` or ``path/to/file.py:function``: a callable (prompts, responses) → floats."""
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise ConfigError("reward", f"{spec!r} is neither a reward-model directory nor 'module:function'")
+    try:
+        if mod_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if spec_ is None or not Path(mod_name).is_file():
+                raise ImportError(f"no file {mod_name}")
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError("reward", f"cannot import {mod_name!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError("reward", f"{mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+class Scorer:
+    """Scores rollouts with a reward model (token ids reused when it shares the policy's tokenizer and
+    prompt format) or a Python function of the decoded text."""
+
+    def __init__(self, reward: str | RewardFn | RewardModel, policy: LMPolicy, chat: bool, max_prompt_length: int,
+                 batch_size: int):
+        self.fn: Optional[RewardFn] = None
+        self.rm: Optional[RewardModel] = None
+        if isinstance(reward, RewardModel):
+            self.rm = reward
+            self.name = "reward model"
+        elif callable(reward):
+            self.fn = reward
+            self.name = f"reward function {getattr(reward, '__qualname__', type(reward).__name__)!r}"
+        elif Path(reward).is_dir():
+            self.rm = load_reward_model(reward)
+            self.name = f"reward model {reward!r}"
+        else:
+            self.fn = load_reward_fn(reward)
+            self.name = f"reward function {reward!r}"
+        self.chunk = batch_size  # sequences per reward-model forward
+        self.max_prompt_length = max_prompt_length
+        if self.rm is not None:
+            self.rm_chat = use_chat_template(self.rm.tokenizer, self.rm.opts.chat_template)
+            self.same_tokens = (self.rm.tokenizer.get_vocab() == policy.tokenizer.get_vocab() and self.rm_chat == chat)
+
+    def __call__(self, rollout: Rollout, where: str = "") -> Tensor:
+        """Scores ``[B]`` (float64). NaN/inf is a one-line NumericsError naming the reward and ``where``."""
+        scores = self._scores(rollout)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise NumericsError(f"{self.name} returned {scores[bad[0]].item()} for {len(bad)} of {len(scores)} "
+                                f"responses{where} (first: response {bad[0]}, {rollout.responses[bad[0]][:40]!r})")
+        return scores
+
+    @torch.inference_mode()
+    def _scores(self, rollout: Rollout) -> Tensor:
+        if self.fn is not None:
+            out = self.fn(list(rollout.prompts), list(rollout.responses))
+            try:
+                scores = torch.tensor([float(x) for x in out], dtype=torch.float64)
+            except (TypeError, ValueError):
+                raise ConfigError("reward", "the reward function must return a sequence of floats") from None
+            if scores.shape != (len(rollout),):
+                raise ConfigError("reward", f"the reward function returned {scores.numel()} values for {len(rollout)} responses")
+            return scores
+        rm = self.rm
+        if self.same_tokens:
+            ids, mask = rollout.ids, rollout.mask
+        else:  # a different tokenizer: decode and re-encode (documented cost)
+            tok = rm.tokenizer
+            seqs = []
+            for p, r, stop in zip(rollout.prompts, rollout.responses, rollout.stopped.tolist()):
+                q = encode_prompt(tok, p, self.rm_chat, self.max_prompt_length)
+                a = tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stop else [])
+                seqs.append(q + a)
+            ids, mask = left_pad(seqs, tok.pad_token_id)
+        out = [rm(ids[i:i + self.chunk], mask[i:i + self.chunk]) for i in range(0, len(rollout), self.chunk)]
+        return torch.cat(out).to(torch.float64)
+
+
+class TokenRollouts:
+    """Prompts → scored rollouts → the token :class:`~proxrl.batch.Batch` with advantages, for one policy.
+    Holds what is fixed for a run: the tokenizer's pad and stop ids, the chat format, the prompt cache."""
+
+    def __init__(self, policy: LMPolicy, cfg):
+        self.policy, self.cfg = policy, cfg
+        tok = policy.tokenizer
+        self.pad_id = tok.pad_token_id
+        self.stop_ids = stop_token_ids(tok, policy.lm)
+        self.chat = use_chat_template(tok, cfg.chat_template)
+        self._encoded: dict[str, list[int]] = {}
+        self.warned_negative_kl = False
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Prompt token ids, tokenised once per distinct prompt and cached."""
+        out = []
+        for p in prompts:
+            if p not in self._encoded:
+                self._encoded[p] = encode_prompt(self.policy.tokenizer, p, self.chat, self.cfg.max_prompt_length)
+            out.append(self._encoded[p])
+        return out
+
+    def generate(self, prompts: Sequence[str], seed: int) -> Rollout:
+        """Sample one response per prompt (KV cache; full distribution at the configured temperature) from
+        the sampling stream ``seed``."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        cfg = self.cfg
+        q_ids, q_mask = left_pad(self.encode(prompts), self.pad_id)
+        dev = cfg.device
+        # greedy decoding over InverseCDFSampler's one-hot logits = sampling at the temperature (LM-6)
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.response_length, eos_token_id=self.stop_ids,
+                                   pad_token_id=self.pad_id, use_cache=True)
+        stream = torch.Generator(device=dev).manual_seed(seed)
+        with torch.inference_mode():
+            out = self.policy.lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev),
+                                          generation_config=gen_cfg,
+                                          logits_processor=LogitsProcessorList([InverseCDFSampler(cfg.temperature, stream)]))
+        resp = out[:, q_ids.shape[1]:].cpu().clone()  # [B, R'] R' ≤ response_length; clone: a normal tensor
+        resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
+        tok = self.policy.tokenizer
+        texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp_ids, resp_mask)]
+        return Rollout(list(prompts), q_ids, q_mask, resp_ids, resp_mask, stopped, texts)
+
+    @torch.inference_mode()
+    def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
+        """No-grad ``logp`` (policy), ``values`` and ``logp_ref`` of the rollout's response tokens, ``[B, R]``
+        each, in chunks of ``forward_batch_size``."""
+        ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
+        T, mb = self.cfg.temperature, self.cfg.forward_batch_size
+        logp, values, logp_ref = [], [], []
+        for i in range(0, len(rollout), mb):
+            lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=True, entropy=False)
+            logp.append(lp)
+            values.append(v)
+            logp_ref.append(self.policy.ref_logp(ids[i:i + mb], mask[i:i + mb], R, T))
+        return torch.cat(logp), torch.cat(values), torch.cat(logp_ref)
+
+    def make_batch(self, rollout: Rollout, scores: Tensor, kl_coef: float, update: int) -> tuple[Batch, dict]:
+        """Old/reference log-probs and values, shaped rewards, GAE advantages. Returns the batch (``adv``
+        whitened per ``norm_adv``) and its statistics. Non-finite inputs raise a NumericsError naming them."""
+        cfg = self.cfg
+        # clone: inference-mode tensors cannot be saved for backward
+        logp_old, values, logp_ref = (t.clone() for t in self.forward(rollout))
+        dtype = logp_old.dtype
+        mask = rollout.response_mask.to(dtype)
+        scores_penalised = apply_missing_eos_penalty(scores.to(dtype), rollout.stopped, cfg.missing_eos_penalty)
+        kl_ref_k1 = core.kl_k1(logp_old, logp_ref) * mask  # [B, R]
+        rewards = token_rewards(scores_penalised, kl_ref_k1, mask, kl_coef)
+        whitened = 0.0
+        if cfg.whiten_rewards:
+            if mask.sum() >= MIN_WHITEN_TOKENS:  # refuse on tiny batches rather than divide by ~0 (LM-10)
+                rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+                whitened = 1.0
+        batch = token_batch(rollout.response_ids, mask, rollout.stopped, logp_old, rewards, values, logp_ref)
+        batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
+        adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
+        batch = batch.replace(adv=adv)
+        for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),
+                        ("values", values), ("rewards (score − β·kl_ref)", rewards), ("returns", batch.ret),
+                        ("advantages", adv)):
+            check_finite(name, x, update, mask=mask)
+        kl_seq = kl_ref_k1.sum(-1)  # [B] per-sequence KL to the reference (k1)
+        stats = {
+            "reward_mean": scores.double().mean().item(),
+            "score_mean": scores_penalised.double().mean().item(),
+            "kl_ref": kl_seq.mean().item(),
+            "kl_ref_k1": core.masked_mean(kl_ref_k1, mask).item(),
+            "kl_ref_k3": (core.kl_k3(logp_old, logp_ref) * mask).sum(-1).mean().item(),
+            "response_length": mask.sum(-1).mean().item(),
+            "eos_rate": rollout.stopped.double().mean().item(),
+            "rewards_whitened": whitened,
+        }
+        if stats["kl_ref_k1"] < -0.01 and not self.warned_negative_kl:
+            warnings.warn(f"mean k1 KL to the reference is negative ({stats['kl_ref_k1']:.4f}): the sampler and "
+                          "the scored policy disagree (temperature? sampling filters?)", stacklevel=2)
+            self.warned_negative_kl = True
+        return batch, stats

@@ -1,0 +1,108 @@
+"""What optimises on a token :class:`~proxrl.batch.Batch`: ``update_epochs`` × shuffled minibatches (one
+optimizer step each, :func:`proxrl.run.sgd.sgd_epochs`, the loop every SGD stage shares) × micro-batches
+(gradient accumulation, each micro loss weighted by its share of the minibatch's tokens or sequences so the
+micro-batch size never changes the result, LM-12), with :func:`proxrl.objective.surrogate_loss` and
+:func:`proxrl.core.value_loss` (clipped). After the epochs, for the rung-5 penalty, the exact
+per-token KL(π_old‖π_θ) over the vocabulary on the whole batch (as on the gym side, DETAILS 9).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import core, objective
+from ..batch import Batch
+from ..run.guards import check_finite
+from ..run.sgd import minibatches, sgd_epochs
+from .policy import LMPolicy
+
+
+def micro_weight(micro_mask: Tensor, minibatch_mask: Tensor, agg: str) -> Tensor:
+    """Share of a micro-batch in its minibatch's loss, so Σ_micro weight·loss_micro = loss_minibatch exactly
+    for token-mean (share of real tokens) and seq-mean (share of non-empty sequences)."""
+    if agg == "token-mean":
+        return micro_mask.sum() / minibatch_mask.sum().clamp(min=1)
+    return (micro_mask.sum(-1) > 0).sum() / (minibatch_mask.sum(-1) > 0).sum().clamp(min=1)
+
+
+def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor, penalty_beta: float,
+               update: int, where: str) -> dict[str, float]:
+    """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step); returns the
+    minibatch's statistics (weighted means; ``ratio_max`` a max)."""
+    R = batch.shape[1]
+    mb_mask = batch.mask[rows]
+    sums: dict[str, float] = {}
+    for micro in rows.split(cfg.micro_batch_size):
+        m = batch.mask[micro]
+        w = micro_weight(m, mb_mask, cfg.loss_agg)
+        logp, v, ent = policy(ids[micro], mask[micro], R, cfg.temperature, values=True,
+                              entropy=True, entropy_grad=cfg.ent_coef > 0)
+        pg_loss, st = objective.surrogate_loss(cfg.surrogate, logp, batch.logp_old[micro], batch.adv[micro], m,
+                                               clip_coef=cfg.clip_coef, beta=penalty_beta, agg=cfg.loss_agg)
+        v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg)
+        ent_mean = core.aggregate(ent, m, cfg.loss_agg)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent_mean
+        for name, x in (("policy loss", pg_loss), ("value loss", v_loss), ("entropy", ent_mean)):
+            check_finite(name, x.detach(), update, where)
+        (loss * w).backward()
+        wf = float(w)
+        for k, val in {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": ent_mean, **st}.items():
+            if k == "ratio_max":
+                sums[k] = max(sums.get(k, 0.0), float(val.detach()))
+            else:
+                sums[k] = sums.get(k, 0.0) + wf * float(val.detach())
+    return sums
+
+
+def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: Batch, ids: Tensor, mask: Tensor,
+               penalty_beta: float, shuffle: torch.Generator, update: int) -> dict[str, float]:
+    """``update_epochs`` × ``num_minibatches`` optimizer steps on the batch; returns the mean of each
+    minibatch statistic over the steps (``ratio_max``: the max) and the mean gradient norm."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    B = ids.shape[0]
+    res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(B, cfg.num_minibatches, shuffle),
+                     cfg.max_grad_norm, update,
+                     lambda rows, where: accumulate(policy, cfg, batch, ids, mask, rows, penalty_beta, update, where))
+    totals: dict[str, float] = {}
+    for sums, norm in zip(res.stats, res.grad_norms):
+        for k, v in {**sums, "grad_norm": norm}.items():
+            totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
+    n = max(len(res.stats), 1)
+    return {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}
+
+
+@contextmanager
+def swapped(params: list[nn.Parameter], values: list[Tensor]):
+    """Temporarily load ``values`` into ``params`` (no autograd), restoring the current ones on exit."""
+    current = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, current):
+                p.copy_(v)
+
+
+@torch.no_grad()
+def exact_kl_to_old(policy: LMPolicy, params: list[nn.Parameter], old_values: list[Tensor], ids: Tensor,
+                    mask: Tensor, resp_mask: Tensor, temperature: float, chunk: int) -> float:
+    """Mean over response tokens of the exact KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the vocabulary, π_old
+    given by ``old_values`` of the trainable ``params`` (the weights before the update): chunk by chunk,
+    one forward with the current weights and one with the old ones."""
+    R = resp_mask.shape[1]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, ids.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        new = policy.log_softmax(ids[sl], mask[sl], R, temperature)   # [b, R, V]
+        with swapped(params, old_values):
+            old = policy.log_softmax(ids[sl], mask[sl], R, temperature)
+        kl = (old.exp() * (old - new)).sum(-1)                           # [b, R]
+        total += (kl * resp_mask[sl].to(kl.dtype)).sum().double()
+    return float(total / resp_mask.sum().clamp(min=1))

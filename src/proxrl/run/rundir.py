@@ -1,0 +1,100 @@
+"""The run directory of any stage: ``config.json`` (atomic), ``metrics.jsonl`` (one JSON object per
+update or step) and, for the LM stages, ``samples.md``. On resume the files are cut back to what they held
+at the checkpoint, so lines written after it by an interrupted run (or a line cut by a kill) disappear."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from . import checkpoint
+
+
+def lm_run_config(stage: str, base_model: str, cfg) -> dict:
+    """``config.json`` of an LM stage: the stage, the base model (resolved to an absolute path when it is
+    a local one) and the stage's config dataclass."""
+    base = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+    return {"stage": stage, "base_model": base, "config": asdict(cfg)}
+
+
+class RunWriter:
+    """``config.json``, ``metrics.jsonl`` and ``samples.md`` of one run. ``fsync_each`` fsyncs every
+    metrics line (the LM stages, whose updates are seconds long); otherwise lines are flushed and
+    :meth:`sync` is called before each checkpoint (the gym loop, thousands of updates a minute)."""
+
+    def __init__(self, out: str | Path, config_obj: Optional[dict], fsync_each: bool = True, samples: bool = True):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.samples_path = self.out / "samples.md"
+        self.fsync_each = fsync_each
+        self._f = None
+        if config_obj is None:  # reopened by resume()
+            return
+        checkpoint.write_json_atomic(self.out / "config.json", config_obj)
+        self.metrics_path.write_text("")
+        if samples:
+            self.samples_path.write_text("# Sample responses\n")
+
+    @classmethod
+    def resume(cls, out: str | Path, key: str, last: int, samples_bytes: Optional[int] = None,
+               fsync_each: bool = True) -> tuple["RunWriter", list[dict]]:
+        """Reopen a run's files cut back to the checkpoint: metrics lines whose ``key`` exceeds ``last``
+        (and everything from a malformed line on) are dropped, ``samples.md`` is truncated to
+        ``samples_bytes``. Returns the writer and the metrics rows kept."""
+        w = cls(out, None, fsync_each)
+        raws, rows = [], []
+        if w.metrics_path.is_file():
+            for raw in w.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    break  # a line cut by the kill
+                if not isinstance(row, dict) or not isinstance(row.get(key), int) or row[key] > last:
+                    break
+                raws.append(raw + "\n")
+                rows.append(row)
+        tmp = w.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(raws))
+        os.replace(tmp, w.metrics_path)
+        if samples_bytes is not None and w.samples_path.is_file() and w.samples_path.stat().st_size > samples_bytes:
+            with open(w.samples_path, "r+b") as f:
+                f.truncate(samples_bytes)
+        return w, rows
+
+    def metrics(self, row: dict) -> None:
+        if self._f is None:
+            self._f = open(self.metrics_path, "a")
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self.fsync_each:
+            os.fsync(self._f.fileno())
+
+    def sync(self) -> None:
+        """fsync the metrics written so far (before a checkpoint records them as part of the run)."""
+        if self._f is not None:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def samples(self, title: str, items: list[tuple[str, str, float]]) -> int:
+        """Append a section; returns the file's size afterwards (fsynced: a checkpoint records it)."""
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            f.write(f"\n## {title}\n")
+            for prompt, response, reward in items:
+                f.write(f"\n**prompt:** {prompt.strip()}\n\n**response** (reward {reward:+.3f}): {response.strip()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+
+def latest_checkpoint(run_dir: str | Path):
+    """``(tensors, state)`` of the latest checkpoint of a run directory (or of a checkpoints folder)."""
+    run_dir = Path(run_dir)
+    return checkpoint.load(run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir)

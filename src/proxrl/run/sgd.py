@@ -1,0 +1,71 @@
+"""The optimizer loop every SGD stage shares: epochs × shuffled minibatches, one optimizer step each.
+
+Used by the gym rungs 1–6 (and their separately fitted critic), RL on tokens (a minibatch being
+gradient-accumulated over micro-batches inside ``minibatch_step``), SFT and the reward model. What a
+minibatch's loss is belongs to the caller; the loop owns the order of minibatches, zeroing, the gradient
+clip and its finite check, the step, and early stopping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .guards import clip_grad_norm
+
+
+def minibatches(n: int, num_minibatches: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
+    """A fresh permutation of ``range(n)`` split into ``num_minibatches`` near-equal parts covering every
+    index (the global torch RNG when ``generator`` is None)."""
+    return list(torch.randperm(n, generator=generator).tensor_split(num_minibatches))
+
+
+@dataclass
+class SGDResult:
+    stats: list[dict] = field(default_factory=list)   # one dict per optimizer step, as minibatch_step returned
+    grad_norms: list[float] = field(default_factory=list)
+    epochs_done: int = 0
+    stopped_early: bool = False
+
+
+def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Parameter], epochs: int,
+               order: Callable[[], Sequence[Tensor]], max_grad_norm: float, update: Optional[int],
+               minibatch_step: Callable[[Tensor, str], dict],
+               stop_after_epoch: Optional[Callable[[dict], bool]] = None,
+               after_step: Optional[Callable[[int, dict, float], None]] = None) -> SGDResult:
+    """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
+    :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
+    where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
+    minibatch j)" for error messages), clip the global gradient norm (``max_grad_norm``, 0 = off) and check
+    it is finite, step every optimizer, then ``after_step(epoch, stats, grad_norm)`` (per-step logging).
+    ``stop_after_epoch(last_stats)`` returning True ends the passes early (PPO's ``target_kl``)."""
+    out = SGDResult()
+    for epoch in range(epochs):
+        st: dict = {}
+        for j, idx in enumerate(order()):
+            where = f" (epoch {epoch + 1}, minibatch {j + 1})" if update is not None else \
+                f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            st = minibatch_step(idx, where)
+            norm = float(clip_grad_norm(params, max_grad_norm, update, where))
+            for opt in optimizers:
+                opt.step()
+            out.stats.append(st)
+            out.grad_norms.append(norm)
+            if after_step is not None:
+                after_step(epoch, st, norm)
+        out.epochs_done = epoch + 1
+        if stop_after_epoch is not None and stop_after_epoch(st):
+            out.stopped_early = True
+            break
+    return out
+
+
+def chunks(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    """A fresh permutation of ``range(n)`` cut into chunks of ``size`` (the last may be shorter): the
+    optimizer batches of SFT and the reward model, whose data need not divide evenly."""
+    return list(torch.randperm(n, generator=generator).split(size))

@@ -1,0 +1,46 @@
+"""SIGINT/SIGTERM during a run: the update in progress is finished, a checkpoint is written, and the run
+stops with :class:`RunInterrupted` (exit status 128 + signal: 130 for SIGINT, 143 for SIGTERM). A second
+signal stops at once (KeyboardInterrupt). Used by every stage that checkpoints (gym train, RL on tokens)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ProxrlError
+
+
+class RunInterrupted(ProxrlError):
+    """SIGINT/SIGTERM: the current update finished, a checkpoint was written; ``exit_code`` is 130/143 and
+    the message names the command that resumes the run."""
+
+    def __init__(self, signum: int, run_dir: Path, update: int, command: str = "proxrl train", extra: str = ""):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after update {update}; checkpoint written; "
+                         f"resume with: {command} --resume {run_dir}{extra}")
+
+
+class StopSignals:
+    """Context manager turning SIGINT/SIGTERM into a flag (``signum``) checked between updates. Installs
+    handlers only on the main thread (elsewhere it is a no-op flag) and restores the previous ones."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)

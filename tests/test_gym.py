@@ -243,7 +243,7 @@ def test_same_seed_same_run_bit_for_bit(tmp_path):
     strip = lambda ms: [{k: v for k, v in m.items() if k not in ("sps", "time")} for m in ms]
     assert strip(a.metrics) == strip(b.metrics)
     from safetensors.torch import load_file
-    from proxrl import checkpoint
+    from proxrl.run import checkpoint
 
     ta = load_file(str(checkpoint.latest(a.run_dir / "checkpoints") / "tensors.safetensors"))
     tb = load_file(str(checkpoint.latest(b.run_dir / "checkpoints") / "tensors.safetensors"))

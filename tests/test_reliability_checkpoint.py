@@ -34,7 +34,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from proxrl import checkpoint
+    from proxrl.run import checkpoint
     root = sys.argv[1]
     try:
         i = int(checkpoint.load(checkpoint.latest(root))[1]["marker"]) + 1

@@ -20,7 +20,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 CHILD = textwrap.dedent("""
     import json, os, sys
     import proxrl
-    from proxrl import trainer
+    from proxrl.gym import trainer
 
     PAGE = os.sysconf("SC_PAGE_SIZE")
     def rss_mb():

@@ -76,6 +76,18 @@ class PPOTrainer:
         self.step_count = 0
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
 
+    @property
+    def pad_id(self) -> int:
+        return self.rollouts.pad_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.rollouts.stop_ids
+
+    @property
+    def chat(self) -> bool:
+        return self.rollouts.chat
+
     # ---- 1. generate
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.rollouts.encode(prompts)

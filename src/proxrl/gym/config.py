@@ -112,7 +112,7 @@ class TrainConfig:
     torch_threads: int = 1
     """Torch CPU threads (1 is fastest for small MLPs)."""
     device: str = "cpu"
-    """Torch device for the networks."""
+    """Torch device for the networks: cpu, cuda, cuda:N, mps, or auto (CUDA when available)."""
     vectorization: Literal["auto", "numpy", "sync", "async"] = "auto"
     """auto: Gymnasium's numpy-vectorised env when it has one (classic control), else SyncVectorEnv."""
 
@@ -281,9 +281,6 @@ def validate(cfg: TrainConfig) -> None:
     if "keep_checkpoints" in FIELD_NAMES:
         check(getattr(cfg, "keep_checkpoints") >= 1, "keep_checkpoints",
               f"must be ≥ 1 (the last good checkpoint is always kept), got {getattr(cfg, 'keep_checkpoints')}")
-    try:
-        import torch
+    from ..run.device import resolve_device
 
-        torch.device(cfg.device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError("device", f"not a torch device: {cfg.device!r}", "e.g. cpu, cuda, cuda:1, mps") from None
+    resolve_device(cfg.device)

@@ -119,6 +119,9 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
         cfg, ckpt_tensors, ckpt_state = _resolve_resume(cfg)
         resumed = (ckpt_tensors, ckpt_state)
     rung = RUNGS[cfg.algo]
+    from ..run.device import resolve_device
+
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.out or _default_out(cfg))
@@ -128,12 +131,12 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
         writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
 
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization)
-    policy = build_policy(envs, cfg).to(cfg.device)
+    policy = build_policy(envs, cfg).to(device)
     actor_opt = make_adam(policy.actor_parameters(), cfg.lr, eps=1e-5)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     critic_opt = make_adam(policy.critic.parameters(), critic_lr, eps=1e-5) if rung.critic else None
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
-                    cfg.clip_reward, cfg.device)
+                    cfg.clip_reward, device)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []

@@ -32,7 +32,11 @@ class ModelOptions:
     lora_target: str = "all-linear"
     """modules LoRA adapts: 'all-linear' or a comma-separated list of module names (e.g. q_proj,v_proj)"""
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    """parameter dtype"""
+    """storage dtype of the frozen weights (the reference, a frozen trunk under LoRA); trained weights, their
+    Adam state and the value/reward heads are always float32 master copies (float64 with float64)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (log-softmax, KL
+    and heads stay float32); 'auto' = bf16 when dtype is bfloat16, else fp32"""
     chat_template: Literal["auto", "on", "off"] = "auto"
     """wrap each prompt as a user turn with the tokenizer's chat template ('auto': when it has one)"""
     max_prompt_length: int = 128
@@ -40,12 +44,25 @@ class ModelOptions:
     seed: int = 0
     """seed of torch sampling, shuffling and initialisation"""
     device: str = "cpu"
-    """torch device"""
+    """torch device of every model and tensor of the stage: cpu, cuda, cuda:N, mps, or auto (CUDA when available)"""
 
     def validate_model(self) -> None:
+        from ..run.device import resolve_device
+
+        self.device = resolve_device(self.device)
         check(self.train_layers >= 1, "train_layers", f"must be ≥ 1, got {self.train_layers}")
         check(self.lora_r >= 1, "lora_r", f"must be ≥ 1, got {self.lora_r}")
         check(self.max_prompt_length >= 1, "max_prompt_length", f"must be ≥ 1, got {self.max_prompt_length}")
+        check(not (self.precision == "fp32" and self.dtype == "bfloat16"), "precision",
+              "fp32 compute with bfloat16 weights mixes dtypes in every layer", "use --precision bf16 or auto")
+
+    @property
+    def amp(self):
+        """The autocast dtype of the model forwards (None: no autocast)."""
+        import torch
+
+        mode = self.precision if self.precision != "auto" else ("bf16" if self.dtype == "bfloat16" else "fp32")
+        return torch.bfloat16 if mode == "bf16" else None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,9 +15,11 @@ Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +64,29 @@ def last_real_index(mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), ar, torch.full_like(ar, -1)).max(-1).values.clamp(min=0)
 
 
+def master_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype trained weights, their optimizer state and the heads live in: float32 master copies of
+    half-precision weights (bf16 weights stepped by Adam lose every update smaller than their 8-bit
+    mantissa, DETAILS 21); float64 stays float64 (exactness tests)."""
+    return torch.float64 if storage == torch.float64 else torch.float32
+
+
+def to_master(model: nn.Module) -> nn.Module:
+    """Trainable parameters of a half-precision model as float32 master weights; frozen ones keep their
+    storage dtype (the memory saving of --dtype bfloat16)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return model
+
+
+def autocast(device: str, amp: Optional[torch.dtype]):
+    """``torch.autocast`` of the model forwards in ``amp`` (bf16) on ``device``; a no-op when ``amp`` is None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp)
+
+
 def make_head(d: int, dtype: torch.dtype) -> nn.Linear:
     """Scalar head initialised N(0, 1/√(d+1)) with zero bias (Ziegler et al. 2019; DETAILS LM-13)."""
     head = nn.Linear(d, 1, dtype=dtype)
@@ -87,16 +112,21 @@ class LMPolicy(nn.Module):
         self.tokenizer = tokenizer
         self.opts = opts
         self.critic_mode = critic
-        dtype = next(base.parameters()).dtype
+        dtype = master_dtype(next(base.parameters()).dtype)
+        self.amp, self.device_name = opts.amp, opts.device
         freeze(base)
         self.is_lora = opts.finetune == "lora"
         # the reference: the base itself (adapter disabled) with LoRA, else a frozen copy (LM-14)
         self.ref_lm = None if self.is_lora else freeze(copy.deepcopy(base))
         critic_base = copy.deepcopy(base) if critic == "separate" else None
-        self.lm = apply_finetune(base, opts)
-        self.critic_lm = apply_finetune(critic_base, opts) if critic_base is not None else None
+        self.lm = to_master(apply_finetune(base, opts))
+        self.critic_lm = to_master(apply_finetune(critic_base, opts)) if critic_base is not None else None
         self.value_head = make_head(hidden_size(base), dtype)
         self.eval()
+
+    def _fwd(self, model, ids: Tensor, mask: Tensor, keep: int, hidden: bool = False):
+        with autocast(self.device_name, self.amp):
+            return forward(model, ids, mask, keep, hidden=hidden)
 
     def train(self, mode: bool = True):  # dropout stays off (LM-7): the module never leaves eval mode
         return super().train(False)
@@ -114,8 +144,8 @@ class LMPolicy(nn.Module):
         # [B, R+1, V]: position P-1+t predicts response token t; the last position predicts nothing. It is
         # scored against a dummy token and dropped AFTER the vocabulary reduction, so that backward never
         # zero-fills a [B, R+1, V] gradient for a slice of the logits
-        logits, h = forward(self.lm, ids, mask, n_resp + 1, hidden=shared)
-        logp_all = log_probs_all(logits, temperature)
+        logits, h = self._fwd(self.lm, ids, mask, n_resp + 1, hidden=shared)
+        logp_all = log_probs_all(logits, temperature)  # float32 even under autocast
         resp = torch.nn.functional.pad(ids[:, -n_resp:], (0, 1))
         logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
         ent = None
@@ -126,22 +156,22 @@ class LMPolicy(nn.Module):
         v = None
         if values:
             if h is None:
-                _, h = forward(self.critic_lm, ids, mask, 1, hidden=True)
-            v = self.value_head(h[:, -n_resp - 1:-1]).squeeze(-1)  # [B, R]
+                _, h = self._fwd(self.critic_lm, ids, mask, 1, hidden=True)
+            v = self.value_head(h[:, -n_resp - 1:-1].to(self.dtype)).squeeze(-1)  # [B, R], head in float32
         return logp, v, ent
 
     def log_softmax(self, ids: Tensor, mask: Tensor, n_resp: int, temperature: float = 1.0) -> Tensor:
         """The policy's full ``log_softmax(logits / T)`` at each response position: ``[B, R, V]`` (for exact
         KLs; the training forward never materialises it twice)."""
-        logits, _ = forward(self.lm, ids, mask, n_resp + 1)
+        logits, _ = self._fwd(self.lm, ids, mask, n_resp + 1)
         return log_probs_all(logits[:, :-1], temperature)
 
     def ref_logp(self, ids: Tensor, mask: Tensor, n_resp: int, temperature: float = 1.0) -> Tensor:
         if self.is_lora:
             with self.lm.disable_adapter():
-                logits, _ = forward(self.lm, ids, mask, n_resp + 1)
+                logits, _ = self._fwd(self.lm, ids, mask, n_resp + 1)
         else:
-            logits, _ = forward(self.ref_lm, ids, mask, n_resp + 1)
+            logits, _ = self._fwd(self.ref_lm, ids, mask, n_resp + 1)
         return token_logp(logits[:, :-1], ids[:, -n_resp:], temperature)
 
     def generator(self) -> nn.Module:
@@ -166,7 +196,7 @@ def build_policy(spec: str, opts: ModelOptions, critic: str = "head") -> LMPolic
     base = load_causal_lm(spec, dtype)
     tok = load_tokenizer(spec)
     ensure_pad_token(tok, base)
-    return LMPolicy(base, tok, opts, critic)
+    return LMPolicy(base, tok, opts, critic).to(opts.device)
 
 
 class RewardModel(nn.Module):
@@ -177,9 +207,10 @@ class RewardModel(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.opts = opts
-        dtype = next(base.parameters()).dtype
+        dtype = master_dtype(next(base.parameters()).dtype)
+        self.amp, self.device_name = opts.amp, opts.device
         freeze(base)
-        self.lm = apply_finetune(base, opts)
+        self.lm = to_master(apply_finetune(base, opts))
         self.head = make_head(hidden_size(base), dtype)
         self.register_buffer("score_mean", torch.zeros((), dtype=dtype))
         self.register_buffer("score_std", torch.ones((), dtype=dtype))
@@ -190,10 +221,11 @@ class RewardModel(nn.Module):
 
     def raw(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Unnormalised score ``[B]`` at the last real token."""
-        _, h = forward(self.lm, ids, mask, 1, hidden=True)
+        with autocast(self.device_name, self.amp):
+            _, h = forward(self.lm, ids, mask, 1, hidden=True)
         last = last_real_index(mask)  # [B]
-        h_last = h[torch.arange(h.shape[0]), last]  # [B, d]
-        return self.head(h_last).squeeze(-1)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
+        return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1)  # the head in float32
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         return (self.raw(ids, mask) - self.score_mean) / self.score_std
@@ -209,15 +241,19 @@ def build_reward_model(spec: str, opts: ModelOptions) -> RewardModel:
     base = load_causal_lm(spec, dtype)
     tok = load_tokenizer(spec)
     ensure_pad_token(tok, base)
-    return RewardModel(base, tok, opts)
+    return RewardModel(base, tok, opts).to(opts.device)
 
 
-def load_reward_model(run_dir: str | Path) -> RewardModel:
-    """A trained reward model from an ``rlhf rm`` run directory (LoRA kept unmerged: it is only scored)."""
+def load_reward_model(run_dir: str | Path, device: Optional[str] = None) -> RewardModel:
+    """A trained reward model from an ``rlhf rm`` run directory (LoRA kept unmerged: it is only scored), on
+    ``device`` (default: the device it was trained on, if this machine has it)."""
+    from ..run.device import resolve_device
+
     run = read_run_config(run_dir)
     if run is None or run.get("stage") != "rm":
         raise ConfigError("reward", f"{run_dir} is not a reward-model run directory (no config.json with stage 'rm')")
     opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
+    opts.device = resolve_device(device or opts.device, "reward")
     rm = build_reward_model(run["base_model"], opts)
     tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
     load_into(rm, tensors)

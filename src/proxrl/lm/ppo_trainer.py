@@ -173,7 +173,7 @@ class PPOTrainer:
         rollout = self.generate(prompts, seed=seed)
         scores = self.scorer(rollout, " on the held-out prompts")
         logp, _, logp_ref = self.rollouts.forward(rollout)
-        kl = ((logp - logp_ref) * rollout.response_mask).sum(-1)
+        kl = ((logp - logp_ref) * rollout.response_mask.to(logp.device)).sum(-1)
         return {"reward_mean": scores.mean().item(), "kl_ref": kl.mean().item(),
                 "eos_rate": rollout.stopped.double().mean().item(),
                 "responses": [{"prompt": p, "response": r, "reward": float(s)}

@@ -33,8 +33,8 @@ from ..batch import Batch
 from ..errors import ConfigError, NumericsError
 from ..run.guards import check_finite
 from .loading import encode_prompt, left_pad, stop_token_ids, use_chat_template
-from .policy import LMPolicy, RewardModel, last_real_index, load_reward_model
-from .sampling import InverseCDFSampler
+from .policy import LMPolicy, RewardModel, autocast, last_real_index, load_reward_model
+from .sampling import context_length, sample
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 MIN_WHITEN_TOKENS = 8
@@ -87,7 +87,7 @@ def token_rewards(scores: Tensor, kl_ref_k1: Tensor, mask: Tensor, kl_coef: floa
     """−β·kl_ref_k1 on every real response token + the score on the last real one (LM-3): ``[B, R]``."""
     rewards = -kl_coef * kl_ref_k1 * mask
     last = last_real_index(mask)  # [B]
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards
 
 
@@ -98,7 +98,7 @@ def token_batch(response_ids: Tensor, mask: Tensor, stopped: Tensor, logp_old: T
     either way, so V after the last token is 0 (no bootstrap)."""
     m = mask.to(rewards.dtype)
     last = last_real_index(mask)
-    rows = torch.arange(mask.shape[0])
+    rows = torch.arange(mask.shape[0], device=mask.device)
     terminated = torch.zeros_like(m)
     truncated = torch.zeros_like(m)
     terminated[rows, last] = stopped.to(m.dtype)
@@ -143,14 +143,15 @@ class Scorer:
                  batch_size: int):
         self.fn: Optional[RewardFn] = None
         self.rm: Optional[RewardModel] = None
+        self.device = policy.device_name
         if isinstance(reward, RewardModel):
-            self.rm = reward
+            self.rm = reward.to(self.device)
             self.name = "reward model"
         elif callable(reward):
             self.fn = reward
             self.name = f"reward function {getattr(reward, '__qualname__', type(reward).__name__)!r}"
         elif Path(reward).is_dir():
-            self.rm = load_reward_model(reward)
+            self.rm = load_reward_model(reward, device=self.device)
             self.name = f"reward model {reward!r}"
         else:
             self.fn = load_reward_fn(reward)
@@ -192,8 +193,9 @@ class Scorer:
                 a = tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stop else [])
                 seqs.append(q + a)
             ids, mask = left_pad(seqs, tok.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         out = [rm(ids[i:i + self.chunk], mask[i:i + self.chunk]) for i in range(0, len(rollout), self.chunk)]
-        return torch.cat(out).to(torch.float64)
+        return torch.cat(out).to("cpu", torch.float64)
 
 
 class TokenRollouts:
@@ -208,6 +210,12 @@ class TokenRollouts:
         self.chat = use_chat_template(tok, cfg.chat_template)
         self._encoded: dict[str, list[int]] = {}
         self.warned_negative_kl = False
+        n_ctx = context_length(policy.lm)
+        # checked before any work: a prompt of max_prompt_length tokens plus a full response must fit
+        if n_ctx is not None and cfg.max_prompt_length + cfg.response_length > n_ctx:
+            raise ConfigError("response_length", f"max_prompt_length {cfg.max_prompt_length} + response_length "
+                              f"{cfg.response_length} exceeds the model's context of {n_ctx} tokens",
+                              f"keep their sum ≤ {n_ctx}")
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Prompt token ids, tokenised once per distinct prompt and cached."""
@@ -219,22 +227,15 @@ class TokenRollouts:
         return out
 
     def generate(self, prompts: Sequence[str], seed: int) -> Rollout:
-        """Sample one response per prompt (KV cache; full distribution at the configured temperature) from
-        the sampling stream ``seed``."""
-        from transformers import GenerationConfig, LogitsProcessorList
-
+        """Sample one response per prompt from the sampling stream ``seed``: KV-cached, each token drawn
+        exactly from softmax(logits / T) of the policy (no processors of the model's generation_config)."""
         cfg = self.cfg
         q_ids, q_mask = left_pad(self.encode(prompts), self.pad_id)
         dev = cfg.device
-        # greedy decoding over InverseCDFSampler's one-hot logits = sampling at the temperature (LM-6)
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.response_length, eos_token_id=self.stop_ids,
-                                   pad_token_id=self.pad_id, use_cache=True)
         stream = torch.Generator(device=dev).manual_seed(seed)
-        with torch.inference_mode():
-            out = self.policy.lm.generate(input_ids=q_ids.to(dev), attention_mask=q_mask.to(dev),
-                                          generation_config=gen_cfg,
-                                          logits_processor=LogitsProcessorList([InverseCDFSampler(cfg.temperature, stream)]))
-        resp = out[:, q_ids.shape[1]:].cpu().clone()  # [B, R'] R' ≤ response_length; clone: a normal tensor
+        with autocast(dev, self.policy.amp):
+            resp = sample(self.policy.lm, q_ids.to(dev), q_mask.to(dev), cfg.response_length, cfg.temperature,
+                          self.stop_ids, self.pad_id, stream).cpu()   # [B, R'] R' ≤ response_length
         resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
         tok = self.policy.tokenizer
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp_ids, resp_mask)]
@@ -260,9 +261,10 @@ class TokenRollouts:
         cfg = self.cfg
         # clone: inference-mode tensors cannot be saved for backward
         logp_old, values, logp_ref = (t.clone() for t in self.forward(rollout))
-        dtype = logp_old.dtype
-        mask = rollout.response_mask.to(dtype)
-        scores_penalised = apply_missing_eos_penalty(scores.to(dtype), rollout.stopped, cfg.missing_eos_penalty)
+        dtype, dev = logp_old.dtype, logp_old.device
+        mask = rollout.response_mask.to(dev, dtype)
+        stopped = rollout.stopped.to(dev)
+        scores_penalised = apply_missing_eos_penalty(scores.to(dev, dtype), stopped, cfg.missing_eos_penalty)
         kl_ref_k1 = core.kl_k1(logp_old, logp_ref) * mask  # [B, R]
         rewards = token_rewards(scores_penalised, kl_ref_k1, mask, kl_coef)
         whitened = 0.0
@@ -270,7 +272,7 @@ class TokenRollouts:
             if mask.sum() >= MIN_WHITEN_TOKENS:  # refuse on tiny batches rather than divide by ~0 (LM-10)
                 rewards = core.masked_whiten(rewards, mask, shift_mean=False)
                 whitened = 1.0
-        batch = token_batch(rollout.response_ids, mask, rollout.stopped, logp_old, rewards, values, logp_ref)
+        batch = token_batch(rollout.response_ids.to(dev), mask, stopped, logp_old, rewards, values, logp_ref)
         batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
@@ -286,7 +288,7 @@ class TokenRollouts:
             "kl_ref_k1": core.masked_mean(kl_ref_k1, mask).item(),
             "kl_ref_k3": (core.kl_k3(logp_old, logp_ref) * mask).sum(-1).mean().item(),
             "response_length": mask.sum(-1).mean().item(),
-            "eos_rate": rollout.stopped.double().mean().item(),
+            "eos_rate": stopped.double().mean().item(),
             "rewards_whitened": whitened,
         }
         if stats["kl_ref_k1"] < -0.01 and not self.warned_negative_kl:

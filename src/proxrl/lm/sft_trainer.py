@@ -25,7 +25,7 @@ from .config import SFTConfig
 from .data import SFT_FIELDS, read_jsonl
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
                       load_tokenizer, stop_token_ids, use_chat_template)
-from .policy import forward
+from .policy import autocast, forward, to_master
 
 
 def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):
@@ -41,6 +41,7 @@ def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, ma
 def sft_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the tokens where ``loss_mask`` is 1 (positions t ≥ 1, predicted from t−1)."""
     logits, _ = forward(model, ids, mask, 0)
+    logits = logits.float()  # the cross-entropy in float32 even under autocast
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return (ce.view(ids.shape[0], -1) * loss_mask[:, 1:]).sum()
 
@@ -58,7 +59,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     pad = ensure_pad_token(tok, base)
     eos = stop_token_ids(tok, base)[0] if tok.eos_token_id is None else tok.eos_token_id
     freeze(base)
-    model = apply_finetune(base, cfg)
+    model = to_master(apply_finetune(base, cfg)).to(cfg.device)  # float32 master weights of what trains
     chat = use_chat_template(tok, cfg.chat_template)
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,7 +75,8 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
         for micro in rows.split(cfg.micro_batch_size):
             ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
             lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
-            loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
+            with autocast(cfg.device, cfg.amp):
+                loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
             check_finite("loss", loss.detach(), None, where)
             loss.backward()
             loss_sum += float(loss.detach())
@@ -94,7 +96,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     with torch.inference_mode():  # a few greedy answers for the readable samples file
         items = []
         for rec in records[:3]:
-            q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)])
+            q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)], device=cfg.device)
             out = model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=cfg.max_response_length,
                                  do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tok, base))
             items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))

@@ -20,7 +20,8 @@ commands:
   eval     evaluate a saved run: prints {"mean_return", "std_return", "episodes"}
   ladder   run every rung × seed on one environment; writes ladder.md and ladder.png
   plot     draw learning curves of runs
-  rlhf     language models: sft, rm, ppo, demo
+  rlhf     language models: sft, rm, ppo, demo, export
+  export   a trained LM run as a Hugging Face model directory
 
 `proxrl COMMAND --help` lists the options of a command."""
 
@@ -156,7 +157,13 @@ def _rlhf(argv: list[str]) -> int:
     return lm_main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "ladder": _ladder, "plot": _plot, "rlhf": _rlhf}
+def _export(argv: list[str]) -> int:
+    from .lm.cli import main as lm_main
+
+    return lm_main(["export", *argv])
+
+
+COMMANDS = {"train": _train, "eval": _eval, "ladder": _ladder, "plot": _plot, "rlhf": _rlhf, "export": _export}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -17,6 +17,7 @@ USAGE = """usage: proxrl rlhf {sft,rm,ppo,demo} [options]
   rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} JSONL
   ppo    PPO against a reward-model directory or a Python function module:function
   demo   the whole pipeline offline: SmolLM2-135M-Instruct (GGUF) + LoRA + VADER sentiment reward
+  export a trained run as a Hugging Face model directory (also: proxrl export RUN --out DIR)
 
 Run `proxrl rlhf COMMAND --help` for the options of a command."""
 
@@ -29,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from . import config as C
 
-    commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "demo": C.DemoConfig}
+    from .export import ExportConfig
+
+    commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "demo": C.DemoConfig, "export": ExportConfig}
     if cmd not in commands:
-        print(f"error: unknown rlhf command {cmd!r}; choose one of sft, rm, ppo, demo", file=sys.stderr)
+        print(f"error: unknown rlhf command {cmd!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2
+    if cmd == "export" and rest and not rest[0].startswith("-"):
+        rest = ["--run", *rest]  # proxrl export RUN --out DIR
     from ..cli import tyro_cli
 
     try:
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "ppo":
             from .ppo_trainer import ppo
             ppo(cfg)
+        elif cmd == "export":
+            import json
+
+            from .export import export
+            print(json.dumps(export(cfg)))
         else:
             from .demo_pipeline import demo
             demo(cfg)

@@ -96,7 +96,10 @@ def fuse_activations(model: nn.Module) -> int:
     return swapped
 
 
-def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype):
+def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype, merge: bool = True, with_tokenizer: bool = False):
+    """The trained policy of an SFT/PPO run directory: its base model with the run's trained weights (a
+    LoRA adapter merged unless ``merge=False``, which returns the peft model). With ``with_tokenizer`` also
+    the tokenizer (pad token as in training)."""
     opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
     base = load_causal_lm(run["base_model"], dtype)
     tok = load_tokenizer(run["base_model"])
@@ -105,14 +108,14 @@ def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype):
     lm = apply_finetune(base, opts)
     tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
     prefix = "policy.lm."
-    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
     if not own:
         raise CheckpointError(f"{run_dir}: checkpoint holds no policy weights")
     load_into(lm, own)
-    if opts.finetune == "lora":
+    if opts.finetune == "lora" and merge:
         lm = lm.merge_and_unload()
     freeze(lm)
-    return lm.eval()
+    return (lm.eval(), tok) if with_tokenizer else lm.eval()
 
 
 def load_into(module: nn.Module, tensors: dict[str, Tensor]) -> None:

@@ -1,0 +1,94 @@
+"""`proxrl export RUN --out DIR` writes a standard Hugging Face model directory that loads without proxrl:
+merged LoRA weights give the trained policy's logits exactly; `--adapter` writes a peft adapter that gives
+them on the base model; bad inputs are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "proxrl", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from proxrl.lm import PPOTrainer
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.ppo_trainer import ppo
+    from proxrl.lm.tiny import make_tiny
+
+    tmp = tmp_path_factory.mktemp("export")
+    model = make_tiny(tmp / "base", seed=0)
+    write_jsonl(tmp / "p.jsonl", [{"prompt": f"p {i}"} for i in range(6)])
+    cfg = PPOConfig(policy=str(model), prompts=str(tmp / "p.jsonl"), out=str(tmp / "run"), updates=2, batch_size=4,
+                    num_minibatches=2, micro_batch_size=2, response_length=4, eval_prompts=1, lr=3e-2,
+                    chat_template="off", lora_r=2, reward="x:y")
+    ppo(cfg, reward=lambda p, r: [len(x) / 4 for x in r], log=lambda *_: None)
+    # the trained policy's logits, from proxrl itself
+    tr = PPOTrainer(PPOConfig(**{**cfg.__dict__, "policy": str(tmp / "run"), "finetune": "full", "out": "x"}),
+                    reward=lambda p, r: [0.0] * len(r))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = tr.policy.lm(input_ids=ids).logits
+    return tmp, ids, want
+
+
+def test_export_merged_loads_with_plain_transformers(trained):
+    tmp, ids, want = trained
+    p = _cli("export", str(tmp / "run"), "--out", str(tmp / "merged"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["format"] == "merged model"
+    assert not list((tmp / "merged").glob("*.bin"))  # safetensors only
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp / 'merged')!r}); "
+            f"AutoTokenizer.from_pretrained({str(tmp / 'merged')!r}); "
+            "print(m(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits.flatten().tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # no proxrl needed
+    assert out.returncode == 0, out.stderr
+    got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(got, want.flatten(), atol=1e-5)
+
+
+def test_export_adapter_loads_with_peft(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tmp, ids, want = trained
+    p = _cli("export", str(tmp / "run"), "--out", str(tmp / "adapter"), "--adapter")
+    assert p.returncode == 0, p.stderr
+    base = AutoModelForCausalLM.from_pretrained(str(tmp / "base"))
+    m = PeftModel.from_pretrained(base, str(tmp / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["not a run", "out not empty", "adapter of a full run"])
+def test_export_bad_input_is_one_line(trained, case):
+    tmp, _, _ = trained
+    (tmp / "full").mkdir(exist_ok=True)
+    (tmp / "full" / "config.json").write_text(json.dumps({"stage": "sft", "base_model": "x", "config": {"finetune": "full"}}))
+    (tmp / "busy").mkdir(exist_ok=True)
+    (tmp / "busy" / "f").write_text("x")
+    args = {"not a run": [str(tmp), "--out", str(tmp / "o1")],
+            "out not empty": [str(tmp / "run"), "--out", str(tmp / "busy")],
+            "adapter of a full run": [str(tmp / "full"), "--out", str(tmp / "o2"), "--adapter"]}[case]
+    p = _cli("export", *args)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr

@@ -39,11 +39,25 @@ def position_ids(mask: Tensor) -> Tensor:
 
 def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidden: bool = False):
     """One forward with explicit position ids; only the last ``keep_logits`` positions get logits
-    (the vocabulary projection of prompt tokens is never computed)."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                logits_to_keep=keep_logits, output_hidden_states=hidden)
+    (the vocabulary projection of prompt tokens is never computed). With ``hidden`` also the last hidden
+    state at those positions — read as the input of the output projection by a hook, instead of asking for
+    ``output_hidden_states``, which keeps every layer's ``[B, L, d]`` alive for backward."""
+    captured: list[Tensor] = []
+    handle = None
+    if hidden:
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                    logits_to_keep=keep_logits)
+    finally:
+        if handle is not None:
+            handle.remove()
     logits = out.logits[:, -keep_logits:] if keep_logits else out.logits
-    return logits, (out.hidden_states[-1] if hidden else None)
+    h = None
+    if hidden:
+        h = captured[-1]
+        h = h[:, -keep_logits:] if keep_logits else h
+    return logits, h
 
 
 def log_probs_all(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -156,7 +170,7 @@ class LMPolicy(nn.Module):
         v = None
         if values:
             if h is None:
-                _, h = self._fwd(self.critic_lm, ids, mask, 1, hidden=True)
+                _, h = self._fwd(self.critic_lm, ids, mask, n_resp + 1, hidden=True)
             v = self.value_head(h[:, -n_resp - 1:-1].to(self.dtype)).squeeze(-1)  # [B, R], head in float32
         return logp, v, ent
 
@@ -221,10 +235,11 @@ class RewardModel(nn.Module):
 
     def raw(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Unnormalised score ``[B]`` at the last real token."""
-        with autocast(self.device_name, self.amp):
-            _, h = forward(self.lm, ids, mask, 1, hidden=True)
         last = last_real_index(mask)  # [B]
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
+        keep = int(mask.shape[1] - last.min())  # the window that holds every row's last real token (1 when left-padded)
+        with autocast(self.device_name, self.amp):
+            _, h = forward(self.lm, ids, mask, keep, hidden=True)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last - (mask.shape[1] - keep)]  # [B, d]
         return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1)  # the head in float32
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:

@@ -35,13 +35,18 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                order: Callable[[], Sequence[Tensor]], max_grad_norm: float, update: Optional[int],
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
-               after_step: Optional[Callable[[int, dict, float], None]] = None) -> SGDResult:
+               after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
     minibatch j)" for error messages), clip the global gradient norm (``max_grad_norm``, 0 = off) and check
     it is finite, step every optimizer, then ``after_step(epoch, stats, grad_norm)`` (per-step logging).
-    ``stop_after_epoch(last_stats)`` returning True ends the passes early (PPO's ``target_kl``)."""
+    ``stop_after_epoch(last_stats)`` returning True ends the passes early (PPO's ``target_kl``).
+
+    With ``dist`` (:class:`proxrl.run.dist.Dist`, several processes) ``minibatch_step`` gets the global
+    indices and computes this rank's share of the loss (weighted by its share of the minibatch); an error
+    on any rank is agreed on before the gradients are summed over ranks, so every rank takes the same step
+    or raises the same error."""
     out = SGDResult()
     for epoch in range(epochs):
         st: dict = {}
@@ -50,7 +55,16 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                 f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            st = minibatch_step(idx, where)
+            if dist is not None and dist.on:
+                err = None
+                try:
+                    st = minibatch_step(idx, where)
+                except Exception as e:  # noqa: BLE001 - agreed on by all ranks, then re-raised
+                    err = e
+                dist.agree(err)
+                dist.all_reduce_grads(params)
+            else:
+                st = minibatch_step(idx, where)
             norm = float(clip_grad_norm(params, max_grad_norm, update, where))
             for opt in optimizers:
                 opt.step()

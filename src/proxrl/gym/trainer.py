@@ -163,7 +163,12 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     the metrics lines.
     """
     if config is None:
-        config, _ = resolve(fields)
+        if fields.get("resume"):  # types only here: the resumed config is the saved one, validated on resume
+            from .config import apply
+
+            config = apply(TrainConfig(), fields, "options")
+        else:
+            config, _ = resolve(fields)
         if explicit is None:
             explicit = set(fields)
     elif fields:
@@ -390,7 +395,8 @@ class Agent:
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Actions for a batch of observations ``[n, *obs_shape]`` (or one observation)."""
         obs = np.asarray(obs, np.float32)
-        single = obs.size == self.policy_obs_dim
+        # one observation, or a batch [n, *obs_shape] — a batch of one ([1, d], evaluate with episodes=1) too
+        single = obs.size == self.policy_obs_dim and (obs.ndim <= 1 or obs.shape[0] != 1)
         x = obs.reshape(1 if single else obs.shape[0], -1)
         if self._normalize is not None:
             x = self._normalize(x, update=False)

@@ -107,6 +107,11 @@ def test_existing_run_refused_unless_overwrite(tmp_path, capsys):
     before = (run / "metrics.jsonl").read_text()
     one_line(*train(capsys, run)[::2], "out")
     assert (run / "metrics.jsonl").read_text() == before  # refused before anything was touched
+    # --overwrite with an env that cannot be made: the old run is left as it was, a new --out is not created
+    one_line(*train(capsys, run, "--overwrite", "--env", "NoSuchEnv-v9")[::2], "env")
+    assert (run / "metrics.jsonl").read_text() == before
+    one_line(*train(capsys, tmp_path / "new", "--env", "NoSuchEnv-v9")[::2], "env")
+    assert not (tmp_path / "new").exists()
     rc, out, err = train(capsys, run, "--overwrite", "--seed", "5", steps=32)  # 1 update
     assert rc == 0, err
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

@@ -25,7 +25,7 @@ from .rollout import Runner
 from ..rungs import RUNGS
 from ..run.guards import Backup, check_parameters
 from ..run.progress import Progress, tensorboard
-from ..run.rundir import RunWriter, latest_checkpoint, prepare_out
+from ..run.rundir import RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
@@ -184,15 +184,16 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     rung = RUNGS[cfg.algo]
     run_dir = Path(cfg.out) if cfg.out else _default_run_dir(cfg)
     if resumed is None:
-        prepare_out(run_dir, overwrite=cfg.overwrite)
+        check_out(run_dir, overwrite=cfg.overwrite)  # refused before anything is made; written after the env
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization,
                         env_kwargs)
-    if resumed is None:
+    if resumed is None:  # an env that cannot be made leaves no directory behind, and an old run untouched
         cfg_dict = cfg.to_dict()
         cfg_dict["out"] = str(run_dir)
         try:
+            prepare_out(run_dir, overwrite=cfg.overwrite)
             writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
         except BaseException:
             envs.close()

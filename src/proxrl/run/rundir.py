@@ -24,19 +24,30 @@ def holds_run(path: str | Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES[:4])
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train") -> Path:
+    """Refuse, before anything is created or removed, an ``out`` that is a file or that already holds a run
+    (unless ``overwrite``); one ConfigError line naming ``field`` and the fix."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, f"{path} is a file, not a directory", f"give {command} a directory for {_flag(field)}")
+    if holds_run(path) and not overwrite:
+        raise ConfigError(field, f"{path} already holds a run",
+                          f"continue it with --resume {path}, replace it with --overwrite, or choose another "
+                          f"{_flag(field)}")
+    return path
+
+
 def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train",
                 extra: tuple[str, ...] = ()) -> Path:
     """Make ``path`` ready for a new run, or refuse with one line naming ``field``: a file, an unwritable
     place, or a directory that already holds a run (unless ``overwrite``: then the old run's files —
     ``RUN_FILES`` and ``extra`` — are removed first; other files are left alone)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(field, f"{path} is a file, not a directory", f"give {command} a directory for --{field.replace('_', '-')}")
+    path = check_out(path, overwrite=overwrite, field=field, command=command)
     if holds_run(path):
-        if not overwrite:
-            raise ConfigError(field, f"{path} already holds a run",
-                              f"continue it with --resume {path}, replace it with --overwrite, or choose another "
-                              f"--{field.replace('_', '-')}")
         for name in RUN_FILES + tuple(extra):
             p = path / name
             try:
@@ -54,7 +65,7 @@ def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out"
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(field, f"cannot write to {path} ({e.strerror or e})",
-                          f"choose a writable directory for --{field.replace('_', '-')}") from None
+                          f"choose a writable directory for {_flag(field)}") from None
     return path
 
 

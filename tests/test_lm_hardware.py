@@ -184,3 +184,24 @@ def test_response_length_beyond_the_context_is_refused_before_any_work(tmp_path,
     model = str(make_tiny(tmp_path / arch, arch=arch))  # 512 positions
     with pytest.raises(ConfigError, match=r"^response_length: .*context of 512"):
         trainer(model, response_length=600, max_prompt_length=32)
+
+
+def test_agent_act_builds_its_tensors_on_the_policys_device():
+    """Agent.act used to build CPU tensors whatever the policy's device (a callback's live agent on CUDA
+    broke). Checked with the policy on the meta device: the input must be made there."""
+    import numpy as np
+
+    from proxrl.gym.policy import ActorCritic
+    from proxrl.gym.trainer import Agent
+
+    seen = []
+    pol = ActorCritic(4, "discrete", 2)
+    orig = pol.act
+    pol.act = lambda x, det: (seen.append(x.device.type), orig(x.to("cpu"), det))[1]
+    pol.actor.to("meta")
+    agent = Agent(pol, None)
+    try:
+        agent.act(np.zeros(4, np.float32))
+    except Exception:  # the meta actor cannot compute; we only look at where the input was built
+        pass
+    assert seen == ["meta"]

@@ -95,10 +95,35 @@ def tyro_cli(cls, args: list[str], prog: str, **kwargs):
     return out
 
 
+def _given_fields(argv: list[str], names) -> set[str]:
+    """Field names of the options written on the command line (``--num-envs 4``, ``--num_envs=4``,
+    ``--no-anneal-lr``), so that ``--resume`` can refuse the ones that would change the saved run."""
+    given = set()
+    for tok in argv:
+        if tok == "--":
+            break
+        if not tok.startswith("--"):
+            continue
+        name = tok[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
 def _train(argv: list[str]) -> int:
-    from .gym.config import TrainConfig, resolve, validate
+    from .gym.config import FIELD_NAMES, TrainConfig, resolve, validate
     from .gym.trainer import train
 
+    quiet = [a for a in argv if a in ("--quiet", "-q")]
+    if quiet:
+        argv = [a for a in argv if a not in ("--quiet", "-q")]
+        if any(a == "--progress" or a.startswith("--progress=") for a in argv):
+            from .errors import ConfigError
+
+            raise ConfigError("quiet", "--quiet and --progress both set the progress output", "give one of them")
+        argv = argv + ["--progress", "off"]
     pre = _OneLineParser(prog="proxrl train", add_help=False)
     pre.add_argument("--env")
     pre.add_argument("--algo")
@@ -107,10 +132,15 @@ def _train(argv: list[str]) -> int:
     explicit = {k: v for k, v in vars(known).items() if v is not None}
     base, _ = resolve(explicit)  # defaults → rung → preset; the options below override it
     cfg = tyro_cli(TrainConfig, args=argv, prog="proxrl train", default=base,
-                   description="Train one rung of the ladder on a Gymnasium environment.")
+                   description="Train one rung of the ladder on a Gymnasium environment. Progress goes to "
+                               "stderr, the result (one JSON line) to stdout; --quiet (-q) turns progress off.")
     cfg = dataclasses.replace(cfg, preset=base.preset)
-    validate(cfg)
-    result = train(cfg)
+    if not cfg.resume:  # a resumed run is validated on its saved config (train → _resolve_resume)
+        validate(cfg)
+    given = _given_fields(argv, FIELD_NAMES)
+    if quiet:
+        given.discard("progress")
+    result = train(cfg, explicit=given)
     last = result.final_return
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.metrics[-1]["step"],
                       "final_episode_return": last}))

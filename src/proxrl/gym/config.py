@@ -102,7 +102,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: Optional[str] = None
-    """Continue the run in this directory from its latest checkpoint, exactly (its saved config is used)."""
+    """Continue the run in this directory from its latest checkpoint, exactly (its saved config is used; only --steps may be raised, any other option that differs is refused)."""
+    overwrite: bool = False
+    """Replace the run already in --out (its checkpoints, metrics and config are removed first); without it such an --out is refused."""
+    env_kwargs: str = "{}"
+    """Keyword arguments of gymnasium.make as a JSON object, e.g. '{"g": 9.81}' (recorded in config.json)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """NaN/inf in a loss or gradient: stop with an error naming it (default), or skip the update (logged)."""
     tensorboard: bool = False
@@ -133,6 +137,36 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 
 
+def env_kwargs_dict(text: Any) -> dict[str, Any]:
+    """The ``env_kwargs`` field parsed: a JSON object (blank = none), else a ConfigError naming the field."""
+    import json
+
+    fix = """a JSON object, e.g. --env-kwargs '{"g": 9.81}'"""
+    if not isinstance(text, str):
+        raise ConfigError("env_kwargs", f"must be a JSON object string, got {type(text).__name__}", fix)
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError("env_kwargs", f"not valid JSON ({str(e).splitlines()[0]})", fix) from None
+    if not isinstance(value, dict):
+        raise ConfigError("env_kwargs", f"must be a JSON object, got a {type(value).__name__}", fix)
+    return value
+
+
+def _env_kwargs_text(value: Any) -> Any:
+    """A dict given through the Python API becomes the JSON text the field holds (and config.json records)."""
+    import json
+
+    if not isinstance(value, dict):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("env_kwargs", f"must be JSON-serialisable, it is recorded in config.json ({e})") from None
+
+
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     unknown = set(values) - FIELD_NAMES
     if unknown:
@@ -140,6 +174,8 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
         raise ConfigError(name, f"unknown config field (from {source})", "see `proxrl train --help` for the fields")
     if isinstance(values.get("hidden"), list):
         values = {**values, "hidden": tuple(values["hidden"])}
+    if "env_kwargs" in values:
+        values = {**values, "env_kwargs": _env_kwargs_text(values["env_kwargs"])}
     for name, value in values.items():
         check_type(name, value)
     return dataclasses.replace(cfg, **values)
@@ -224,6 +260,8 @@ def validate(cfg: TrainConfig) -> None:
     """Every field checked with a message naming it and the fix. Never ``assert`` (survives ``python -O``)."""
     for f in fields(cfg):
         check_type(f.name, getattr(cfg, f.name))
+    env_kwargs_dict(cfg.env_kwargs)
+
     def finite(name: str) -> None:
         v = getattr(cfg, name)
         check(isinstance(v, (int, float)) and math.isfinite(v), name, f"must be a finite number, got {v!r}")

@@ -88,6 +88,8 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
     env_kwargs = env_kwargs or {}
     try:
         if callable(env):
+            factory = env
+            env = lambda: _call_user(factory, "env_factory", _callable_name(factory))  # noqa: E731
             made = env()
             if isinstance(made, VectorEnv):
                 vec = made
@@ -97,7 +99,7 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
                                       "return a gymnasium.Env (or a VectorEnv of num_envs envs)")
                 try:
                     _check_spaces(made)
-                    probe_env(made)
+                    _call_user(lambda: probe_env(made), "env", f"the env made by {_callable_name(factory)}")
                 finally:
                     made.close()
                 vec = gym.vector.SyncVectorEnv([env for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
@@ -121,6 +123,11 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
                                    vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs)
     except ConfigError:
         raise
+    except TypeError as e:
+        if not env_kwargs or callable(env):
+            raise
+        raise ConfigError("env_kwargs", f"{env} does not accept {sorted(env_kwargs)} ({_first_line(e)})",
+                          "see the environment's documentation for its arguments") from None
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError("env", f"{env!r} needs an extra dependency ({str(e).splitlines()[0]})",
                           "e.g. pip install 'gymnasium[mujoco]' or 'gymnasium[box2d]'") from None
@@ -134,6 +141,27 @@ def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_k
         raise ConfigError("num_envs", f"the env factory returned a VectorEnv of {vec.num_envs} envs, not {num_envs}")
     _check_spaces(vec)
     return vec
+
+
+def _call_user(fn, field: str, name: str):
+    """Call user code; an exception it raises becomes one ConfigError line naming ``name`` (proxrl's own
+    one-line errors pass through)."""
+    try:
+        return fn()
+    except (ConfigError, NumericsError):
+        raise
+    except Exception as e:
+        raise ConfigError(field, f"{name} raised {type(e).__name__}: {_first_line(e)}",
+                          "fix it (call it by hand to see the traceback)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:200] or "(no message)"
+
+
+def _callable_name(fn) -> str:
+    return f"env_factory {getattr(fn, '__qualname__', type(fn).__name__)!r}"
 
 
 def _check_obs(obs: Any, space, where: str) -> None:

@@ -38,17 +38,62 @@ class LadderConfig:
     """Parallel runs (0: one per CPU core, at most 4)."""
     eval_episodes: int = 10
     """Episodes of the final deterministic evaluation of each run."""
+    overwrite: bool = False
+    """Replace the runs of an earlier ladder in --out (without it such an --out is refused)."""
 
 
-def _one(env: str, algo: str, seed: int, steps: int, out: str, eval_episodes: int) -> dict:
+def _one(env: str, algo: str, seed: int, steps: int, out: str, eval_episodes: int, overwrite: bool = False) -> dict:
+    from ..errors import ProxrlError
     from .trainer import evaluate, train
 
     t0 = time.perf_counter()
-    res = train(env=env, algo=algo, seed=seed, steps=steps, out=out, progress="off")
-    wall = time.perf_counter() - t0
-    ev = evaluate(out, episodes=eval_episodes, seed=10_000 + seed)
+    try:
+        res = train(env=env, algo=algo, seed=seed, steps=steps, out=out, progress="off", overwrite=overwrite)
+        wall = time.perf_counter() - t0
+        ev = evaluate(out, episodes=eval_episodes, seed=10_000 + seed)
+    except ProxrlError as e:  # returned as text: the errors' constructors do not survive pickling to the parent
+        return {"algo": algo, "seed": seed, "error": f"{type(e).__name__}: {e}"}
     return {"algo": algo, "seed": seed, "run_dir": out, "wall_time": wall, "eval_return": ev["mean_return"],
             "metrics": res.metrics}
+
+
+def _check(cfg: LadderConfig, jobs: list[tuple]) -> None:
+    """Everything a worker would refuse, refused here before any run starts: each rung's resolved config
+    (e.g. --steps below one rollout batch of its preset) and run directories already holding runs."""
+    from .config import resolve
+    from ..run.rundir import holds_run
+
+    for name in ("seeds", "steps", "workers", "eval_episodes"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "workers" else 1):
+            raise ConfigError(name, f"must be a {'non-negative' if name == 'workers' else 'positive'} integer, got {v!r}")
+    if not cfg.algos:
+        raise ConfigError("algos", "no rungs given", f"choose from {', '.join(RUNGS)}")
+    batches = {}
+    for a in cfg.algos:
+        try:
+            batches[a] = resolve({"env": cfg.env, "algo": a, "seed": 1})[0].batch_size
+        except ConfigError as e:
+            raise ConfigError(e.field, f"rung {a}: {str(e)[len(e.field) + 2:]}") from None
+    need = max(batches.values())
+    for a, batch in batches.items():
+        if cfg.steps < batch:
+            raise ConfigError("steps", f"{cfg.steps} is less than one rollout batch of rung {a} ({batch} = "
+                              "num_envs × num_steps of its preset)", f"give --steps {need} or more")
+    for a in cfg.algos:
+        try:
+            resolve({"env": cfg.env, "algo": a, "seed": 1, "steps": cfg.steps})
+        except ConfigError as e:
+            problem = str(e)[len(e.field) + 2:]
+            raise ConfigError(e.field, f"rung {a}: {problem}") from None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a directory", "give proxrl ladder a directory for --out")
+    if not cfg.overwrite:
+        for job in jobs:
+            if holds_run(job[4]):
+                raise ConfigError("out", f"{cfg.out} already holds ladder runs (e.g. {job[4]})",
+                                  "replace them with --overwrite or choose another --out")
 
 
 def _steps_to(metrics: list[dict], threshold: Optional[float], window: int = 3) -> Optional[int]:
@@ -79,16 +124,25 @@ def run_ladder(cfg: LadderConfig) -> Path:
         raise ConfigError("env", f"unknown Gymnasium environment id {cfg.env!r}")
     threshold = gym.spec(cfg.env).reward_threshold
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    workers = cfg.workers or min(4, os.cpu_count() or 1)
-    jobs = [(cfg.env, a, s, cfg.steps, str(out / a / f"seed{s}"), cfg.eval_episodes)
+    jobs = [(cfg.env, a, s, cfg.steps, str(out / a / f"seed{s}"), cfg.eval_episodes, cfg.overwrite)
             for a in cfg.algos for s in range(1, cfg.seeds + 1)]
+    _check(cfg, jobs)
+    from ..run.rundir import prepare_out
+
+    prepare_out(out, overwrite=False, field="out", command="proxrl ladder")  # writable; its runs checked above
+    workers = cfg.workers or min(4, os.cpu_count() or 1)
     t0 = time.perf_counter()
     if workers == 1:
         results = [_one(*j) for j in jobs]
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(_one, *zip(*jobs)))
+    failed = [r for r in results if "error" in r]
+    if failed:
+        from ..errors import ProxrlError
+
+        raise ProxrlError(f"rung {failed[0]['algo']} seed {failed[0]['seed']}: {failed[0]['error']}"
+                          + (f" (and {len(failed) - 1} more runs failed)" if len(failed) > 1 else ""))
     total = time.perf_counter() - t0
     rows = summarise(results, cfg.algos, threshold)
     write_markdown(out / "ladder.md", cfg, rows, threshold, total)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 import numpy as np
 import torch
 
 from ..run import checkpoint
-from .config import TrainConfig, resolve
+from .config import TrainConfig, env_kwargs_dict, resolve
 from .envs import make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
@@ -24,7 +25,7 @@ from .rollout import Runner
 from ..rungs import RUNGS
 from ..run.guards import Backup, check_parameters
 from ..run.progress import Progress, tensorboard
-from ..run.rundir import RunWriter, latest_checkpoint
+from ..run.rundir import RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
@@ -86,51 +87,120 @@ def build_policy(envs, cfg: TrainConfig) -> ActorCritic:
                                   activation=cfg.activation, log_std_init=cfg.log_std_init, critic=rung.critic)
 
 
-def _resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
-    from .config import apply
+#: Fields ``--resume`` lets differ from the saved run: the budget (``steps``, raised only) and what only
+#: changes the console. Every other field given explicitly must equal the saved one.
+RESUME_MAY_CHANGE = ("steps", "progress", "resume", "out")
+
+
+def _resolve_resume(cfg: TrainConfig, explicit: Optional[Collection[str]] = None) -> tuple[TrainConfig, dict, dict]:
+    from .config import apply, validate
 
     run_dir = Path(cfg.resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("resume", f"{run_dir} is a file, not a run directory", "give the directory `proxrl train --out` wrote")
+    if cfg.overwrite:
+        raise ConfigError("overwrite", "cannot be combined with --resume", "drop one of the two")
     tensors, state = latest_checkpoint(run_dir)
     if state.get("format") != "proxrl.gym/1" or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{run_dir}: not a proxrl gym run checkpoint")
     saved = dict(state["config"])
-    saved.update(resume=None, out=str(run_dir), progress=cfg.progress)
-    return apply(TrainConfig(), saved, "checkpoint"), tensors, state
+    saved_cfg = apply(TrainConfig(), dict(saved), "checkpoint")
+    if explicit is None:  # a TrainConfig was passed: every field set away from its default counts as given
+        default = TrainConfig()
+        explicit = [f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)]
+    given, had = cfg.to_dict(), saved_cfg.to_dict()
+    for name in sorted(set(explicit)):
+        if name == "out":
+            if cfg.out is not None and Path(cfg.out).resolve() != run_dir.resolve():
+                raise ConfigError("out", f"--resume continues the run in {run_dir}; --out {cfg.out} names another "
+                                  "directory", "drop --out (the run stays where it is)")
+            continue
+        if name in RESUME_MAY_CHANGE or name not in given:
+            continue
+        if given[name] != had[name]:
+            raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {had[name]!r}); "
+                              f"it cannot change to {given[name]!r}",
+                              "only --steps (to extend the run) may change; start a new run with another --out "
+                              "to change it")
+    steps = saved_cfg.steps
+    if "steps" in explicit and cfg.steps != saved_cfg.steps:
+        done = int(state["update"])
+        if cfg.steps // saved_cfg.batch_size < done:
+            raise ConfigError("steps", f"the run has already done {done} updates ({int(state['step'])} steps); "
+                              f"--steps {cfg.steps} would end it before that",
+                              f"give at least {done * saved_cfg.batch_size} steps")
+        steps = cfg.steps
+    saved.update(resume=None, out=str(run_dir), progress=cfg.progress, steps=steps, overwrite=False)
+    resumed = apply(TrainConfig(), saved, "checkpoint")
+    validate(resumed)
+    return resumed, tensors, state
+
+
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    """``runs/<env>-<algo>-s<seed>-<time>``, with ``-2``, ``-3``… when a run started in the same second."""
+    base = Path(_default_out(cfg))
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callable] = None,
-          callback: Optional[Callable[[dict, "Agent"], Optional[bool]]] = None, **fields: Any) -> RunResult:
+          callback: Optional[Callable[[dict, "Agent"], Optional[bool]]] = None,
+          explicit: Optional[Collection[str]] = None, **fields: Any) -> RunResult:
     """Train one rung on one environment; the same fields as ``proxrl train``.
 
     ``proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=50_000, seed=1)``. Pass ``env_factory`` (a
     callable returning a ``gymnasium.Env``) for custom environments; ``env`` then only names it.
     ``resume=DIR`` continues a run from its latest checkpoint: the result is bit-identical to a run that
-    was never interrupted. ``callback(line, agent)`` is called after every update with its metrics line
+    was never interrupted; ``steps`` may be raised to extend it, any other field given (``explicit``: the
+    names given, by default the keyword fields, or with a config the fields set away from their defaults)
+    that differs from the saved run is a ConfigError. An ``out`` that already holds a run is refused unless
+    ``overwrite=True``. ``callback(line, agent)`` is called after every update with its metrics line
     and the current policy as an :class:`Agent`; returning True ends the run there (a checkpoint is written),
     e.g. to stop once an evaluation reaches a threshold. Returns the run directory, the resolved config and
     the metrics lines.
     """
     if config is None:
-        config, _ = resolve(fields)
+        if fields.get("resume"):  # types only here: the resumed config is the saved one, validated on resume
+            from .config import apply
+
+            config = apply(TrainConfig(), fields, "options")
+        else:
+            config, _ = resolve(fields)
+        if explicit is None:
+            explicit = set(fields)
     elif fields:
         raise TypeError("pass either a TrainConfig or keyword fields, not both")
     cfg, resumed = config, None
     if cfg.resume:
-        cfg, ckpt_tensors, ckpt_state = _resolve_resume(cfg)
+        cfg, ckpt_tensors, ckpt_state = _resolve_resume(cfg, explicit)
         resumed = (ckpt_tensors, ckpt_state)
+    env_kwargs = env_kwargs_dict(cfg.env_kwargs)
+    if env_kwargs and env_factory is not None:
+        raise ConfigError("env_kwargs", "applies to Gymnasium ids, not to an env_factory",
+                          "pass the arguments to your factory instead (e.g. functools.partial)")
     rung = RUNGS[cfg.algo]
     from ..run.device import resolve_device
 
     device = resolve_device(cfg.device)
+    run_dir = Path(cfg.out) if cfg.out else _default_run_dir(cfg)
+    if resumed is None:
+        check_out(run_dir, overwrite=cfg.overwrite)  # refused before anything is made; written after the env
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
-    run_dir = Path(cfg.out or _default_out(cfg))
-    if resumed is None:
+    envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization,
+                        env_kwargs)
+    if resumed is None:  # an env that cannot be made leaves no directory behind, and an old run untouched
         cfg_dict = cfg.to_dict()
         cfg_dict["out"] = str(run_dir)
-        writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
-
-    envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization)
+        try:
+            prepare_out(run_dir, overwrite=cfg.overwrite)
+            writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
+        except BaseException:
+            envs.close()
+            raise
     policy = build_policy(envs, cfg).to(device)
     actor_opt = make_adam(policy.actor_parameters(), cfg.lr, eps=1e-5)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
@@ -241,7 +311,55 @@ def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfi
                         "nvec": list(policy.nvec), "critic": policy.critic is not None},
              "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
              "env_state": env_meta, "rng": rng_meta}
+    bounds = _bounds_json(runner.envs.single_action_space) if policy.kind == "continuous" else None
+    if bounds is not None:
+        state["action_space"] = bounds  # so that load(run).act clips to the env's bounds (optional key)
     return checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
+
+
+def _bounds_json(space) -> Optional[dict]:
+    """A Box action space's shape and bounds, JSON-safe (an infinite bound is null)."""
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if low is None or high is None:
+        return None
+    enc = lambda a: [float(v) if np.isfinite(v) else None for v in np.asarray(a, np.float64).reshape(-1)]
+    return {"shape": [int(d) for d in space.shape], "low": enc(low), "high": enc(high)}
+
+
+class ActionBounds:
+    """The bounds of a Box action space as :class:`Agent` uses them (``low``, ``high``, ``shape``)."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, shape: tuple[int, ...]):
+        self.low, self.high, self.shape = low, high, tuple(shape)
+
+    @classmethod
+    def from_json(cls, d: Any, act_dim: int) -> Optional["ActionBounds"]:
+        try:
+            shape = tuple(int(x) for x in d["shape"])
+            dec = lambda xs, inf: np.array([inf if v is None else float(v) for v in xs], np.float32)
+            low, high = dec(d["low"], -np.inf), dec(d["high"], np.inf)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError("checkpoint 'action_space' must hold shape, low and high lists") from None
+        if low.size != act_dim or high.size != act_dim or int(np.prod(shape)) != act_dim or not (low <= high).all():
+            raise CheckpointError(f"checkpoint 'action_space' does not match the policy's {act_dim} action dimensions")
+        return cls(low, high, shape)
+
+
+def _registry_bounds(cfg: TrainConfig) -> Optional[ActionBounds]:
+    """Bounds of a checkpoint written before they were saved: from the registered env, if it is one."""
+    try:
+        import gymnasium as gym
+
+        if cfg.env not in gym.registry:
+            return None
+        env = gym.make(cfg.env, **env_kwargs_dict(cfg.env_kwargs))
+        try:
+            space = env.action_space
+        finally:
+            env.close()
+        return ActionBounds(space.low.astype(np.float32), space.high.astype(np.float32), space.shape)
+    except Exception:  # an env that cannot be made here: act without clipping, as before
+        return None
 
 
 def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runner):
@@ -281,12 +399,14 @@ class Agent:
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Actions for a batch of observations ``[n, *obs_shape]`` (or one observation)."""
         obs = np.asarray(obs, np.float32)
-        single = obs.size == self.policy_obs_dim
+        # one observation, or a batch [n, *obs_shape] — a batch of one ([1, d], evaluate with episodes=1) too
+        single = obs.size == self.policy_obs_dim and (obs.ndim <= 1 or obs.shape[0] != 1)
         x = obs.reshape(1 if single else obs.shape[0], -1)
         if self._normalize is not None:
             x = self._normalize(x, update=False)
+        dev = next(self.policy.parameters()).device  # the policy's device (a callback's live agent on CUDA)
         with torch.no_grad():
-            a = self.policy.act(torch.as_tensor(x, dtype=torch.float32), deterministic).numpy()
+            a = self.policy.act(torch.as_tensor(x, dtype=torch.float32, device=dev), deterministic).cpu().numpy()
         if self.policy.kind == "continuous" and self.act_space is not None:
             a = np.clip(a, self.act_space.low.reshape(-1), self.act_space.high.reshape(-1))
             a = a.reshape(a.shape[0], *self.act_space.shape)
@@ -319,7 +439,13 @@ def load(run_dir: str | os.PathLike) -> Agent:
     if cfg.obs_norm:
         obs_rms = RunningMeanStd((int(pol["obs_dim"]),))
         obs_rms.load(tensors, "obs_rms")
-    agent = Agent(policy, cfg, obs_rms, cfg.clip_obs)
+    bounds = None
+    if policy.kind == "continuous":
+        if "action_space" in state:
+            bounds = ActionBounds.from_json(state["action_space"], policy.act_dim)
+        else:  # a checkpoint from before the bounds were saved
+            bounds = _registry_bounds(cfg)
+    agent = Agent(policy, cfg, obs_rms, cfg.clip_obs, bounds)
     return agent
 
 
@@ -328,8 +454,11 @@ def evaluate(run_dir: str | os.PathLike, episodes: int = 20, seed: int = 12345, 
     """Mean and std of the undiscounted return over ``episodes`` full episodes (one env each, in parallel)."""
     if episodes <= 0:
         raise ConfigError("episodes", f"must be a positive integer, got {episodes}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ConfigError("seed", f"must be an integer in [0, 2**32), got {seed!r}")
     agent = load(run_dir)
-    envs = make_vec_env(env_factory or agent.config.env, episodes, "auto")
+    kwargs = {} if env_factory is not None else env_kwargs_dict(agent.config.env_kwargs)
+    envs = make_vec_env(env_factory or agent.config.env, episodes, "auto", kwargs)
     agent.act_space = envs.single_action_space
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(episodes)

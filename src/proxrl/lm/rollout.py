@@ -111,8 +111,15 @@ def token_batch(response_ids: Tensor, mask: Tensor, stopped: Tensor, logp_old: T
 
 
 # --------------------------------------------------------------------------- rewards
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:200] or "(no message)"
+
+
 def load_reward_fn(spec: str) -> RewardFn:
-    """``module:function`` or ``path/to/file.py:function``: a callable (prompts, responses) → floats."""
+    """``module:function`` or ``path/to/file.py:function``: a callable (prompts, responses) → floats.
+    A module that cannot be imported — missing, a syntax error, an exception at import — is one
+    ConfigError line naming the module and the problem (file and line for a syntax error)."""
     mod_name, _, fn_name = spec.rpartition(":")
     if not mod_name or not fn_name:
         raise ConfigError("reward", f"{spec!r} is neither a reward-model directory nor 'module:function'")
@@ -128,11 +135,51 @@ def load_reward_fn(spec: str) -> RewardFn:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError("reward", f"cannot import {mod_name!r}: {e}") from None
+        raise ConfigError("reward", f"cannot import {mod_name!r}: {_first_line(e)}") from None
+    except SyntaxError as e:
+        where = f"{e.filename or mod_name}:{e.lineno}" if e.lineno else (e.filename or mod_name)
+        raise ConfigError("reward", f"cannot import {mod_name!r}: syntax error at {where}: {e.msg}",
+                          "fix the reward file") from None
+    except Exception as e:
+        raise ConfigError("reward", f"importing {mod_name!r} raised {type(e).__name__}: {_first_line(e)}",
+                          "fix the reward module (import it by hand to see the traceback)") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError("reward", f"{mod_name!r} has no callable {fn_name!r}")
     return fn
+
+
+def _real_scores(out, name: str, where: str) -> list[float]:
+    """The reward function's output as floats: a list/tuple (or 1-D array/tensor) of real numbers. Strings,
+    numeric strings, bools, dicts, sets, None are refused with one line (``float()`` would accept "0.5",
+    True, and iterate a dict's keys)."""
+    import numbers
+
+    import numpy as np
+
+    fix = "return one int or float per response, e.g. a list of floats"
+    if isinstance(out, (torch.Tensor, np.ndarray)):
+        if isinstance(out, torch.Tensor):
+            real = out.dtype.is_floating_point or out.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                                torch.int64)
+        else:
+            real = out.dtype.kind in "iuf"
+        if not real or out.ndim != 1:
+            raise ConfigError("reward", f"{name} returned a {out.ndim}-D {type(out).__name__} of {out.dtype}{where}",
+                              fix)
+        return [float(x) for x in out.tolist()]
+    if not isinstance(out, (list, tuple)):
+        raise ConfigError("reward", f"{name} returned a {type(out).__name__}{where}, not a list of numbers", fix)
+    vals = []
+    for i, x in enumerate(out):
+        if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 and not isinstance(x, np.bool_):
+            x = x.item()
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+            shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
+            raise ConfigError("reward", f"{name} returned {shown} ({type(x).__name__}) for response {i}{where}, "
+                              "not a real number", fix)
+        vals.append(float(x))
+    return vals
 
 
 class Scorer:
@@ -164,7 +211,7 @@ class Scorer:
 
     def __call__(self, rollout: Rollout, where: str = "") -> Tensor:
         """Scores ``[B]`` (float64). NaN/inf is a one-line NumericsError naming the reward and ``where``."""
-        scores = self._scores(rollout)
+        scores = self._scores(rollout, where)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise NumericsError(f"{self.name} returned {scores[bad[0]].item()} for {len(bad)} of {len(scores)} "
@@ -172,15 +219,19 @@ class Scorer:
         return scores
 
     @torch.inference_mode()
-    def _scores(self, rollout: Rollout) -> Tensor:
+    def _scores(self, rollout: Rollout, where: str = "") -> Tensor:
         if self.fn is not None:
-            out = self.fn(list(rollout.prompts), list(rollout.responses))
             try:
-                scores = torch.tensor([float(x) for x in out], dtype=torch.float64)
-            except (TypeError, ValueError):
-                raise ConfigError("reward", "the reward function must return a sequence of floats") from None
+                out = self.fn(list(rollout.prompts), list(rollout.responses))
+            except (ConfigError, NumericsError):
+                raise
+            except Exception as e:  # the user's code: one line naming it, the update and the problem
+                raise ConfigError("reward", f"{self.name} raised {type(e).__name__}{where}: {_first_line(e)}",
+                                  "fix the function (call it by hand to see the traceback)") from None
+            scores = torch.tensor(_real_scores(out, self.name, where), dtype=torch.float64)
             if scores.shape != (len(rollout),):
-                raise ConfigError("reward", f"the reward function returned {scores.numel()} values for {len(rollout)} responses")
+                raise ConfigError("reward", f"{self.name} returned {scores.numel()} values for {len(rollout)} "
+                                  f"responses{where}")
             return scores
         rm = self.rm
         if self.same_tokens:

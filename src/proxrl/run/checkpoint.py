@@ -47,10 +47,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(fd_or_path, mode: int) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600/0700 temporaries; the renamed result gets the mode an ordinary
+    ``open``/``mkdir`` would have given it (0666/0777 less the umask), like every other file of a run."""
+    mode &= ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _follow_umask(fd, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.flush()
@@ -75,8 +92,10 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
     final = root / f"ckpt-{step:012d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
     try:
+        _follow_umask(tmp, 0o777)
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / TENSORS), metadata={"format": "proxrl"})
+        _follow_umask(tmp / TENSORS, 0o666)  # safetensors writes it 0600
         with open(tmp / TENSORS, "rb+") as f:
             os.fsync(f.fileno())
         with open(tmp / STATE, "w") as f:

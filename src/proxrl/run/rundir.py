@@ -6,11 +6,67 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from . import checkpoint
+from ..errors import ConfigError
+
+#: What a run writes into its directory; a directory holding any of these holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples.md", "summary.json", "tb", ".metrics.jsonl.tmp")
+
+
+def holds_run(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES[:4])
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train") -> Path:
+    """Refuse, before anything is created or removed, an ``out`` that is a file or that already holds a run
+    (unless ``overwrite``); one ConfigError line naming ``field`` and the fix."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, f"{path} is a file, not a directory", f"give {command} a directory for {_flag(field)}")
+    if holds_run(path) and not overwrite:
+        raise ConfigError(field, f"{path} already holds a run",
+                          f"continue it with --resume {path}, replace it with --overwrite, or choose another "
+                          f"{_flag(field)}")
+    return path
+
+
+def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train",
+                extra: tuple[str, ...] = ()) -> Path:
+    """Make ``path`` ready for a new run, or refuse with one line naming ``field``: a file, an unwritable
+    place, or a directory that already holds a run (unless ``overwrite``: then the old run's files —
+    ``RUN_FILES`` and ``extra`` — are removed first; other files are left alone)."""
+    path = check_out(path, overwrite=overwrite, field=field, command=command)
+    if holds_run(path):
+        for name in RUN_FILES + tuple(extra):
+            p = path / name
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+            except OSError as e:
+                raise ConfigError(field, f"cannot remove the old run's {p} ({e.strerror or e})",
+                                  "remove it by hand or choose another directory") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".proxrl-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path} ({e.strerror or e})",
+                          f"choose a writable directory for {_flag(field)}") from None
+    return path
 
 
 def lm_run_config(stage: str, base_model: str, cfg) -> dict:

@@ -1,0 +1,462 @@
+"""Issue 14, "everyday use without surprises": console output, run directories, user code, the smaller
+tools, action bounds and environment arguments. Every bad input is one line ``error: <field>: …`` on
+stderr and exit status 2, no traceback.
+
+Most cases call ``proxrl.cli.main`` in-process (what ``python -m proxrl`` runs); the console-output
+cases run real ``python -m proxrl`` subprocesses (a pipe, and a pseudo-terminal for stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["--num-envs", "2", "--num-steps", "16", "--preset", "none", "--num-minibatches", "2",
+        "--update-epochs", "1", "--checkpoint-every", "1"]
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from proxrl.cli import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(rc: int, err: str, field: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err, err
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and field in lines[0], (field, lines[0])
+    return lines[0]
+
+
+def train(capsys, out, *extra: str, steps: int = 64) -> tuple[int, str, str]:
+    return cli(capsys, "train", "--progress", "off", *TINY, "--steps", str(steps), "--out", str(out), *extra)
+
+
+# ---------------------------------------------------------------------------- 1. console output
+def _json_stdout(stdout: str) -> dict:
+    lines = [l for l in stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, stdout  # nothing but the result on stdout
+    return json.loads(lines[0])
+
+
+def test_stdout_is_json_in_a_pipe(tmp_path):
+    """``proxrl train … > out.json`` (stdout a pipe): stdout is exactly one JSON line; progress (plain
+    lines, 'auto' off a terminal) is on stderr."""
+    p = subprocess.run([sys.executable, "-m", "proxrl", "train", *TINY, "--steps", "64", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert _json_stdout(p.stdout)["steps"] == 64
+    assert "ppo-clip CartPole-v1" in p.stderr and "eta" in p.stderr  # the progress lines went to stderr
+
+
+def test_stdout_is_json_with_stderr_on_a_terminal(tmp_path):
+    """stderr on a pseudo-terminal (the rich bar is drawn there), stdout redirected: stdout is still one
+    JSON line and the bar's escape codes never reach it."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "proxrl", "train", *TINY, "--steps", "64", "--out",
+                              str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=slave, env=_env(TERM="xterm"))
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                b = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not b:
+                break
+            chunks.append(b)
+        out, _ = p.communicate(timeout=300)
+    finally:
+        os.close(master)
+    assert p.returncode == 0
+    tty_text = b"".join(chunks).decode("utf-8", "replace")
+    assert "ppo-clip CartPole-v1" in tty_text  # the bar was drawn on the terminal
+    assert _json_stdout(out.decode())["steps"] == 64
+
+
+def test_quiet_turns_progress_off(tmp_path, capsys):
+    rc, out, err = cli(capsys, "train", "--quiet", *TINY, "--steps", "64", "--out", str(tmp_path / "r"))
+    assert rc == 0 and err == "" and _json_stdout(out)["steps"] == 64
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["progress"] == "off"
+    rc, _, err = cli(capsys, "train", "-q", "--progress", "on", "--out", str(tmp_path / "q"))
+    one_line(rc, err, "quiet")
+
+
+# ---------------------------------------------------------------------------- 2. run directories
+def test_existing_run_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(capsys, run, steps=96)[0] == 0  # 3 updates
+    before = (run / "metrics.jsonl").read_text()
+    one_line(*train(capsys, run)[::2], "out")
+    assert (run / "metrics.jsonl").read_text() == before  # refused before anything was touched
+    # --overwrite with an env that cannot be made: the old run is left as it was, a new --out is not created
+    one_line(*train(capsys, run, "--overwrite", "--env", "NoSuchEnv-v9")[::2], "env")
+    assert (run / "metrics.jsonl").read_text() == before
+    one_line(*train(capsys, tmp_path / "new", "--env", "NoSuchEnv-v9")[::2], "env")
+    assert not (tmp_path / "new").exists()
+    rc, out, err = train(capsys, run, "--overwrite", "--seed", "5", steps=32)  # 1 update
+    assert rc == 0, err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-000000000001"]  # old ones removed
+    assert json.loads((run / "config.json").read_text())["seed"] == 5
+    # a non-empty directory that holds no run is used as it is
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "README").write_text("mine")
+    assert train(capsys, other)[0] == 0 and (other / "README").read_text() == "mine"
+
+
+RESUME_CHANGES = [
+    (["--lr", "0.1"], "lr"),
+    (["--env", "Acrobot-v1"], "env"),
+    (["--algo", "trpo"], "algo"),
+    (["--num-envs", "4"], "num_envs"),
+    (["--no-anneal-lr"], "anneal_lr"),
+    (["--hidden", "32"], "hidden"),
+    (["--seed", "9"], "seed"),
+    (["--gamma=0.5"], "gamma"),
+    (["--obs-norm"], "obs_norm"),
+    (["--preset", "auto"], "preset"),
+    (["--env-kwargs", '{"sutton_barto_reward": true}'], "env_kwargs"),
+    (["--out", "/elsewhere"], "out"),
+    (["--overwrite"], "overwrite"),
+    (["--steps", "32"], "steps"),  # below what the run has done
+]
+
+
+def test_resume_refuses_changes_and_extends_steps(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert train(capsys, run, steps=64)[0] == 0
+    metrics = (run / "metrics.jsonl").read_text()
+    for extra, field in RESUME_CHANGES:
+        rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), *extra)
+        one_line(rc, err, field)
+        assert out == ""
+    assert (run / "metrics.jsonl").read_text() == metrics  # none of them touched the run
+    # the same values as saved are not a change; --steps raises the budget
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--num-envs", "2",
+                       "--preset", "none", "--steps", "128")
+    assert rc == 0, err
+    assert _json_stdout(out)["steps"] == 128 and len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert metrics in (run / "metrics.jsonl").read_text()
+
+
+def test_resume_through_the_api_refuses_changes(tmp_path):
+    import proxrl
+
+    run = tmp_path / "r"
+    proxrl.train(env="CartPole-v1", steps=64, num_envs=2, num_steps=16, num_minibatches=2, preset="none",
+                 out=str(run), progress="off")
+    with pytest.raises(proxrl.ConfigError, match="^lr: "):
+        proxrl.train(resume=str(run), lr=0.5, progress="off")
+    with pytest.raises(proxrl.ConfigError, match="^clip_coef: "):
+        proxrl.train(proxrl.TrainConfig(resume=str(run), clip_coef=0.3))
+    res = proxrl.train(resume=str(run), steps=96, progress="off")
+    assert res.metrics[-1]["step"] == 96
+
+
+def test_bad_out_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line(*train(capsys, f)[::2], "out")                   # a file
+    one_line(*train(capsys, f / "sub")[::2], "out")           # under a file
+    one_line(*cli(capsys, "train", "--resume", str(f))[::2], "resume")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            one_line(*train(capsys, ro / "run")[::2], "out")
+        finally:
+            ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_run_files_follow_the_umask(tmp_path, capsys, mask):
+    old = os.umask(mask)
+    try:
+        assert train(capsys, tmp_path / "r", steps=32)[0] == 0
+    finally:
+        os.umask(old)
+    run = tmp_path / "r"
+    files = [run / "config.json", run / "metrics.jsonl"] + list((run / "checkpoints").rglob("*"))
+    assert len(files) >= 5
+    for p in files:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode), oct(want))
+
+
+# ---------------------------------------------------------------------------- 3. user code
+class _Rollout:
+    prompts = ["a", "b"]
+    responses = ["x", "y"]
+
+    def __len__(self):
+        return 2
+
+
+def _scorer(fn):
+    from proxrl.lm.rollout import Scorer
+
+    s = Scorer.__new__(Scorer)  # the function path only: no model needed
+    s.fn, s.rm, s.name = fn, None, f"reward function {fn.__name__!r}"
+    return s
+
+
+GOOD_REWARDS = [[1.0, 2], (0.5, np.float32(1.0)), np.array([1.0, 2.0]), [np.int64(1), 0]]
+BAD_REWARDS = [["0.5", 1.0], {"a": 1.0, "b": 2.0}, [True, 1.0], [np.bool_(True), 0.0], "12", None, 1.0,
+               [{"a": 1}, 2.0], [None, 1.0], [[1.0], 2.0], np.array([True, False]), np.array(["1", "2"]),
+               np.ones((2, 1)), {1.0, 2.0}, [1.0], [1.0, 2.0, 3.0]]
+
+
+def test_reward_values_only_real_numbers():
+    from proxrl.errors import ProxrlError
+
+    for out in GOOD_REWARDS:
+        assert _scorer(lambda p, r, out=out: out)(_Rollout(), " at update 3").tolist() == [float(x) for x in out]
+    refused = 0
+    for out in BAD_REWARDS:
+        def score(p, r, out=out):
+            return out
+        with pytest.raises(ProxrlError) as e:
+            _scorer(score)(_Rollout(), " at update 3")
+        msg = str(e.value)
+        assert msg.startswith("reward: ") and "'score'" in msg and "at update 3" in msg and "\n" not in msg, msg
+        refused += 1
+    assert refused == len(BAD_REWARDS) == 16
+
+
+def test_reward_function_that_raises_is_one_line():
+    from proxrl.errors import ConfigError
+
+    def flaky(prompts, responses):
+        return {}["missing"]
+
+    with pytest.raises(ConfigError) as e:
+        _scorer(flaky)(_Rollout(), " at update 7")
+    msg = str(e.value)
+    assert "'flaky' raised KeyError at update 7" in msg and "\n" not in msg and e.value.__cause__ is None
+
+
+@pytest.mark.parametrize("source,expect", [
+    ("def f(p, r):\n    return [1.0 for x in p\n", "syntax error at"),
+    ("raise RuntimeError('no sentiment model')\n", "raised RuntimeError: no sentiment model"),
+    ("import no_such_module_xyz\n", "cannot import"),
+    ("g = 1\n", "no callable 'f'"),
+])
+def test_reward_file_defects_are_one_line(tmp_path, source, expect):
+    from proxrl.errors import ConfigError
+    from proxrl.lm.rollout import load_reward_fn
+
+    path = tmp_path / "rew.py"
+    path.write_text(source)
+    with pytest.raises(ConfigError) as e:
+        load_reward_fn(f"{path}:f")
+    msg = str(e.value)
+    assert msg.startswith("reward: ") and expect in msg and "\n" not in msg, msg
+    if "syntax" in expect:
+        assert f"{path}:2" in msg  # file and line
+
+
+def _cartpole():
+    import gymnasium as gym
+
+    return gym.make("CartPole-v1")
+
+
+@pytest.mark.parametrize("defect", ["factory raises", "factory raises later", "reset raises", "step raises"])
+def test_env_factory_that_raises_is_one_line(tmp_path, defect):
+    import gymnasium as gym
+
+    import proxrl
+
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if defect == "factory raises" or (defect == "factory raises later" and len(calls) > 1):
+            raise RuntimeError("simulator licence not found")
+        env = _cartpole()
+        if defect == "reset raises":
+            env.reset = lambda **kw: 1 / 0
+        if defect == "step raises":
+            env.step = lambda a: [][1]
+        return env
+
+    with pytest.raises(proxrl.ProxrlError) as e:
+        proxrl.train(env="Mine-v0", env_factory=factory, steps=64, num_envs=2, num_steps=32, num_minibatches=1,
+                     out=str(tmp_path / "run"), progress="off", preset="none")
+    msg = str(e.value)
+    assert "\n" not in msg and ".factory' raised" in msg, msg
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing written: a retry is not refused
+    assert gym  # (imported for the env)
+
+
+# ---------------------------------------------------------------------------- 4. smaller tools
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    import proxrl
+
+    out = tmp_path_factory.mktemp("small") / "run"
+    proxrl.train(env="CartPole-v1", steps=256, num_envs=2, num_steps=32, num_minibatches=2, preset="none",
+                 out=str(out), progress="off")
+    return out
+
+
+def test_plot_bad_inputs_one_line(tmp_path, capsys, small_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    (tmp_path / "adir.png").mkdir()
+    cases = [
+        (["--metric", "nope"], "metric"),
+        (["--metric", "beta"], "metric"),  # logged, but null in every line of a ppo-clip run
+        (["--out", str(tmp_path / "c.xyz")], "out"),
+        (["--out", str(tmp_path / "c")], "out"),
+        (["--out", str(tmp_path / "adir.png")], "out"),
+        (["--out", "/dev/null/c.png"], "out"),
+    ]
+    for extra, field in cases:
+        one_line(*cli(capsys, "plot", str(small_run), *extra)[::2], field)
+    one_line(*cli(capsys, "plot", str(empty), "--out", str(tmp_path / "e.png"))[::2], "metrics.jsonl")
+    assert not list(tmp_path.glob("*.xyz")) and not (tmp_path / "c").exists() and not (tmp_path / "e.png").exists()
+    rc, out, err = cli(capsys, "plot", str(small_run), "--out", str(tmp_path / "ok.svg"), "--metric", "entropy")
+    assert rc == 0 and (tmp_path / "ok.svg").stat().st_size > 1000, err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32), "1.5"])
+def test_eval_bad_seed_one_line(capsys, small_run, seed):
+    one_line(*cli(capsys, "eval", str(small_run), "--seed", seed)[::2], "seed")
+
+
+def test_ladder_validated_before_any_work(tmp_path, capsys):
+    out = tmp_path / "lad"
+    line = one_line(*cli(capsys, "ladder", "--steps", "100", "--out", str(out))[::2], "steps")
+    assert "rung" in line and "or more" in line
+    assert not out.exists()  # refused before any directory or worker
+    one_line(*cli(capsys, "ladder", "--algos", "ppo-clip", "--seeds", "1", "--steps", "512", "--eval-episodes",
+                  "0", "--out", str(out))[::2], "eval_episodes")
+    (tmp_path / "f").write_text("x")
+    one_line(*cli(capsys, "ladder", "--algos", "ppo-clip", "--seeds", "1", "--steps", "4096",
+                  "--out", str(tmp_path / "f"))[::2], "out")
+    run = out / "ppo-clip" / "seed1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    one_line(*cli(capsys, "ladder", "--algos", "ppo-clip", "--seeds", "1", "--steps", "4096",
+                  "--out", str(out))[::2], "out")
+
+
+def test_ladder_worker_error_is_one_line(monkeypatch):
+    """An error inside a worker comes back as one ProxrlError line (not BrokenProcessPool)."""
+    from proxrl.gym import ladder
+
+    res = ladder._one("CartPole-v1", "ppo-clip", 1, 10, "/dev/null/x", 1)
+    assert set(res) == {"algo", "seed", "error"} and "steps" in res["error"]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(res)) == res
+
+
+# ---------------------------------------------------------------------------- 5. action bounds
+@pytest.fixture(scope="module")
+def pendulum_run(tmp_path_factory):
+    import proxrl
+
+    out = tmp_path_factory.mktemp("pend") / "run"
+    proxrl.train(env="Pendulum-v1", algo="ppo-clip", steps=128, num_envs=2, num_steps=32, num_minibatches=2,
+                 preset="none", out=str(out), progress="off")
+    return out
+
+
+def _push_out_of_bounds(agent):
+    import torch
+
+    with torch.no_grad():
+        agent.policy.actor[-1].bias.fill_(25.0)  # a mean far above Pendulum's +2
+        if hasattr(agent.policy, "log_std"):
+            agent.policy.log_std.fill_(2.0)
+
+
+def test_load_act_respects_box_bounds(pendulum_run):
+    import proxrl
+    from proxrl.run import checkpoint
+
+    state = json.loads((checkpoint.latest(pendulum_run / "checkpoints") / "state.json").read_text())
+    assert state["action_space"] == {"shape": [1], "low": [-2.0], "high": [2.0]}
+    agent = proxrl.load(pendulum_run)
+    _push_out_of_bounds(agent)
+    obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    for det in (True, False):
+        a = agent.act(obs, deterministic=det)
+        assert a.shape == (64, 1) and (a <= 2.0).all() and (a >= -2.0).all()
+    assert agent.act(obs[0]).shape == (1,)
+
+
+def test_old_checkpoint_without_bounds_still_loads_and_clips(pendulum_run, tmp_path):
+    import shutil
+
+    import proxrl
+    from proxrl.run import checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(pendulum_run, old)
+    path = checkpoint.latest(old / "checkpoints") / "state.json"
+    state = json.loads(path.read_text())
+    del state["action_space"]
+    path.write_text(json.dumps(state))
+    agent = proxrl.load(old)  # bounds read from the registered env instead
+    _push_out_of_bounds(agent)
+    assert (agent.act(np.zeros((4, 3), np.float32)) <= 2.0).all()
+    assert np.isfinite(proxrl.evaluate(old, episodes=2)["mean_return"])
+
+
+# ---------------------------------------------------------------------------- 6. env kwargs
+def test_env_kwargs_reach_the_env_and_config(tmp_path, capsys):
+    from proxrl.gym.envs import make_vec_env
+
+    vec = make_vec_env("Pendulum-v1", 2, "sync", {"g": 3.5})
+    try:
+        assert [e.unwrapped.g for e in vec.envs] == [3.5, 3.5]
+    finally:
+        vec.close()
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--env", "Pendulum-v1", *TINY, "--steps", "32",
+                       "--env-kwargs", '{"g": 3.5}', "--out", str(tmp_path / "p"))
+    assert rc == 0, err
+    assert json.loads(json.loads((tmp_path / "p" / "config.json").read_text())["env_kwargs"]) == {"g": 3.5}
+    rc, out, err = cli(capsys, "eval", str(tmp_path / "p"), "--episodes", "1")
+    assert rc == 0, err
+
+
+ENV_KWARGS_BAD = ["{g: 1}", "[1, 2]", '"text"', "3", '{"no_such_argument": 1}', "{", "null"]
+
+
+def test_env_kwargs_bad_one_line(tmp_path, capsys):
+    import proxrl
+
+    for text in ENV_KWARGS_BAD:
+        one_line(*cli(capsys, "train", "--progress", "off", *TINY, "--steps", "32", "--env-kwargs", text,
+                      "--out", str(tmp_path / "k"))[::2], "env_kwargs")
+        assert not (tmp_path / "k" / "config.json").exists()
+    with pytest.raises(proxrl.ConfigError, match="^env_kwargs: "):
+        proxrl.train(env="x", env_factory=_cartpole, env_kwargs={"a": 1}, steps=64, num_envs=2, num_steps=32,
+                     out=str(tmp_path / "f"), progress="off")
+    with pytest.raises(proxrl.ConfigError, match="^env_kwargs: "):
+        proxrl.train(env="CartPole-v1", env_kwargs={"f": object()}, progress="off")

@@ -110,6 +110,22 @@ def token_batch(response_ids: Tensor, mask: Tensor, stopped: Tensor, logp_old: T
                  truncated=truncated, mask=m, values=values, next_values=next_values, logp_ref=logp_ref)
 
 
+def sequence_advantages(batch: Batch, prompts: Sequence[str], cfg) -> Batch:
+    """``adv`` = the weight of every token of response i: its return R_i = Σ_t γ^t r_t (score − β·Σ kl_ref_k1
+    at γ = 1), minus ``cfg.baseline`` over the batch or over the K = ``cfg.samples_per_prompt`` samples of
+    its prompt (consecutive rows; checked); ``ret`` the reward-to-go (logged, no critic trains on it)."""
+    returns = objective.estimate_advantages(batch, "return", cfg.gamma, 1.0)  # R of the episode, every step
+    baseline = "none" if cfg.advantage == "sequence" else cfg.baseline
+    k = cfg.samples_per_prompt
+    if baseline in ("rloo", "group-norm"):
+        B = len(prompts)
+        if B % k or any(prompts[i] != prompts[i - i % k] for i in range(B)):
+            raise ConfigError("samples_per_prompt", f"baseline {baseline} needs each prompt repeated K={k} times "
+                              "in consecutive rows of the rollout")
+    seq = objective.sequence_advantages(returns.adv[:, 0], baseline, k, cfg.scale_by_std)  # [B]
+    return returns.replace(adv=seq[:, None] * batch.mask, ret=returns.ret)
+
+
 # --------------------------------------------------------------------------- rewards
 def load_reward_fn(spec: str) -> RewardFn:
     """``module:function`` or ``path/to/file.py:function``: a callable (prompts, responses) → floats."""
@@ -271,7 +287,10 @@ class TokenRollouts:
                 rewards = core.masked_whiten(rewards, mask, shift_mean=False)
                 whitened = 1.0
         batch = token_batch(rollout.response_ids, mask, rollout.stopped, logp_old, rewards, values, logp_ref)
-        batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
+        if cfg.advantage == "gae":
+            batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
+        else:  # LM rungs 1–2: the response's return (minus a baseline over the prompt's K samples) on every token
+            batch = sequence_advantages(batch, rollout.prompts, cfg)
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
         for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),

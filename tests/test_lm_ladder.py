@@ -256,6 +256,36 @@ def test_train_ppo_clip_is_rlhf_ppo(tmp_path, tiny):
     assert s1["reward_after"] == s2["reward_after"]
 
 
+def test_train_resumes_a_grpo_run_exactly(tmp_path, tiny):
+    """A `train --algo grpo` run (K = 4) resumed from its update-2 checkpoint ends bit-identical to the
+    uninterrupted run; `rlhf ppo --resume` on it is refused with one line pointing to `rlhf train`."""
+    import shutil
+
+    from proxrl.errors import CheckpointError
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.ppo_trainer import ppo, train
+    from proxrl.run import checkpoint
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(10)])
+    cfg = RLConfig(algo="grpo", policy=tiny, reward="unused:fn", prompts=str(tmp_path / "p.jsonl"),
+                   out=str(tmp_path / "a"), finetune="lora", updates=4, batch_size=8, micro_batch_size=4,
+                   response_length=5, eval_prompts=2, checkpoint_every=2, lr=3e-3)
+    train(cfg, reward=mean_byte, log=lambda *_: None)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(checkpoint.latest(tmp_path / "b" / "checkpoints"))
+    train(RLConfig(resume=str(tmp_path / "b")), reward=mean_byte, log=lambda *_: None)
+    wall = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time")
+    rows = [[{k: v for k, v in json.loads(l).items() if k not in wall} for l in open(tmp_path / d / "metrics.jsonl")]
+            for d in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    ta, tb = (load_file(str(checkpoint.latest(tmp_path / d / "checkpoints") / "tensors.safetensors")) for d in "ab")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(CheckpointError, match="rlhf train --resume"):
+        ppo(PPOConfig(resume=str(tmp_path / "b")), reward=mean_byte, log=lambda *_: None)
+
+
 # --------------------------------------------------------------------------- learning
 def run_rung(tmp_path, algo, seed=0, updates=20, **kw):
     from proxrl.lm.data import write_jsonl

@@ -11,7 +11,9 @@ and the reward shaping, for every RL stage on tokens.
 4. **advantages** — the token MDP as a :class:`~proxrl.batch.Batch` (EOS = terminated, length limit =
    truncated; the score is final, so nothing is bootstrapped after the last token) through
    :func:`proxrl.objective.estimate_advantages` — the function the gym path calls; advantages whitened over
-   the whole rollout batch (LM-10).
+   the whole rollout batch (LM-10). The critic-free rungs of ``rlhf train`` (pg, pg-baseline, rloo, grpo)
+   weight every token by the response's return instead, minus a baseline over the batch or over the K
+   samples of its prompt (:func:`sequence_advantages`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ __all__ = [
     "ppo_beta_update", "ziegler_beta_update",
     "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
+    "rloo_baseline", "group_normalize", "importance_weight_stats",
 ]
 
 
@@ -195,18 +196,25 @@ def kl_penalty_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, kl: Tensor, bet
 
 
 def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, mask: Tensor | None = None,
-                 agg: str = "token-mean", max_log_ratio: float = 20.0) -> tuple[Tensor, Tensor]:
+                 agg: str = "token-mean", max_log_ratio: float = 20.0,
+                 clip_coef_high: float | None = None) -> tuple[Tensor, Tensor]:
     """Rung 6 (PPO2): −E[min(r·A, clip(r, 1−ε, 1+ε)·A)]. Returns ``(loss, clip_fraction)``.
 
-    ε = ∞ recovers the importance-sampled loss exactly (tested).
+    ε = ∞ recovers the importance-sampled loss exactly (tested). ``clip_coef_high`` (DAPO's clip-higher)
+    makes the range asymmetric, [1 − clip_coef, 1 + clip_coef_high]; None = symmetric.
     """
     mask = torch.ones_like(logp) if mask is None else mask
     ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
     adv = adv.detach()
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv
+    if clip_coef_high is None or clip_coef_high == clip_coef:
+        clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv
+        outside = (ratio - 1.0).abs() > clip_coef
+    else:
+        clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef_high) * adv
+        outside = (ratio < 1.0 - clip_coef) | (ratio > 1.0 + clip_coef_high)
     loss = -aggregate(torch.minimum(unclipped, clipped), mask, agg)
-    clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_coef).to(logp.dtype), mask)
+    clip_fraction = masked_mean(outside.to(logp.dtype), mask)
     return loss, clip_fraction.detach()
 
 
@@ -354,3 +362,36 @@ def inverse_cdf_sample(cdf: Tensor, u: Tensor) -> Tensor:
     One uniform per row instead of ``torch.multinomial``'s exponential draw per event; used by the gym
     Categorical and the LM sampler alike. Returns ``[...]``."""
     return torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- sequence baselines (LM rung 2)
+# The rollout batch holds K samples of each prompt in consecutive rows: row g·K + j is sample j of prompt g.
+def rloo_baseline(returns: Tensor, k: int) -> Tensor:
+    """RLOO's leave-one-out baseline (Kool et al. 2019): b_i = mean of the other K−1 returns of the same
+    prompt, ``returns`` ``[G·K]`` → ``[G·K]``. It does not depend on sample i, so E[(R_i − b_i)∇log π(y_i)]
+    = ∇E[R] exactly (tested by enumeration). Needs K ≥ 2."""
+    if k < 2 or returns.numel() % k:
+        raise ValueError(f"rloo_baseline needs K ≥ 2 samples per prompt dividing {returns.numel()}, got K={k}")
+    g = returns.reshape(-1, k)                               # [G, K]
+    return ((g.sum(-1, keepdim=True) - g) / (k - 1)).reshape(-1)
+
+
+def group_normalize(returns: Tensor, k: int, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024): (R_i − mean_group) / (std_group + ε), std the
+    unbiased sample std of the K returns of the prompt (ε = 1e-4 as in TRL); ``scale_by_std=False`` is
+    Dr.GRPO's (Liu et al. 2025) R_i − mean_group, without the division that weighs prompts by difficulty.
+    ``returns`` ``[G·K]`` → ``[G·K]``. Needs K ≥ 2."""
+    if k < 2 or returns.numel() % k:
+        raise ValueError(f"group_normalize needs K ≥ 2 samples per prompt dividing {returns.numel()}, got K={k}")
+    g = returns.reshape(-1, k)                               # [G, K]
+    adv = g - g.mean(-1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def importance_weight_stats(log_weights: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Variance of the importance weights w = exp(log w) over the real entries and their effective sample
+    size (:func:`effective_sample_size`): rung 4's diagnostics, ``[...]`` → two scalars."""
+    w = torch.exp(log_weights.clamp(-20, 20))
+    return masked_var(w, mask), effective_sample_size(log_weights, mask)

@@ -16,6 +16,7 @@ from .batch import Batch
 
 WEIGHTS = ("return", "return-baseline", "gae")
 SURROGATES = ("vanilla", "is", "kl-penalty", "clip")
+BASELINES = ("none", "batch-mean", "rloo", "group-norm")
 
 
 def estimate_advantages(batch: Batch, weight: str, gamma: float, gae_lambda: float) -> Batch:
@@ -40,6 +41,23 @@ def estimate_advantages(batch: Batch, weight: str, gamma: float, gae_lambda: flo
     raise ValueError(f"unknown advantage estimator {weight!r}; choose one of {WEIGHTS}")
 
 
+def sequence_advantages(returns: Tensor, baseline: str, k: int = 1, scale_by_std: bool = True) -> Tensor:
+    """The weight of every token of a response from the sequence returns ``[N]`` (LM rungs 1–2), ``[N]``:
+    ``none`` R_i; ``batch-mean`` R_i − mean over the batch (the sample itself included: biased by a factor
+    (N−1)/N, tested); ``rloo`` R_i − mean of the other K−1 samples of its prompt; ``group-norm``
+    (R_i − group mean) / group std (``scale_by_std=False``: no division, Dr.GRPO). Rows are grouped by
+    prompt, K consecutive rows each (:func:`proxrl.core.rloo_baseline`)."""
+    if baseline == "none":
+        return returns
+    if baseline == "batch-mean":
+        return returns - returns.mean()
+    if baseline == "rloo":
+        return returns - core.rloo_baseline(returns, k)
+    if baseline == "group-norm":
+        return core.group_normalize(returns, k, scale_by_std)
+    raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+
+
 def normalize_advantages(adv: Tensor, mask: Tensor, mode: str) -> Tensor:
     """``off`` | ``scale`` (divide by the std, keep the mean: rung 1 keeps its all-positive weights)
     | ``whiten`` (zero mean, unit std)."""
@@ -55,11 +73,13 @@ def normalize_advantages(adv: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, *,
                    clip_coef: float = 0.2, beta: float = 0.0, kl: Optional[Tensor] = None,
-                   agg: str = "token-mean", ratio_stats: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+                   agg: str = "token-mean", ratio_stats: bool = True,
+                   clip_coef_high: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of a rung plus its diagnostics (all detached scalars).
 
     ``kl`` is the per-step KL(π_old‖π_θ) used by the penalty (exact on the gym path, k3 on tokens).
     Diagnostics: ``approx_kl`` (k3 of old vs new), ``ratio_mean``, ``ratio_max``, ``clip_fraction``.
+    ``clip_coef_high`` (clip only): the upper bound of an asymmetric range [1 − clip_coef, 1 + clip_coef_high].
     """
     log_ratio = logp - logp_old
     if surrogate == "vanilla":
@@ -74,7 +94,8 @@ def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, 
         loss = core.kl_penalty_loss(logp, logp_old, adv, kl, beta, mask, agg)
         clip_fraction = None
     elif surrogate == "clip":
-        loss, clip_fraction = core.clipped_loss(logp, logp_old, adv, clip_coef, mask, agg)
+        loss, clip_fraction = core.clipped_loss(logp, logp_old, adv, clip_coef, mask, agg,
+                                                  clip_coef_high=clip_coef_high)
     else:
         raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
     with torch.no_grad():

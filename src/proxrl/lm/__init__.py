@@ -1,13 +1,13 @@
 """RLHF for language models on the shared core: SFT → reward model → PPO.
 
 Heavy dependencies (transformers, peft, vaderSentiment, gensim, matplotlib) load on first use, so
-``import proxrl.lm`` costs nothing. The functions mirror the CLI commands ``proxrl rlhf sft|rm|ppo|demo``;
+``import proxrl.lm`` costs nothing. The functions mirror the CLI commands ``proxrl rlhf sft|rm|ppo|train|demo``;
 :class:`PPOTrainer` is the step-wise form (generate → score → step) for your own loop.
 """
 
 from __future__ import annotations
 
-from .config import DemoConfig, ModelOptions, PPOConfig, RMConfig, SFTConfig
+from .config import LM_LADDER, LM_RUNGS, DemoConfig, ModelOptions, PPOConfig, RLConfig, RMConfig, SFTConfig
 
 
 def sft(config: SFTConfig, **kwargs) -> dict:
@@ -31,6 +31,15 @@ def ppo(config: PPOConfig, reward=None, **kwargs) -> dict:
     return _ppo(config, reward=reward, **kwargs)
 
 
+def train(config: RLConfig, reward=None, **kwargs) -> dict:
+    """Any rung of the ladder on tokens (``config.algo``: pg, pg-baseline, rloo, grpo, pg-rtg, is-pg,
+    ppo-kl, ppo-clip) against a reward-model directory or a Python function; see
+    :func:`proxrl.lm.ppo_trainer.train`."""
+    from .ppo_trainer import train as _train
+
+    return _train(config, reward=reward, **kwargs)
+
+
 def demo(config: DemoConfig | None = None, **kwargs) -> dict:
     """The offline pipeline on SmolLM2-135M-Instruct with the VADER sentiment reward."""
     from .demo_pipeline import demo as _demo
@@ -50,5 +59,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["sft", "reward_model", "ppo", "demo", "PPOTrainer", "Rollout", "LMPolicy", "RewardModel",
+__all__ = ["sft", "reward_model", "ppo", "train", "demo", "RLConfig", "LM_RUNGS", "LM_LADDER", "PPOTrainer", "Rollout", "LMPolicy", "RewardModel",
            "build_policy", "load_reward_model", "SFTConfig", "RMConfig", "PPOConfig", "DemoConfig", "ModelOptions"]

@@ -1,4 +1,4 @@
-"""``proxrl rlhf sft|rm|ppo|demo`` — one typed config per command (tyro: field docstrings are the help).
+"""``proxrl rlhf sft|rm|ppo|train|demo`` — one typed config per command (tyro: field docstrings are the help).
 
 User errors (:class:`~proxrl.errors.ProxrlError`) print one line ``error: …`` on stderr and exit 2.
 SIGINT/SIGTERM during ``ppo`` finish the update, write a checkpoint, print ``stopped: …`` and exit 130/143;
@@ -11,11 +11,12 @@ import sys
 
 from ..errors import ProxrlError
 
-USAGE = """usage: proxrl rlhf {sft,rm,ppo,demo} [options]
+USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
 
   sft    supervised fine-tuning on {"prompt","response"} JSONL
   rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} JSONL
   ppo    PPO against a reward-model directory or a Python function module:function
+  train  any rung of the ladder on tokens: --algo pg|pg-baseline|rloo|grpo|pg-rtg|is-pg|ppo-kl|ppo-clip
   demo   the whole pipeline offline: SmolLM2-135M-Instruct (GGUF) + LoRA + VADER sentiment reward
   export a trained run as a Hugging Face model directory (also: proxrl export RUN --out DIR)
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .export import ExportConfig
 
-    commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "demo": C.DemoConfig, "export": ExportConfig}
+    commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "train": C.RLConfig, "demo": C.DemoConfig,
+                "export": ExportConfig}
     if cmd not in commands:
         print(f"error: unknown rlhf command {cmd!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "ppo":
             from .ppo_trainer import ppo
             ppo(cfg)
+        elif cmd == "train":
+            from .ppo_trainer import train
+            train(cfg)
         elif cmd == "export":
             import json
 

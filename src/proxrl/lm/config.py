@@ -12,7 +12,7 @@ Batch vocabulary (DETAILS LM-12), used by every stage:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional
 
 from ..errors import check
@@ -244,6 +244,136 @@ class PPOConfig(ModelOptions):
     @property
     def minibatch_size(self) -> int:
         return self.batch_size // self.num_minibatches
+
+    # The ladder's choices that `rlhf ppo` fixes (class attributes, not fields: PPO's config, --help and
+    # checkpoints are unchanged). :class:`RLConfig` makes them fields, set by ``--algo``.
+    advantage = "gae"
+    baseline = "none"
+    samples_per_prompt = 1
+    scale_by_std = True
+    clip_coef_high = None
+    COMMAND = "ppo"
+
+
+@dataclass(frozen=True)
+class LMRung:
+    """A rung of the ladder on tokens: a row of independent choices plus the config defaults that make it
+    behave as the rung is meant to (DETAILS 17–18, docs/ladder.md "The ladder on tokens")."""
+    name: str
+    advantage: str    # "sequence" (R of the response on every token) | "baseline" (R − b) | "gae" (critic)
+    baseline: str     # with "baseline": batch-mean | rloo | group-norm (objective.sequence_advantages)
+    surrogate: str    # vanilla | is | kl-penalty | clip (objective.surrogate_loss)
+    critic: str       # none | head
+    defaults: dict = field(default_factory=dict)
+    summary: str = ""
+
+
+_ONE_STEP = dict(update_epochs=1, num_minibatches=1)
+LM_RUNGS: dict[str, LMRung] = {r.name: r for r in [
+    LMRung("pg", "sequence", "none", "vanilla", "none", dict(_ONE_STEP, norm_adv="off", samples_per_prompt=1),
+           "rung 1 (REINFORCE): every token weighted by R = score − β·Σ kl_ref_k1"),
+    LMRung("pg-baseline", "baseline", "batch-mean", "vanilla", "none", dict(_ONE_STEP, norm_adv="off"),
+           "rung 2: R − b, b = batch mean | RLOO leave-one-out | group mean/std (--baseline)"),
+    LMRung("rloo", "baseline", "rloo", "vanilla", "none", dict(_ONE_STEP, norm_adv="off", samples_per_prompt=4),
+           "rung 2 as RLOO: K=4 samples per prompt, b = mean of the other K−1"),
+    LMRung("grpo", "baseline", "group-norm", "clip", "none",
+           dict(update_epochs=2, num_minibatches=2, norm_adv="off", samples_per_prompt=4),
+           "rung 2's group-normalised advantage + rung 6's clipped ratio, 2 epochs, no critic"),
+    LMRung("pg-rtg", "gae", "none", "vanilla", "head", dict(_ONE_STEP, norm_adv="whiten", gae_lambda=1.0),
+           "rung 3: per-token reward-to-go − V (value head): GAE with λ=1, vanilla surrogate"),
+    LMRung("is-pg", "gae", "none", "is", "head", dict(update_epochs=4, num_minibatches=2, norm_adv="whiten"),
+           "rung 4: importance-sampled surrogate for 4 epochs, unconstrained (logs is_weight_var, ess)"),
+    LMRung("ppo-kl", "gae", "none", "kl-penalty", "head", {},
+           "rung 5: adaptive KL penalty to π_old (β×2 / β÷2 on the exact KL after the update)"),
+    LMRung("ppo-clip", "gae", "none", "clip", "head", {}, "rung 6: the clipped ratio (= rlhf ppo)"),
+]}
+LM_LADDER = list(LM_RUNGS)
+GROUP_BASELINES = ("rloo", "group-norm")
+
+
+@dataclass
+class RLConfig(PPOConfig):
+    """``proxrl rlhf train --algo RUNG``: PPOConfig plus the ladder's choices. A choice left at None takes
+    the rung's value (:data:`LM_RUNGS`), then PPO's default; it is resolved when the config is built, so
+    set ``algo`` in the constructor (changing it afterwards does not re-resolve)."""
+
+    surrogate: Optional[Literal["vanilla", "is", "kl-penalty", "clip"]] = None
+    """policy loss: vanilla −E[A·log π] (rungs 1–3), importance-sampled (4), adaptive KL penalty (5), clipped
+    ratio (6); default: from --algo"""
+    update_epochs: Optional[int] = None
+    """epochs over each rollout batch (default: from --algo; PPO's 2 for ppo-kl/ppo-clip)"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch, one optimizer step each (default: from --algo; PPO's 2 for ppo-kl/ppo-clip)"""
+    norm_adv: Optional[Literal["whiten", "scale", "off"]] = None
+    """advantage normalisation over the rollout batch: whiten (zero mean, unit std), scale (unit std, mean
+    kept) or off (default: from --algo: off for the critic-free rungs, whiten otherwise)"""
+    gae_lambda: Optional[float] = None
+    """GAE λ (default: 1 for pg-rtg, else 0.95)"""
+    critic: Optional[Literal["head", "separate", "none"]] = None
+    """value head on the trunk, a separate model, or none (sequence advantages); default: from --algo"""
+    algo: Literal["pg", "pg-baseline", "rloo", "grpo", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip"] = "ppo-clip"
+    """the rung: pg | pg-baseline | rloo | grpo | pg-rtg | is-pg | ppo-kl | ppo-clip (= rlhf ppo)"""
+    advantage: Optional[Literal["sequence", "baseline", "gae"]] = None
+    """token weight: the sequence return R on every token, R minus a baseline, or GAE with the critic
+    (default: from --algo)"""
+    baseline: Optional[Literal["none", "batch-mean", "rloo", "group-norm"]] = None
+    """with advantage=baseline: batch mean, RLOO leave-one-out mean over the prompt's K samples, or GRPO's
+    group mean/std (default: from --algo)"""
+    samples_per_prompt: Optional[int] = None
+    """K responses sampled per prompt; batch_size counts responses and must be a multiple of K (default:
+    from --algo; 4 when the baseline is rloo or group-norm)"""
+    scale_by_std: bool = True
+    """group-norm: divide by the group's std (False: Dr.GRPO, mean-centred only)"""
+    clip_coef_low: Optional[float] = None
+    """lower clip ε of the clipped ratio, r ≥ 1 − ε (default: clip_coef)"""
+    clip_coef_high: Optional[float] = None
+    """upper clip ε, r ≤ 1 + ε (DAPO's clip-higher when > clip_coef_low; default: clip_coef_low)"""
+    out: str = "runs/rl"
+    """output directory"""
+
+    COMMAND = "train"
+
+    def __post_init__(self):
+        rung = LM_RUNGS.get(self.algo)
+        if rung is None:  # validate() names the field
+            return
+        choices = dict(advantage=rung.advantage, baseline=rung.baseline, surrogate=rung.surrogate,
+                       critic=rung.critic, **rung.defaults)
+        if self.baseline in GROUP_BASELINES and "samples_per_prompt" not in rung.defaults:
+            choices["samples_per_prompt"] = 4
+        if self.baseline is not None and self.baseline != "none" and self.advantage is None \
+                and rung.advantage == "sequence":
+            choices["advantage"] = "baseline"
+        ppo_defaults = {f.name: f.default for f in fields(PPOConfig)}
+        for name in ("surrogate", "update_epochs", "num_minibatches", "norm_adv", "gae_lambda", "critic",
+                     "advantage", "baseline", "samples_per_prompt"):
+            if getattr(self, name) is None:
+                setattr(self, name, choices.get(name, ppo_defaults.get(name, getattr(PPOConfig, name))))
+        if self.clip_coef_low is None:
+            self.clip_coef_low = self.clip_coef
+        self.clip_coef = self.clip_coef_low  # the field every surrogate reads
+        if self.clip_coef_high is None:
+            self.clip_coef_high = self.clip_coef_low
+
+    def validate(self, need_policy: bool = True, need_reward: bool = True, need_prompts: bool = True) -> None:
+        check(self.algo in LM_RUNGS, "algo", f"unknown rung {self.algo!r}", "choose one of " + ", ".join(LM_LADDER))
+        check(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1, "samples_per_prompt",
+              f"must be ≥ 1, got {self.samples_per_prompt}")
+        super().validate(need_policy, need_reward, need_prompts)
+        k = self.samples_per_prompt
+        check(self.batch_size % k == 0, "samples_per_prompt",
+              f"must divide batch_size={self.batch_size} (batch_size counts responses), got {k}")
+        if self.advantage == "baseline":
+            check(self.baseline != "none", "baseline", "advantage=baseline needs a baseline",
+                  "pass --baseline batch-mean, rloo or group-norm")
+            check(self.baseline not in GROUP_BASELINES or k >= 2, "samples_per_prompt",
+                  f"baseline {self.baseline} needs ≥ 2 samples per prompt, got {k}", "pass --samples-per-prompt 4")
+        check(self.advantage != "gae" or self.critic != "none", "critic",
+              "advantage=gae needs a critic", "pass --critic head, or --advantage sequence/baseline")
+        check(self.advantage == "gae" or self.critic == "none", "critic",
+              f"advantage={self.advantage} trains no critic", "pass --critic none, or --advantage gae")
+        check(self.clip_coef_low > 0 and self.clip_coef_high > 0, "clip_coef_high",
+              f"clip bounds must be > 0, got low={self.clip_coef_low}, high={self.clip_coef_high}")
 
 
 @dataclass

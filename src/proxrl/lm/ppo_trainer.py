@@ -37,12 +37,12 @@ from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
 from .common import keep_freed_memory
-from .config import PPOConfig
+from .config import PPOConfig, RLConfig
 from .data import PPO_FIELDS, read_jsonl
 from .policy import LMPolicy, RewardModel, build_policy
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
                       token_batch, token_rewards, truncate_at_stop)
-from .update import accumulate, exact_kl_to_old, micro_weight, sgd_update  # noqa: F401
+from .update import accumulate, exact_kl_to_old, importance_weights_after, micro_weight, sgd_update  # noqa: F401
 
 #: the name kept for the step-wise API (one class for every stage's interruption)
 PPOInterrupted = RunInterrupted
@@ -65,7 +65,7 @@ class PPOTrainer:
         self.cfg = cfg = config
         if policy is None:
             seed_everything(cfg.seed)
-            policy = build_policy(cfg.policy, cfg, cfg.critic)
+            policy = build_policy(cfg.policy, cfg, "head" if cfg.critic == "none" else cfg.critic)
         self.policy = policy
         self.rollouts = TokenRollouts(policy, cfg)
         self.scorer = Scorer(reward if reward is not None else cfg.reward, policy, self.rollouts.chat,
@@ -89,6 +89,14 @@ class PPOTrainer:
         return self.rollouts.chat
 
     # ---- 1. generate
+    @property
+    def pad_id(self) -> int:
+        return self.rollouts.pad_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.rollouts.stop_ids
+
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.rollouts.encode(prompts)
 
@@ -151,13 +159,16 @@ class PPOTrainer:
             metrics["kl_old_exact"] = exact_kl_to_old(self.policy, params, theta_old, ids, mask, batch.mask,
                                                       cfg.temperature, cfg.micro_batch_size)
             self.penalty_beta = core.ppo_beta_update(self.penalty_beta, metrics["kl_old_exact"], cfg.penalty_target_kl)
+        if cfg.surrogate == "is":  # rung 4: how far the update moved from the sampling policy
+            metrics.update(importance_weights_after(self.policy, ids, mask, batch, cfg.temperature,
+                                                    cfg.micro_batch_size))
         metrics.setdefault("clip_fraction", 0.0)
         beta_used = self.kl_coef
         if cfg.adaptive_kl:
             self.kl_coef = core.ziegler_beta_update(self.kl_coef, stats["kl_ref"], cfg.target_kl_ref, len(rollout),
                                                     cfg.kl_horizon)
         self.step_count += 1
-        ev = float(core.explained_variance(batch.values, batch.ret, batch.mask))
+        ev = float(core.explained_variance(batch.values, batch.ret, batch.mask)) if cfg.critic != "none" else math.nan
         dt = time.perf_counter() - t0
         return {"step": self.step_count, **stats, "beta": beta_used, "beta_next": self.kl_coef,
                 "penalty_beta": self.penalty_beta, **metrics,
@@ -236,8 +247,12 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False) -> tuple[PPOCo
     if state.get("stage") != "ppo" or not isinstance(saved, dict) or "run" not in state:
         raise CheckpointError(f"{run_dir}: not a resumable proxrl PPO checkpoint (written by an older version "
                               "or another stage)")
-    fields = PPOConfig.__dataclass_fields__
+    cls = type(config)  # PPOConfig (rlhf ppo) or RLConfig (rlhf train, which also resumes a ppo run)
+    fields = cls.__dataclass_fields__
     unknown = sorted(set(saved) - set(fields))
+    if unknown and "algo" in saved:
+        raise CheckpointError(f"{run_dir}: a run of `proxrl rlhf train --algo {saved['algo']}`; resume it with "
+                              f"proxrl rlhf train --resume {run_dir}")
     if unknown:
         raise CheckpointError(f"{run_dir}: checkpoint config has unknown fields {unknown[:3]}")
     saved_reward = str(saved.get("reward") or "")
@@ -248,7 +263,7 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False) -> tuple[PPOCo
         if config.reward != saved_reward:
             raise CheckpointError(f"{run_dir}: the run was trained with --reward {saved_reward[:80]}, not "
                                   f"{config.reward[:80]}; pass the same reward to resume")
-    cfg = PPOConfig(**{**saved, "resume": None, "out": str(run_dir)})
+    cfg = cls(**{**saved, "resume": None, "out": str(run_dir)})
     return cfg, tensors, state
 
 
@@ -260,9 +275,18 @@ def _is_reward_model_dir(spec: str) -> bool:
     return run is not None and run.get("stage") == "rm"
 
 
+def train(config: RLConfig, reward: str | RewardFn | RewardModel | None = None,
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
+    """Train with the rung ``config.algo`` of the ladder on tokens (pg, pg-baseline, rloo, grpo, pg-rtg,
+    is-pg, ppo-kl, ppo-clip): the stage loop of :func:`ppo` with the rung's choices. With
+    ``samples_per_prompt`` K > 1 each update answers ``batch_size / K`` prompts K times each."""
+    return ppo(config, reward, log, policy)
+
+
 def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
     """Train with PPO; writes everything to ``config.out``; returns the summary (also ``summary.json``).
+    An :class:`~proxrl.lm.config.RLConfig` runs its rung (:func:`train`) through this same loop.
 
     A full checkpoint (see :meth:`PPOTrainer.checkpoint_state`, plus the global torch/numpy/Python RNGs,
     the prompt cursor and shuffle order, the held-out "before" evaluation and the elapsed time) is written
@@ -278,6 +302,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         resumed = (ckpt_tensors, ckpt_state)
         policy = None
     cfg = config
+    name = "ppo" if cfg.COMMAND == "ppo" else cfg.algo  # the log prefix
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
@@ -293,7 +318,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg))
         before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
-        log(f"ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
+        log(f"{name}: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
             f"{before['reward_mean']:+.4f}")
     else:
         tensors, st = resumed
@@ -308,7 +333,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{out}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
         writer, _ = RunWriter.resume(out, "step", trainer.step_count, run.get("samples_bytes"))
-        log(f"ppo: resuming {out} after update {trainer.step_count}/{cfg.updates}")
+        log(f"{name}: resuming {out} after update {trainer.step_count}/{cfg.updates}")
     t_start = time.perf_counter() - elapsed0
     samples_bytes = writer.samples_path.stat().st_size if writer.samples_path.is_file() else None
 
@@ -322,16 +347,19 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         return checkpoint.save(out / "checkpoints", trainer.step_count, tensors, st, keep=cfg.keep_checkpoints)
 
     first = trainer.step_count + 1
+    n_samples = cfg.samples_per_prompt  # K responses per prompt
     with StopSignals() as stop:
         for update in range(first, cfg.updates + 1):
             t0 = time.perf_counter()
             batch_prompts = []
-            while len(batch_prompts) < cfg.batch_size:  # epochs over the prompts, a fresh shuffle each
+            while len(batch_prompts) < cfg.batch_size // n_samples:  # epochs over the prompts, a fresh shuffle each
                 if cursor >= len(order):
                     order = torch.randperm(len(train_prompts), generator=trainer.shuffle).tolist()
                     cursor = 0
                 batch_prompts.append(train_prompts[order[cursor]])
                 cursor += 1
+            if n_samples > 1:  # K samples of each prompt in consecutive rows (the group baselines rely on it)
+                batch_prompts = [p for p in batch_prompts for _ in range(n_samples)]
             rollout = trainer.generate(batch_prompts)
             t_gen = time.perf_counter() - t0
             scores = trainer.score(rollout)
@@ -363,7 +391,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                 save()
             if stop.signum is not None and not last:
                 code_reward = not _is_reward_model_dir(cfg.reward)  # code is passed again, never read back
-                raise RunInterrupted(stop.signum, out, update, "proxrl rlhf ppo",
+                raise RunInterrupted(stop.signum, out, update, f"proxrl rlhf {cfg.COMMAND}",
                                      f" --reward {cfg.reward}" if code_reward else "")
     after = trainer.evaluate(eval_prompts)
     writer.samples("after training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in after["responses"]])
@@ -373,7 +401,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                "wall_time": time.perf_counter() - t_start,
                "before": before["responses"], "after": after["responses"]}
     checkpoint.write_json_atomic(out / "summary.json", _finite_or_none(summary))
-    log(f"ppo: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
+    log(f"{name}: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
         f"{summary['wall_time']:.0f}s")
     return summary
 

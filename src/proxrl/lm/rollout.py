@@ -11,7 +11,9 @@ and the reward shaping, for every RL stage on tokens.
 4. **advantages** — the token MDP as a :class:`~proxrl.batch.Batch` (EOS = terminated, length limit =
    truncated; the score is final, so nothing is bootstrapped after the last token) through
    :func:`proxrl.objective.estimate_advantages` — the function the gym path calls; advantages whitened over
-   the whole rollout batch (LM-10).
+   the whole rollout batch (LM-10). The critic-free rungs of ``rlhf train`` (pg, pg-baseline, rloo, grpo)
+   weight every token by the response's return instead, minus a baseline over the batch or over the K
+   samples of its prompt (:func:`sequence_advantages`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,22 @@ def token_batch(response_ids: Tensor, mask: Tensor, stopped: Tensor, logp_old: T
     next_values[rows, last] = 0.0
     return Batch(obs=None, actions=response_ids, logp_old=logp_old, rewards=rewards, terminated=terminated,
                  truncated=truncated, mask=m, values=values, next_values=next_values, logp_ref=logp_ref)
+
+
+def sequence_advantages(batch: Batch, prompts: Sequence[str], cfg) -> Batch:
+    """``adv`` = the weight of every token of response i: its return R_i = Σ_t γ^t r_t (score − β·Σ kl_ref_k1
+    at γ = 1), minus ``cfg.baseline`` over the batch or over the K = ``cfg.samples_per_prompt`` samples of
+    its prompt (consecutive rows; checked); ``ret`` the reward-to-go (logged, no critic trains on it)."""
+    returns = objective.estimate_advantages(batch, "return", cfg.gamma, 1.0)  # R of the episode, every step
+    baseline = "none" if cfg.advantage == "sequence" else cfg.baseline
+    k = cfg.samples_per_prompt
+    if baseline in ("rloo", "group-norm"):
+        B = len(prompts)
+        if B % k or any(prompts[i] != prompts[i - i % k] for i in range(B)):
+            raise ConfigError("samples_per_prompt", f"baseline {baseline} needs each prompt repeated K={k} times "
+                              "in consecutive rows of the rollout")
+    seq = objective.sequence_advantages(returns.adv[:, 0], baseline, k, cfg.scale_by_std)  # [B]
+    return returns.replace(adv=seq[:, None] * batch.mask, ret=returns.ret)
 
 
 # --------------------------------------------------------------------------- rewards
@@ -324,7 +342,10 @@ class TokenRollouts:
                 rewards = core.masked_whiten(rewards, mask, shift_mean=False)
                 whitened = 1.0
         batch = token_batch(rollout.response_ids.to(dev), mask, stopped, logp_old, rewards, values, logp_ref)
-        batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
+        if cfg.advantage == "gae":
+            batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
+        else:  # LM rungs 1–2: the response's return (minus a baseline over the prompt's K samples) on every token
+            batch = sequence_advantages(batch, rollout.prompts, cfg)
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
         for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),

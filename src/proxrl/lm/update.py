@@ -36,16 +36,22 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
     R = batch.shape[1]
     mb_mask = batch.mask[rows]
     sums: dict[str, float] = {}
+    critic = cfg.critic != "none"  # the critic-free rungs (pg, pg-baseline, rloo, grpo) train no value
     for micro in rows.split(cfg.micro_batch_size):
         m = batch.mask[micro]
         w = micro_weight(m, mb_mask, cfg.loss_agg)
-        logp, v, ent = policy(ids[micro], mask[micro], R, cfg.temperature, values=True,
+        logp, v, ent = policy(ids[micro], mask[micro], R, cfg.temperature, values=critic,
                               entropy=True, entropy_grad=cfg.ent_coef > 0)
         pg_loss, st = objective.surrogate_loss(cfg.surrogate, logp, batch.logp_old[micro], batch.adv[micro], m,
-                                               clip_coef=cfg.clip_coef, beta=penalty_beta, agg=cfg.loss_agg)
-        v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg)
+                                               clip_coef=cfg.clip_coef, beta=penalty_beta, agg=cfg.loss_agg,
+                                               clip_coef_high=cfg.clip_coef_high)
         ent_mean = core.aggregate(ent, m, cfg.loss_agg)
-        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent_mean
+        if critic:
+            v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg)
+            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent_mean
+        else:
+            v_loss = torch.zeros((), dtype=pg_loss.dtype)
+            loss = pg_loss - cfg.ent_coef * ent_mean
         for name, x in (("policy loss", pg_loss), ("value loss", v_loss), ("entropy", ent_mean)):
             check_finite(name, x.detach(), update, where)
         (loss * w).backward()
@@ -106,3 +112,15 @@ def exact_kl_to_old(policy: LMPolicy, params: list[nn.Parameter], old_values: li
         kl = (old.exp() * (old - new)).sum(-1)                           # [b, R]
         total += (kl * resp_mask[sl].to(kl.dtype)).sum().double()
     return float(total / resp_mask.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def importance_weights_after(policy: LMPolicy, ids: Tensor, mask: Tensor, batch: Batch, temperature: float,
+                             chunk: int) -> dict[str, float]:
+    """Rung 4's diagnostics after the update, on the whole batch: the variance of the per-token weights
+    w = π_θ/π_old of the sampled tokens and their effective sample size (Kish, a fraction of the tokens)."""
+    R = batch.shape[1]
+    logp = torch.cat([policy(ids[i:i + chunk], mask[i:i + chunk], R, temperature, values=False, entropy=False)[0]
+                      for i in range(0, ids.shape[0], chunk)])
+    var, ess = core.importance_weight_stats(logp - batch.logp_old, batch.mask)
+    return {"is_weight_var": float(var), "ess": float(ess)}

@@ -14,8 +14,10 @@ measured after the update (DETAILS 9).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import math
 import sys
 import time
@@ -32,7 +34,7 @@ from ..errors import CheckpointError, NumericsError
 from ..run import checkpoint
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
-from ..run.rundir import RunWriter, latest_checkpoint, lm_run_config
+from ..run.rundir import NullWriter, RunWriter, latest_checkpoint, lm_run_config
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
@@ -67,7 +69,10 @@ class PPOTrainer:
             seed_everything(cfg.seed)
             policy = build_policy(cfg.policy, cfg, "head" if cfg.critic == "none" else cfg.critic)
         self.policy = policy
-        self.rollouts = TokenRollouts(policy, cfg)
+        from ..run.dist import context
+
+        self.dist = context(cfg.device)
+        self.rollouts = TokenRollouts(policy, cfg, self.dist)
         self.scorer = Scorer(reward if reward is not None else cfg.reward, policy, self.rollouts.chat,
                              cfg.max_prompt_length, cfg.forward_batch_size)
         self.optimizer = make_adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
@@ -109,12 +114,23 @@ class PPOTrainer:
     def score(self, rollout: Rollout) -> Tensor:
         """Raw scores ``[B]`` of the truncated responses (reward model or function), before any penalty.
         NaN/inf scores raise a NumericsError naming the reward and the update (always, even with
-        ``on_nonfinite='skip'``: a reward that returns NaN is a bug to fix, not a numerical accident)."""
-        return self.scorer(rollout, f" at update {self.step_count + 1}")
+        ``on_nonfinite='skip'``: a reward that returns NaN is a bug to fix, not a numerical accident).
+        On several processes each rank scores its rows; an error on one rank stops all with its line."""
+        return self._agreed(lambda: self.scorer(rollout, f" at update {self.step_count + 1}"))
+
+    def _agreed(self, fn):
+        """``fn()``, with an error on any rank raised on every rank (no rank left waiting in a collective)."""
+        out, err = None, None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - agreed on, then re-raised as the same line everywhere
+            err = e
+        self.dist.agree(err)
+        return out
 
     # ---- 3-6. shape, advantages, optimise, control
     def make_batch(self, rollout: Rollout, scores: Tensor) -> tuple[Batch, dict]:
-        return self.rollouts.make_batch(rollout, scores, self.kl_coef, self.step_count + 1)
+        return self.rollouts.make_batch(rollout, scores, self.kl_coef, self.step_count + 1)[:2]
 
     def accumulate(self, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor) -> dict[str, float]:
         """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step)."""
@@ -147,17 +163,19 @@ class PPOTrainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         update = self.step_count + 1
-        batch, stats = self.make_batch(rollout, scores)
+        # on several processes rollout/scores are this rank's rows; the batch (and `rollout` below) the whole
+        batch, stats, rollout = self.rollouts.make_batch(rollout, scores, self.kl_coef, update)
         t_forward = time.perf_counter() - t0
         ids, mask = rollout.ids.to(cfg.device), rollout.mask.to(cfg.device)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         penalty = cfg.surrogate == "kl-penalty"
         theta_old = [p.detach().clone() for p in params] if penalty else None
-        metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle, update)
+        metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle, update,
+                             self.dist)
         check_parameters(self.policy.named_parameters(), update)
         if penalty:  # once per update, on the exact KL after it, as on the gym side (DETAILS 9)
             metrics["kl_old_exact"] = exact_kl_to_old(self.policy, params, theta_old, ids, mask, batch.mask,
-                                                      cfg.temperature, cfg.micro_batch_size)
+                                                      cfg.temperature, cfg.micro_batch_size, self.dist)
             self.penalty_beta = core.ppo_beta_update(self.penalty_beta, metrics["kl_old_exact"], cfg.penalty_target_kl)
         if cfg.surrogate == "is":  # rung 4: how far the update moved from the sampling policy
             metrics.update(importance_weights_after(self.policy, ids, mask, batch, cfg.temperature,
@@ -182,9 +200,10 @@ class PPOTrainer:
         if not prompts:
             return {"reward_mean": float("nan"), "kl_ref": float("nan"), "eos_rate": float("nan"), "responses": []}
         rollout = self.generate(prompts, seed=seed)
-        scores = self.scorer(rollout, " on the held-out prompts")
+        scores = self._agreed(lambda: self.scorer(rollout, " on the held-out prompts"))
         logp, _, logp_ref = self.rollouts.forward(rollout)
         kl = ((logp - logp_ref) * rollout.response_mask.to(logp.device)).sum(-1)
+        rollout, (scores, kl) = self.rollouts.gather(rollout, scores, kl.to(scores.dtype).cpu())
         return {"reward_mean": scores.mean().item(), "kl_ref": kl.mean().item(),
                 "eos_rate": rollout.stopped.double().mean().item(),
                 "responses": [{"prompt": p, "response": r, "reward": float(s)}
@@ -267,6 +286,13 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False) -> tuple[PPOCo
     return cfg, tensors, state
 
 
+def _restarted_with_checkpoint(out: str) -> bool:
+    """A worker restarted by torchrun (``--max-restarts``) whose run already wrote a checkpoint."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) <= 0 or not out:
+        return False
+    return bool(checkpoint.list_checkpoints(Path(out) / "checkpoints"))
+
+
 def _is_reward_model_dir(spec: str) -> bool:
     """A reward-model run directory is data (config.json + safetensors), never code."""
     from .loading import read_run_config
@@ -297,6 +323,8 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     A reward that is code is never imported from the checkpoint: pass the same ``reward`` (callable, or
     ``config.reward`` = the same ``module:function``) again."""
     resumed = None
+    if not config.resume and _restarted_with_checkpoint(config.out):
+        config = dataclasses.replace(config, resume=config.out)  # torchrun --max-restarts: continue by itself
     if config.resume:
         config, ckpt_tensors, ckpt_state = resolve_resume(config, reward_given=reward is not None)
         resumed = (ckpt_tensors, ckpt_state)
@@ -311,11 +339,14 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     train_prompts, eval_prompts = split_prompts([r["prompt"] for r in records], cfg.eval_prompts, cfg.seed)
     digest = _prompts_digest(train_prompts + ["\0"] + eval_prompts)
     trainer = PPOTrainer(cfg, policy=policy, reward=reward)
+    d = trainer.dist  # several processes (torchrun): rank 0 prints and writes, every rank computes
+    if not d.main:
+        log = lambda *_: None  # noqa: E731
     out = Path(cfg.out)
     cursor, order = 0, []
     if resumed is None:
         elapsed0 = 0.0
-        writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg))
+        writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg)) if d.main else NullWriter()
         before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
         log(f"{name}: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
@@ -332,19 +363,23 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             cursor, order, before, elapsed0 = int(run["cursor"]), [int(i) for i in run["order"]], run["before"], float(run["elapsed"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{out}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
-        writer, _ = RunWriter.resume(out, "step", trainer.step_count, run.get("samples_bytes"))
+        writer = RunWriter.resume(out, "step", trainer.step_count, run.get("samples_bytes"))[0] if d.main else NullWriter()
         log(f"{name}: resuming {out} after update {trainer.step_count}/{cfg.updates}")
     t_start = time.perf_counter() - elapsed0
     samples_bytes = writer.samples_path.stat().st_size if writer.samples_path.is_file() else None
 
-    def save() -> Path:
-        tensors, st = trainer.checkpoint_state()
-        rng_t, rng_meta = rng_state()
-        tensors.update(rng_t)
-        st.update(stage="ppo", version=CHECKPOINT_VERSION, config=asdict(cfg), run={
-            "cursor": cursor, "order": order, "before": before, "elapsed": time.perf_counter() - t_start,
-            "samples_bytes": samples_bytes, "rng": rng_meta, "prompts_sha256": digest})
-        return checkpoint.save(out / "checkpoints", trainer.step_count, tensors, st, keep=cfg.keep_checkpoints)
+    def save() -> None:
+        """Rank 0 writes (every rank holds the same state), once every rank has finished the update."""
+        d.barrier()
+        if d.main:
+            tensors, st = trainer.checkpoint_state()
+            rng_t, rng_meta = rng_state()
+            tensors.update(rng_t)
+            st.update(stage="ppo", version=CHECKPOINT_VERSION, config=asdict(cfg), run={
+                "cursor": cursor, "order": order, "before": before, "elapsed": time.perf_counter() - t_start,
+                "samples_bytes": samples_bytes, "rng": rng_meta, "prompts_sha256": digest, "world_size": d.world})
+            checkpoint.save(out / "checkpoints", trainer.step_count, tensors, st, keep=cfg.keep_checkpoints)
+        d.barrier()
 
     first = trainer.step_count + 1
     n_samples = cfg.samples_per_prompt  # K responses per prompt
@@ -387,11 +422,14 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                     f"len {m['response_length']:.1f}  eos {m['eos_rate']:.2f}  {dt:.1f}s  "
                     f"eta {_eta(m['time'] - elapsed0, update - first + 1, cfg.updates - update)}")
             last = update == cfg.updates
-            if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
+            stopping = d.any(stop.signum is not None)  # a signal seen by one rank stops every rank
+            if last or stopping or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
                 save()
-            if stop.signum is not None and not last:
+            if stopping and not last:
                 code_reward = not _is_reward_model_dir(cfg.reward)  # code is passed again, never read back
-                raise RunInterrupted(stop.signum, out, update, f"proxrl rlhf {cfg.COMMAND}",
+                import signal as _signal
+
+                raise RunInterrupted(stop.signum or _signal.SIGTERM, out, update, f"proxrl rlhf {cfg.COMMAND}",
                                      f" --reward {cfg.reward}" if code_reward else "")
     after = trainer.evaluate(eval_prompts)
     writer.samples("after training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in after["responses"]])
@@ -400,7 +438,8 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                "eos_rate_after": after["eos_rate"], "updates": cfg.updates,
                "wall_time": time.perf_counter() - t_start,
                "before": before["responses"], "after": after["responses"]}
-    checkpoint.write_json_atomic(out / "summary.json", _finite_or_none(summary))
+    if d.main:
+        checkpoint.write_json_atomic(out / "summary.json", _finite_or_none(summary))
     log(f"{name}: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
         f"{summary['wall_time']:.0f}s")
     return summary

@@ -19,7 +19,8 @@ from torch import Tensor
 from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
-from ..run.rundir import RunWriter, lm_run_config
+from ..run.dist import context
+from ..run.rundir import NullWriter, RunWriter, lm_run_config
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
@@ -77,14 +78,19 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg))
+    d = context(cfg.device)  # several processes: each takes its pairs of every batch; rank 0 writes
+    if not d.main:
+        log = lambda *_: None  # noqa: E731
+    writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg)) if d.main else NullWriter()
     pad = tok.pad_token_id
     step = 0
     log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
 
     def minibatch(rows: Tensor, where: str) -> dict:
         loss_total, acc_total = 0.0, 0.0
-        for micro in rows.split(cfg.micro_batch_size):
+        for micro in d.local(rows).split(cfg.micro_batch_size):  # weights are shares of the whole batch
+            if len(micro) == 0:  # a rank may hold no row of a small last batch
+                continue
             rc, rr = score_pairs(rm, [train_pairs[i] for i in micro.tolist()], pad, cfg.device)
             w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
             loss = bradley_terry_loss(rc, rr)
@@ -97,11 +103,13 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
         nonlocal step
         step += 1
+        both = d.all_reduce_(torch.tensor([st["loss"], st["accuracy"]], dtype=torch.float64)).tolist()
+        st = {"loss": both[0], "accuracy": both[1]}
         writer.metrics({"step": step, "epoch": epoch, **st, "grad_norm": grad_norm, "skipped": 0, "time": timer()})
         log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}")
 
     sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged)
+               None, minibatch, after_step=logged, dist=d)
     with torch.inference_mode():
         def scores(ps):
             out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
@@ -114,11 +122,15 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         if eval_pairs:
             ec, er = scores(eval_pairs)
             eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
-    checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(), {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step})
+    d.barrier()
+    if d.main:
+        checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(),
+                        {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step})
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
                "score_std": float(rm.score_std), "wall_time": timer()}
     writer.metrics({"step": step, "final": True, **summary})
-    checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+    if d.main:
+        checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs")
     return summary

@@ -53,6 +53,8 @@ class Rollout:
     response_mask: Tensor   # [B, R] 1 up to and including the stop token
     stopped: Tensor         # [B] bool: the response ended with a stop token
     responses: list[str]    # decoded truncated responses (special tokens skipped)
+    prompt_ids: Optional[list[list[int]]] = None  # the prompts' token ids (unpadded), to regroup shards
+    rows: Optional[slice] = None  # on several processes: this rank's rows of the global batch
 
     @property
     def ids(self) -> Tensor:
@@ -271,8 +273,10 @@ class TokenRollouts:
     """Prompts → scored rollouts → the token :class:`~proxrl.batch.Batch` with advantages, for one policy.
     Holds what is fixed for a run: the tokenizer's pad and stop ids, the chat format, the prompt cache."""
 
-    def __init__(self, policy: LMPolicy, cfg):
-        self.policy, self.cfg = policy, cfg
+    def __init__(self, policy: LMPolicy, cfg, dist=None):
+        from ..run.dist import Dist
+
+        self.policy, self.cfg, self.dist = policy, cfg, dist if dist is not None else Dist()
         tok = policy.tokenizer
         self.pad_id = tok.pad_token_id
         self.stop_ids = stop_token_ids(tok, policy.lm)
@@ -298,17 +302,43 @@ class TokenRollouts:
     def generate(self, prompts: Sequence[str], seed: int) -> Rollout:
         """Sample one response per prompt from the sampling stream ``seed``: KV-cached, each token drawn
         exactly from softmax(logits / T) of the policy (no processors of the model's generation_config)."""
-        cfg = self.cfg
-        q_ids, q_mask = left_pad(self.encode(prompts), self.pad_id)
+        cfg, d = self.cfg, self.dist
+        n_all = len(prompts)
+        rows = d.shard(n_all) if d.on else None  # on several processes: this rank's share of the batch
+        prompts = list(prompts)[rows] if rows is not None else list(prompts)
+        enc = self.encode(prompts)
+        q_ids, q_mask = left_pad(enc, self.pad_id)
         dev = cfg.device
         stream = torch.Generator(device=dev).manual_seed(seed)
         with autocast(dev, self.policy.amp):
             resp = sample(self.policy.lm, q_ids.to(dev), q_mask.to(dev), cfg.response_length, cfg.temperature,
-                          self.stop_ids, self.pad_id, stream).cpu()   # [B, R'] R' ≤ response_length
+                          self.stop_ids, self.pad_id, stream, (rows, n_all) if rows is not None else None
+                          ).cpu()   # [B, R'] R' ≤ response_length
         resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
         tok = self.policy.tokenizer
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp_ids, resp_mask)]
-        return Rollout(list(prompts), q_ids, q_mask, resp_ids, resp_mask, stopped, texts)
+        return Rollout(prompts, q_ids, q_mask, resp_ids, resp_mask, stopped, texts, enc, rows)
+
+    def gather(self, rollout: Rollout, *tensors: Tensor) -> tuple[Rollout, list[Tensor]]:
+        """Every rank's rows, in order: the whole rollout (prompts left-padded as one batch, responses
+        right-padded to the longest) and each per-row tensor (``[b]`` or ``[b, R]``, padded with 0)."""
+        d = self.dist
+        if not d.on:
+            return rollout, list(tensors)
+        parts = d.gather_objects((rollout.prompts, rollout.prompt_ids, rollout.responses))
+        prompts = [p for part in parts for p in part[0]]
+        enc = [q for part in parts for q in part[1]]
+        texts = [t for part in parts for t in part[2]]
+        q_ids, q_mask = left_pad(enc, self.pad_id)
+        resp_ids = d.gather_rows(rollout.response_ids, self.pad_id)
+        resp_mask = d.gather_rows(rollout.response_mask, 0)
+        stopped = d.gather_rows(rollout.stopped, False)
+        R = resp_ids.shape[1]
+        out = []
+        for t in tensors:
+            g = d.gather_rows(t, 0)
+            out.append(g[:, :R] if g.dim() > 1 else g)
+        return Rollout(prompts, q_ids, q_mask, resp_ids, resp_mask, stopped, texts, enc, None), out
 
     @torch.inference_mode()
     def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,12 +354,16 @@ class TokenRollouts:
             logp_ref.append(self.policy.ref_logp(ids[i:i + mb], mask[i:i + mb], R, T))
         return torch.cat(logp), torch.cat(values), torch.cat(logp_ref)
 
-    def make_batch(self, rollout: Rollout, scores: Tensor, kl_coef: float, update: int) -> tuple[Batch, dict]:
+    def make_batch(self, rollout: Rollout, scores: Tensor, kl_coef: float, update: int) -> tuple[Batch, dict, Rollout]:
         """Old/reference log-probs and values, shaped rewards, GAE advantages. Returns the batch (``adv``
-        whitened per ``norm_adv``) and its statistics. Non-finite inputs raise a NumericsError naming them."""
+        whitened per ``norm_adv``), its statistics and the rollout it covers. Non-finite inputs raise a
+        NumericsError naming them. On several processes ``rollout`` and ``scores`` are this rank's rows: the
+        forwards run on them, then every rank's rows are gathered and the batch is the whole one."""
         cfg = self.cfg
         # clone: inference-mode tensors cannot be saved for backward
         logp_old, values, logp_ref = (t.clone() for t in self.forward(rollout))
+        rollout, (logp_old, values, logp_ref, scores) = self.gather(rollout, logp_old, values, logp_ref,
+                                                                    scores.to(logp_old.device))
         dtype, dev = logp_old.dtype, logp_old.device
         mask = rollout.response_mask.to(dev, dtype)
         stopped = rollout.stopped.to(dev)
@@ -367,4 +401,4 @@ class TokenRollouts:
             warnings.warn(f"mean k1 KL to the reference is negative ({stats['kl_ref_k1']:.4f}): the sampler and "
                           "the scored policy disagree (temperature? sampling filters?)", stacklevel=2)
             self.warned_negative_kl = True
-        return batch, stats
+        return batch, stats, rollout

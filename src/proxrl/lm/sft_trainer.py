@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
-from ..run.rundir import RunWriter, lm_run_config
+from ..run.dist import context
+from ..run.rundir import NullWriter, RunWriter, lm_run_config
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
@@ -64,7 +65,10 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg))
+    d = context(cfg.device)  # several processes: each takes its rows of every batch; rank 0 writes
+    if not d.main:
+        log = lambda *_: None  # noqa: E731
+    writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg)) if d.main else NullWriter()
     g = torch.Generator().manual_seed(cfg.seed)
     log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
     step, total = 0, 0.0
@@ -72,7 +76,9 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     def minibatch(rows: torch.Tensor, where: str) -> dict:
         n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
         loss_sum = 0.0
-        for micro in rows.split(cfg.micro_batch_size):
+        for micro in d.local(rows).split(cfg.micro_batch_size):  # n_tok counts the whole batch: exact shares
+            if len(micro) == 0:  # a rank may hold no row of a small last batch
+                continue
             ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
             lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
             with autocast(cfg.device, cfg.amp):
@@ -84,14 +90,18 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
         nonlocal step, total
-        step, total = step + 1, st["loss"]
+        step, total = step + 1, float(d.all_reduce_(torch.tensor([st["loss"]], dtype=torch.float64)))
         writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], "grad_norm": grad_norm,
                         "skipped": 0, "time": timer()})
         log(f"sft step {step}  loss {total:.4f}")
 
     sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged)
+               None, minibatch, after_step=logged, dist=d)
     tensors = {f"policy.lm.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    summary = {"steps": step, "final_loss": total, "wall_time": timer()}
+    d.barrier()
+    if not d.main:
+        return summary
     checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors, {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step})
     with torch.inference_mode():  # a few greedy answers for the readable samples file
         items = []

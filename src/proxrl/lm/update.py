@@ -30,14 +30,19 @@ def micro_weight(micro_mask: Tensor, minibatch_mask: Tensor, agg: str) -> Tensor
 
 
 def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor, penalty_beta: float,
-               update: int, where: str) -> dict[str, float]:
+               update: int, where: str, dist=None) -> dict[str, float]:
     """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step); returns the
-    minibatch's statistics (weighted means; ``ratio_max`` a max)."""
+    minibatch's statistics (weighted means; ``ratio_max`` a max). On several processes (``dist``) this
+    rank takes its part of ``rows``; each micro loss keeps its weight in the *global* minibatch, so the
+    gradients summed over ranks are the single-process gradient, and so are the statistics summed."""
     R = batch.shape[1]
     mb_mask = batch.mask[rows]
     sums: dict[str, float] = {}
     critic = cfg.critic != "none"  # the critic-free rungs (pg, pg-baseline, rloo, grpo) train no value
-    for micro in rows.split(cfg.micro_batch_size):
+    mine = dist.local(rows) if dist is not None else rows
+    for micro in mine.split(cfg.micro_batch_size):
+        if len(micro) == 0:  # a rank may hold no row of a small last batch
+            continue
         m = batch.mask[micro]
         w = micro_weight(m, mb_mask, cfg.loss_agg)
         logp, v, ent = policy(ids[micro], mask[micro], R, cfg.temperature, values=critic,
@@ -65,20 +70,31 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
 
 
 def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: Batch, ids: Tensor, mask: Tensor,
-               penalty_beta: float, shuffle: torch.Generator, update: int) -> dict[str, float]:
+               penalty_beta: float, shuffle: torch.Generator, update: int, dist=None) -> dict[str, float]:
     """``update_epochs`` × ``num_minibatches`` optimizer steps on the batch; returns the mean of each
-    minibatch statistic over the steps (``ratio_max``: the max) and the mean gradient norm."""
+    minibatch statistic over the steps (``ratio_max``: the max) and the mean gradient norm. With ``dist``
+    every minibatch of the one global permutation is split over the ranks (gradients summed)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     B = ids.shape[0]
     res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(B, cfg.num_minibatches, shuffle),
                      cfg.max_grad_norm, update,
-                     lambda rows, where: accumulate(policy, cfg, batch, ids, mask, rows, penalty_beta, update, where))
+                     lambda rows, where: accumulate(policy, cfg, batch, ids, mask, rows, penalty_beta, update, where,
+                                                    dist),
+                     dist=dist)
     totals: dict[str, float] = {}
-    for sums, norm in zip(res.stats, res.grad_norms):
-        for k, v in {**sums, "grad_norm": norm}.items():
+    for sums in res.stats:
+        for k, v in sums.items():
             totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
+    if dist is not None and dist.on:  # this rank's shares → the batch's statistics
+        keys = sorted(k for k in totals if k != "ratio_max")
+        summed = dist.all_reduce_(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
+        totals.update(zip(keys, summed.tolist()))
+        if "ratio_max" in totals:
+            totals["ratio_max"] = float(dist.all_reduce_(torch.tensor([totals["ratio_max"]], dtype=torch.float64), "max"))
     n = max(len(res.stats), 1)
-    return {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}
+    out = {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}
+    out["grad_norm"] = sum(res.grad_norms) / n
+    return out
 
 
 @contextmanager
@@ -98,19 +114,22 @@ def swapped(params: list[nn.Parameter], values: list[Tensor]):
 
 @torch.no_grad()
 def exact_kl_to_old(policy: LMPolicy, params: list[nn.Parameter], old_values: list[Tensor], ids: Tensor,
-                    mask: Tensor, resp_mask: Tensor, temperature: float, chunk: int) -> float:
+                    mask: Tensor, resp_mask: Tensor, temperature: float, chunk: int, dist=None) -> float:
     """Mean over response tokens of the exact KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the vocabulary, π_old
     given by ``old_values`` of the trainable ``params`` (the weights before the update): chunk by chunk,
-    one forward with the current weights and one with the old ones."""
+    one forward with the current weights and one with the old ones (each rank its rows, summed)."""
     R = resp_mask.shape[1]
     total = torch.zeros((), dtype=torch.float64)
-    for i in range(0, ids.shape[0], chunk):
-        sl = slice(i, i + chunk)
+    mine = dist.shard(ids.shape[0]) if dist is not None and dist.on else slice(0, ids.shape[0])
+    for i in range(mine.start, mine.stop, chunk):
+        sl = slice(i, min(i + chunk, mine.stop))
         new = policy.log_softmax(ids[sl], mask[sl], R, temperature)   # [b, R, V]
         with swapped(params, old_values):
             old = policy.log_softmax(ids[sl], mask[sl], R, temperature)
         kl = (old.exp() * (old - new)).sum(-1)                           # [b, R]
         total += (kl * resp_mask[sl].to(kl.dtype)).sum().double()
+    if dist is not None:
+        dist.all_reduce_(total.view(1))
     return float(total / resp_mask.sum().clamp(min=1))
 
 

@@ -56,12 +56,19 @@ class Dist:
         """This rank's part of a minibatch's global row indices."""
         return idx.tensor_split(self.world)[self.rank] if self.on else idx
 
-    # ---- collectives
-    def all_reduce_(self, t: Tensor) -> Tensor:
+    # ---- collectives (on NCCL tensors travel on the GPU, on gloo on the CPU)
+    @property
+    def comm_device(self) -> str:
+        return self.device if self.device.startswith("cuda") else "cpu"
+
+    def all_reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
         if self.on:
             import torch.distributed as td
 
-            td.all_reduce(t)
+            c = t.to(self.comm_device)
+            td.all_reduce(c, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
+            if c is not t:
+                t.copy_(c)
         return t
 
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
@@ -70,7 +77,7 @@ class Dist:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        self.all_reduce_(flat)
+        self.all_reduce_(flat)  # on the parameters' device (moved for gloo when they are on a GPU)
         off = 0
         for p, g in zip(params, grads):
             n = g.numel()
@@ -84,7 +91,9 @@ class Dist:
             return t
         import torch.distributed as td
 
-        shape = torch.tensor(list(t.shape), dtype=torch.long)
+        home, kind = t.device, t.dtype
+        t = t.to(self.comm_device, torch.uint8 if kind == torch.bool else kind)
+        shape = torch.tensor(list(t.shape), dtype=torch.long, device=self.comm_device)
         shapes = [torch.zeros_like(shape) for _ in range(self.world)]
         td.all_gather(shapes, shape)
         shapes = [s.tolist() for s in shapes]
@@ -96,7 +105,7 @@ class Dist:
         send[: t.shape[0]] = padded
         recv = [torch.empty_like(send) for _ in range(self.world)]
         td.all_gather(recv, send)
-        return torch.cat([r[: s[0]] for r, s in zip(recv, shapes)])
+        return torch.cat([r[: s[0]] for r, s in zip(recv, shapes)]).to(home, kind)
 
     def gather_objects(self, obj) -> list:
         if not self.on:
@@ -114,7 +123,7 @@ class Dist:
             if error is not None:
                 raise error
             return
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.long)
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.long, device=self.comm_device)
         self.all_reduce_(flag)
         if int(flag) == 0:
             return
@@ -128,7 +137,7 @@ class Dist:
         """True on every rank if it is True on any (a stop signal seen by one rank stops all)."""
         if not self.on:
             return flag
-        t = torch.tensor([int(flag)], dtype=torch.long)
+        t = torch.tensor([int(flag)], dtype=torch.long, device=self.comm_device)
         self.all_reduce_(t)
         return bool(int(t))
 
@@ -175,11 +184,14 @@ def context(device: str = "cpu") -> Dist:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not td.is_initialized():
+        import atexit
+
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store itself
         store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None if agent else world,
                             is_master=rank == 0 and not agent, timeout=datetime.timedelta(seconds=120))
         store = td.PrefixStore(f"proxrl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         td.init_process_group(backend, store=store, rank=rank, world_size=world,
                               timeout=datetime.timedelta(seconds=120))
+        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
     _CONTEXT = Dist(rank, world, device)
     return _CONTEXT

@@ -150,6 +150,24 @@ class RunWriter:
             return f.tell()
 
 
+class NullWriter:
+    """The run files of ranks other than 0 (several processes): nothing is written."""
+
+    samples_path = Path("/nonexistent/samples.md")
+
+    def metrics(self, row: dict) -> None:
+        pass
+
+    def samples(self, title, items) -> None:
+        return None
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def latest_checkpoint(run_dir: str | Path):
     """``(tensors, state)`` of the latest checkpoint of a run directory (or of a checkpoints folder)."""
     run_dir = Path(run_dir)

@@ -1,0 +1,212 @@
+"""One run, any number of processes (torchrun, gloo, 2 CPU processes, one thread each; every launch under a
+timeout so nothing can hang). Exactness is checked on float64 tiny models: the 2-process run equals the
+1-process run with the same global batch — metrics and final weights to ≤ 1e-9 relative."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch
+from safetensors.torch import load_file
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time",
+        "wall_time")
+REWARD = '''
+import math, os
+def share(prompts, responses):
+    return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+def nan_on_rank1(prompts, responses):
+    bad = os.environ.get("RANK") == "1" and os.path.exists(os.environ["NAN_FLAG"])
+    return [math.nan if bad else 0.1 for r in responses]
+def slow(prompts, responses):
+    import time; time.sleep(float(os.environ.get("SLOW", "0")))
+    return share(prompts, responses)
+'''
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                **extra)
+
+
+def one(args, timeout=240, **env):
+    return subprocess.run([sys.executable, "-m", "proxrl", *args], capture_output=True, text=True,
+                          env=_env(**env), timeout=timeout)
+
+
+def two(args, timeout=240, extra=(), **env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), *extra, "-m", "proxrl", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.tiny import make_tiny
+
+    tmp = tmp_path_factory.mktemp("dist")
+    make_tiny(tmp / "model", seed=0)
+    (tmp / "reward.py").write_text(REWARD)
+    write_jsonl(tmp / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(20)])
+    write_jsonl(tmp / "sft.jsonl", [{"prompt": f"q {i}", "response": "abc " * (1 + i % 3)} for i in range(10)])
+    write_jsonl(tmp / "rm.jsonl", [{"prompt": f"q {i}", "chosen": "good " * (1 + i % 2), "rejected": "x"} for i in range(10)])
+    return tmp
+
+
+def ppo_args(tmp, out, reward="share", *more):
+    return ["rlhf", "ppo", "--policy", str(tmp / "model"), "--reward", f"{tmp / 'reward.py'}:{reward}", "--prompts",
+            str(tmp / "p.jsonl"), "--out", str(out), "--updates", "3", "--batch-size", "8", "--num-minibatches", "2",
+            "--micro-batch-size", "2", "--response-length", "6", "--eval-prompts", "4", "--chat-template", "off",
+            "--lora-r", "2", "--dtype", "float64", "--lr", "1e-2", "--seed", "1", *more]
+
+
+def rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k not in WALL} for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path, tol=1e-9):
+    ra, rb = rows(a), rows(b)
+    assert len(ra) == len(rb) and ra, (len(ra), len(rb))
+    for x, y in zip(ra, rb):
+        assert set(x) == set(y)
+        for k in x:
+            if isinstance(x[k], float) and isinstance(y[k], float):
+                assert abs(x[k] - y[k]) <= tol * max(abs(x[k]), 1e-12) + 1e-15, (k, x[k], y[k])
+            else:
+                assert x[k] == y[k], (k, x[k], y[k])
+    ta = load_file(sorted((a / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    tb = load_file(sorted((b / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    keys = [k for k in ta if k.startswith("policy.") or k.startswith("optimizer/")]
+    assert keys and set(keys) <= set(tb)
+    for k in keys:
+        scale = ta[k].abs().max().clamp(min=1e-30)
+        assert float((ta[k] - tb[k]).abs().max() / scale) <= tol, k
+
+
+def test_ppo_two_processes_equal_one(setup):
+    p1 = one(ppo_args(setup, setup / "ppo1"))
+    p2 = two(ppo_args(setup, setup / "ppo2"))
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert_same_run(setup / "ppo1", setup / "ppo2")
+    assert p2.stderr.count("held-out reward before") == 1  # rank 0 prints, once
+
+
+def test_grpo_two_processes_equal_one(setup):
+    args = lambda out: ["rlhf", "train", "--algo", "grpo", "--samples-per-prompt", "2", *ppo_args(setup, out)[2:]]
+    p1, p2 = one(args(setup / "grpo1")), two(args(setup / "grpo2"))
+    assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-1500:])
+    assert_same_run(setup / "grpo1", setup / "grpo2")
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_two_processes_equal_one(setup, stage):
+    data = setup / f"{stage}.jsonl"
+    args = lambda out: ["rlhf", stage, "--model", str(setup / "model"), "--data", str(data), "--out", str(out),
+                        "--batch-size", "4", "--micro-batch-size", "1", "--epochs", "2", "--lr", "1e-2",
+                        "--chat-template", "off", "--lora-r", "2", "--dtype", "float64"]
+    p1, p2 = one(args(setup / f"{stage}1")), two(args(setup / f"{stage}2"))
+    assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-1500:])
+    ra, rb = rows(setup / f"{stage}1"), rows(setup / f"{stage}2")
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        for k in ("loss", "grad_norm"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-9 * max(abs(x[k]), 1e-12), (k, x[k], y[k])
+    ta = load_file(next((setup / f"{stage}1" / "checkpoints").glob("ckpt-*")) / "tensors.safetensors")
+    tb = load_file(next((setup / f"{stage}2" / "checkpoints").glob("ckpt-*")) / "tensors.safetensors")
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-9, atol=1e-12), k
+
+
+def test_two_nodes_on_loopback_give_the_same_run(setup):
+    port = str(_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+               "-m", "proxrl", *ppo_args(setup, setup / "nodes")]
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for e in errs]
+    if not (setup / "ppo1").exists():
+        assert one(ppo_args(setup, setup / "ppo1")).returncode == 0
+    assert_same_run(setup / "ppo1", setup / "nodes")
+
+
+def test_nan_on_rank1_only_stops_both_ranks_with_the_same_line(setup):
+    flag = setup / "nan-flag"
+    flag.write_text("1")
+    t0 = time.perf_counter()
+    p = two(ppo_args(setup, setup / "nan", "nan_on_rank1"), timeout=120, NAN_FLAG=str(flag))
+    took = time.perf_counter() - t0
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ") or "]:error: " in l]
+    assert p.returncode != 0 and took < 90, (p.returncode, took)
+    assert errors and all("NaN" in l or "nan" in l for l in errors), p.stderr[-2000:]
+    assert any("held-out prompts" in l or "at update" in l for l in errors), errors
+    # the workers print one line each (torchrun's launcher adds its own report of the failed child)
+    assert "[rank0]: Traceback" not in p.stderr and "[rank1]: Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("error: reward function") == 2, p.stderr[-2000:]  # both ranks, the same line
+
+
+def test_checkpoint_of_two_processes_resumes_on_one_and_ends_identical(setup):
+    """SIGTERM to the launcher after the first update: every rank finishes the update, rank 0 checkpoints,
+    all exit 143; the run then resumes on ONE process and ends identical to the uninterrupted 2-process run."""
+    out = setup / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), "-m", "proxrl", *ppo_args(setup, out, "slow", "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, env=_env(SLOW="1.0"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "checkpoints").glob("ckpt-*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert list((out / "checkpoints").glob("ckpt-*")), err[-2000:]
+    r = one(["rlhf", "ppo", "--resume", str(out), "--reward", f"{setup / 'reward.py'}:slow"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = setup / "ref-slow"
+    assert two(ppo_args(setup, ref, "slow")).returncode == 0
+    assert_same_run(ref, out)
+
+
+def test_killed_worker_is_restarted_and_the_run_ends_identical(setup):
+    """kill -9 of one worker under --max-restarts 1: torchrun restarts both, the run resumes from its last
+    checkpoint by itself, and ends identical to the uninterrupted run."""
+    out = setup / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "proxrl",
+           *ppo_args(setup, out, "slow", "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, env=_env(SLOW="1.0"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "checkpoints").glob("ckpt-*")):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", f"proxrl rlhf ppo.*{out}"], capture_output=True, text=True).stdout.split()
+    workers = [w for w in workers if int(w) != proc.pid]
+    assert workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, err[-2500:]
+    ref = setup / "ref-slow"
+    if not ref.exists():
+        assert two(ppo_args(setup, ref, "slow")).returncode == 0
+    assert_same_run(ref, out)

@@ -90,3 +90,11 @@ def test_peer_runs_are_opt_in(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode != 0 and "setup_peers.sh" in proc.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_scale_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scale"
+    _run("scale.py", ["--tiny", "--reps", "1", "--updates", "2", "--batch", "4", "--response-length", "4",
+                      "--out", str(out)], tmp_path)
+    data = json.loads(Path(str(out) + ".json").read_text())
+    assert data["median_ratio"] > 0 and set(data["median_tokens_per_s"]) == {"1", "2"}

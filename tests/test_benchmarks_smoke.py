@@ -98,3 +98,10 @@ def test_scale_smoke(tmp_path: Path) -> None:
                       "--out", str(out)], tmp_path)
     data = json.loads(Path(str(out) + ".json").read_text())
     assert data["median_ratio"] > 0 and set(data["median_tokens_per_s"]) == {"1", "2"}
+
+
+def test_lm_memory_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "mem"
+    _run("lm_memory.py", ["--tiny", "--reps", "1", "--batch", "2", "--threads", "1", "--out", str(out)], tmp_path)
+    data = json.loads(Path(str(out) + ".json").read_text())
+    assert data["sampling_ratio"] > 0 and data["peak_ratio_lora"] > 0

@@ -1,0 +1,133 @@
+"""Issue 10 benchmarks, side by side in one run (each measurement in a fresh process, interleaved reps):
+
+* peak memory of one PPO update of SmolLM2-135M (all weights, and LoRA) against a plain Hugging Face
+  forward+backward of the same shapes (micro-batch × (prompt + response) tokens, cross-entropy on the
+  response positions) — the peak resident size above the size after loading;
+* tokens/s of proxrl's sampling loop against ``model.generate(do_sample=True, top_k=0)`` for the same
+  prompts and length.
+
+    python benchmarks/lm_memory.py [--tiny] [--reps 3]     → results/lm_memory.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import RESULTS, ROOT, machine
+
+WORKER = r'''
+import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))
+task = json.loads(sys.argv[1]); model = sys.argv[2]
+from proxrl.lm import PPOTrainer
+from proxrl.lm.config import PPOConfig
+B, P, R, mb = task["batch"], task["prompt"], task["response"], task["micro"]
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+cfg = PPOConfig(policy=model, finetune=task["finetune"], lora_r=8, chat_template="off", batch_size=B, num_minibatches=1,
+                micro_batch_size=mb, forward_batch_size=mb, update_epochs=1, response_length=R, max_prompt_length=P,
+                temperature=1.0, seed=0)
+tr = PPOTrainer(cfg, reward=lambda p, r: [0.0] * len(r))
+torch.manual_seed(0)
+vocab = tr.policy.lm.get_output_embeddings().weight.shape[0]
+prompts = [" ".join(["movie"] * (P - 1))] * B
+out = {}
+if task["mode"] == "sample-proxrl":
+    tr.generate(prompts[:2]); t0 = time.perf_counter(); ro = tr.generate(prompts, seed=1)
+    out["tokens_per_s"] = float(ro.response_mask.sum()) / (time.perf_counter() - t0)
+elif task["mode"] == "sample-generate":
+    from proxrl.lm.loading import left_pad
+    q, m = left_pad(tr.encode(prompts), tr.pad_id)
+    g = lambda n: tr.policy.lm.generate(input_ids=q[:n], attention_mask=m[:n], do_sample=True, top_k=0, top_p=1.0,
+                                        temperature=1.0, max_new_tokens=R, pad_token_id=tr.pad_id, eos_token_id=tr.stop_ids)
+    with torch.inference_mode():
+        g(2); t0 = time.perf_counter(); o = g(B); dt = time.perf_counter() - t0
+    from proxrl.lm.rollout import truncate_at_stop
+    _, mask, _ = truncate_at_stop(o[:, q.shape[1]:], tr.stop_ids, tr.pad_id)
+    out["tokens_per_s"] = float(mask.sum()) / dt
+else:
+    ids = torch.randint(3, vocab, (B, P + R))
+    mask = torch.ones_like(ids)
+    base = rss()
+    if task["mode"] == "update":
+        from proxrl.lm.rollout import Rollout
+        ro = Rollout(prompts, ids[:, :P], mask[:, :P], ids[:, P:], mask[:, P:], torch.zeros(B, dtype=torch.bool), [""] * B)
+        tr.step(ro, torch.zeros(B, dtype=torch.float64))
+    else:  # a plain Hugging Face forward+backward of the same micro-batches
+        lm = tr.policy.lm
+        for i in range(0, B, mb):
+            x = ids[i:i + mb]
+            logits = lm(input_ids=x, attention_mask=mask[i:i + mb]).logits[:, P - 1:-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, P:].reshape(-1))
+            loss.backward()
+    out["peak_mib"] = rss() - base
+print(json.dumps(out))
+'''
+
+
+def measure(task: dict, model: str, threads: int) -> dict:
+    env = dict(os.environ, PROXRL_KEEP_FREED_MEMORY="0")  # glibc's own allocator: RSS shows what is used
+    p = subprocess.run([sys.executable, "-c", WORKER, json.dumps(task), model, str(ROOT / "src"), str(threads)],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "lm_memory"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    if args.tiny:
+        import tempfile
+
+        from proxrl.lm.tiny import make_tiny
+
+        model = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny", hidden=64, seed=0))
+    else:
+        from proxrl.lm.demo_pipeline import smollm2_gguf
+
+        model = smollm2_gguf()
+    shapes = dict(batch=args.batch, prompt=16, response=32, micro=max(args.batch // 2, 1))
+    rows = {}
+    for rep in range(args.reps):
+        for finetune in ("full", "lora"):
+            for mode in ("update", "plain"):
+                r = measure({**shapes, "finetune": finetune, "mode": mode}, model, args.threads)
+                rows.setdefault(f"{finetune}/{mode}", []).append(r["peak_mib"])
+                print(f"rep {rep} {finetune} {mode}: peak +{r['peak_mib']:.0f} MiB", file=sys.stderr)
+        for mode in ("sample-proxrl", "sample-generate"):
+            r = measure({**shapes, "finetune": "lora", "mode": mode}, model, args.threads)
+            rows.setdefault(mode, []).append(r["tokens_per_s"])
+            print(f"rep {rep} {mode}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    summary = {"model": "tiny llama" if args.tiny else "SmolLM2-135M-Instruct", "machine": machine(None),
+               "shapes": shapes, "threads": args.threads, "reps": rows, "median": med,
+               "peak_ratio_full": med["full/update"] / med["full/plain"],
+               "peak_ratio_lora": med["lora/update"] / med["lora/plain"],
+               "sampling_ratio": med["sample-proxrl"] / med["sample-generate"]}
+    Path(args.out + ".json").write_text(json.dumps(summary, indent=2))
+    md = [f"# LM memory and sampling ({summary['model']}, {args.threads} threads, medians of {args.reps})", "",
+          f"shapes: batch {shapes['batch']}, micro-batch {shapes['micro']}, prompt {shapes['prompt']} + response "
+          f"{shapes['response']} tokens", "", "| quantity | proxrl | plain HF | ratio |", "|---|---|---|---|",
+          f"| peak memory of an update, all weights (MiB above loaded) | {med['full/update']:.0f} | {med['full/plain']:.0f} | {summary['peak_ratio_full']:.2f} |",
+          f"| peak memory of an update, LoRA (MiB above loaded) | {med['lora/update']:.0f} | {med['lora/plain']:.0f} | {summary['peak_ratio_lora']:.2f} |",
+          f"| sampling tokens/s (proxrl loop vs generate) | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |"]
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    print(json.dumps({k: summary[k] for k in ("peak_ratio_full", "peak_ratio_lora", "sampling_ratio")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

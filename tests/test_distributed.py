@@ -210,3 +210,10 @@ def test_killed_worker_is_restarted_and_the_run_ends_identical(setup):
     if not ref.exists():
         assert two(ppo_args(setup, ref, "slow")).returncode == 0
     assert_same_run(ref, out)
+
+
+def test_single_process_commands_refuse_torchrun_in_one_line(setup):
+    p = two(["train", "--env", "CartPole-v1", "--steps", "1024", "--out", str(setup / "gym")], timeout=120)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: torchrun:")]
+    assert p.returncode != 0 and len(errors) == 2, p.stderr[-2000:]
+    assert not (setup / "gym").exists()

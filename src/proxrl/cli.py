@@ -209,12 +209,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"proxrl {__version__}")
         return 0
     command = COMMANDS.get(argv[0])
+    single = argv[0] in ("train", "eval", "ladder", "plot", "export") or argv[:2] == ["rlhf", "demo"]
     if command is None:
         print(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     from .run.signals import RunInterrupted
 
     try:
+        if single:
+            from .run.dist import refuse_several_processes
+
+            refuse_several_processes(" ".join(argv[:2]) if argv[0] == "rlhf" else argv[0])
         return command(argv[1:])
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)

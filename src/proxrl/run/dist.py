@@ -159,6 +159,16 @@ class RemoteError(ProxrlError):
         super().__init__(msg)
 
 
+def refuse_several_processes(command: str) -> None:
+    """One line instead of N independent runs writing one directory, for commands that run on one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..errors import ConfigError
+
+        raise ConfigError("torchrun", f"`proxrl {command}` runs on one process (WORLD_SIZE="
+                          f"{os.environ['WORLD_SIZE']}); several processes are for rlhf sft|rm|ppo|train",
+                          "run it without torchrun")
+
+
 _CONTEXT: Optional[Dist] = None
 
 

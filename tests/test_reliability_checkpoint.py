@@ -310,3 +310,23 @@ def test_trust_remote_code_never_switched_on():
     hits = [f"{p}:{i}" for p in Path(SRC).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
             if re.search(r"trust_remote_code\s*=\s*(True|1)", line)]
     assert not hits, hits
+
+
+def test_a_valid_checkpoint_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """The pickle signature check used to look at the first byte alone, so a valid safetensors file whose
+    8-byte header length happened to have 0x80 as its low byte (1 file in 256) was refused as a pickle."""
+    import struct
+
+    import torch
+
+    from proxrl.run import checkpoint
+
+    for pad in range(300):  # key lengths that move the header length through every low byte
+        tensors = {"x" * (1 + pad): torch.zeros(1)}
+        root = tmp_path / f"c{pad}"
+        checkpoint.save(root, 1, tensors, {"stage": "sft", "step": 1})
+        raw = (checkpoint.latest(root) / "tensors.safetensors").read_bytes()
+        if raw[:1] == b"\x80":
+            assert checkpoint.load(root)[0][next(iter(tensors))].shape == (1,)
+            return
+    pytest.fail("no header length with low byte 0x80 was produced")

@@ -209,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"proxrl {__version__}")
         return 0
     command = COMMANDS.get(argv[0])
-    single = argv[0] in ("train", "eval", "ladder", "plot", "export") or argv[:2] == ["rlhf", "demo"]
+    single = argv[0] in ("eval", "ladder", "plot", "export") or argv[:2] == ["rlhf", "demo"]
     if command is None:
         print(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

@@ -23,8 +23,11 @@ class RunningMeanStd:
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = epsilon
+        self.gather = None  # several processes: every rank's rows of x, so all ranks keep the same statistics
 
     def update(self, x: np.ndarray) -> None:
+        if self.gather is not None:
+            x = self.gather(x)
         if x.shape[0] == 0:
             return
         b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]

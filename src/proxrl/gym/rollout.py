@@ -15,9 +15,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import core
 from ..batch import Batch
 from .envs import ObsNormalizer, RewardScaler
-from ..errors import NumericsError
+from ..errors import ConfigError, NumericsError
 from .policy import ActorCritic
 
 
@@ -31,20 +32,31 @@ class Runner:
     """Owns the vector env's carried state: current observation, pending autoresets, episode sums."""
 
     def __init__(self, envs, policy: ActorCritic, seed: int, gamma: float, obs_norm: bool, reward_norm: bool,
-                 clip_obs: float = 10.0, clip_reward: float = 10.0, device: str = "cpu"):
+                 clip_obs: float = 10.0, clip_reward: float = 10.0, device: str = "cpu", dist=None,
+                 num_envs_global: Optional[int] = None):
+        from ..run.dist import Dist
+
         self.envs, self.policy, self.device = envs, policy, torch.device(device)
         self.num_envs = envs.num_envs
+        # several processes: this rank steps envs [rows] of the run's envs (seeded by their global index)
+        self.dist = dist if dist is not None else Dist()
+        self.num_envs_global = num_envs_global if num_envs_global is not None else self.num_envs
+        self.rows = self.dist.shard(self.num_envs_global) if self.dist.on else slice(0, self.num_envs)
         obs_shape = envs.single_observation_space.shape
         self.obs_dim = int(np.prod(obs_shape))
         self.obs_norm = ObsNormalizer((self.obs_dim,), clip_obs) if obs_norm else None
         self.reward_scaler = RewardScaler(self.num_envs, gamma, clip_reward) if reward_norm else None
+        if self.dist.on:  # normalisers see every rank's rows: the statistics of one process with all envs
+            gather = lambda x: self.dist.gather_rows(torch.from_numpy(np.ascontiguousarray(x))).numpy()  # noqa: E731
+            for rms in ([self.obs_norm.rms] if self.obs_norm else []) + ([self.reward_scaler.rms] if self.reward_scaler else []):
+                rms.gather = gather
         act_space = envs.single_action_space
         self.continuous = policy.kind == "continuous"
         if self.continuous:
             self.act_low, self.act_high = act_space.low.reshape(-1), act_space.high.reshape(-1)
             self.act_shape = act_space.shape
         self.global_step = 0
-        raw, _ = envs.reset(seed=seed)
+        raw, _ = envs.reset(seed=seed + self.rows.start)
         self.raw_obs = self._check_obs(raw)
         self.pending_reset = np.zeros(self.num_envs, bool)  # next step is an autoreset step
         self.ep_return = np.zeros(self.num_envs, np.float64)
@@ -77,11 +89,12 @@ class Runner:
         trunc = np.empty((T, N), bool)
         mask = np.empty((T, N), bool)
         stats = EpisodeStats()
+        order: list[tuple[int, int]] = []  # (step, global env) of each finished episode
         # per step only what the env needs: the actor's forward and a sample. log π_old(a|s) and V(s) of the
         # whole rollout are one batched forward each after the loop (same weights: nothing trains in between)
         for t in range(T):
             obs = self._policy_obs(self.raw_obs, update=True)
-            action = self.policy.dist(obs).sample()
+            action = self._sample(self.policy.dist(obs))
             obs_buf[t] = obs
             if act_buf is None:
                 act_buf = torch.empty((T, *action.shape), dtype=action.dtype, device=dev)
@@ -94,7 +107,7 @@ class Runner:
                 reward = np.asarray(reward, np.float64).reshape(N)
             except (TypeError, ValueError) as e:  # wrong shapes or types from a custom env
                 raise NumericsError(f"environment step: {str(e).splitlines()[0]} at step {self.global_step}") from None
-            self.global_step += N
+            self.global_step += self.num_envs_global
             if not np.isfinite(reward).all():
                 raise NumericsError(f"reward: NaN or inf from the environment at step {self.global_step}")
             valid = ~self.pending_reset
@@ -107,6 +120,7 @@ class Runner:
             for i in np.flatnonzero(ended):
                 stats.returns.append(float(self.ep_return[i]))
                 stats.lengths.append(int(self.ep_length[i]))
+                order.append((t, self.rows.start + int(i)))
             self.ep_return[ended] = 0.0
             self.ep_length[ended] = 0
             if self.reward_scaler is not None:
@@ -131,7 +145,32 @@ class Runner:
             rewards=to_t(rew), terminated=to_t(term).float(), truncated=to_t(trunc).float(),
             mask=to_t(mask).float(), values=values, next_values=next_values,
         )
+        if self.dist.on:  # every rank holds the whole batch (rows in global env order) and every episode
+            batch = Batch(**{k: (self.dist.gather_rows(v) if isinstance(v, torch.Tensor) else v)
+                             for k, v in batch.__dict__.items()})
+            eps = [e for part in self.dist.gather_objects(list(zip(order, stats.returns, stats.lengths))) for e in part]
+            eps.sort(key=lambda e: e[0])  # the order one process appends them in
+            stats = EpisodeStats([r for _, r, _ in eps], [n for _, _, n in eps])
         return batch, stats
+
+    def _sample(self, dist) -> torch.Tensor:
+        """A sample of ``dist`` for this rank's envs. On several processes the random numbers are drawn for
+        all the run's envs and the rank uses its rows, so the envs get the actions one process gives them."""
+        if not self.dist.on:
+            return dist.sample()
+        from .policy import _Categorical
+
+        n, rows = self.num_envs_global, self.rows
+        if isinstance(dist, _Categorical):  # the draw of _Categorical.sample, for all envs
+            u = torch.rand((n, 1), dtype=dist.logits.dtype, device=dist.logits.device)[rows]
+            return core.inverse_cdf_sample(dist.logits.exp().cumsum(-1), u)
+        base = getattr(dist, "base_dist", None)
+        if isinstance(base, torch.distributions.Normal):  # the draw of Normal.sample, for all envs
+            shape = (n, *base.loc.shape[1:])
+            z = torch.normal(torch.zeros(shape, dtype=base.loc.dtype), torch.ones(shape, dtype=base.loc.dtype))[rows]
+            return base.loc + base.scale * z.to(base.loc.device)
+        raise ConfigError("torchrun", "MultiDiscrete actions are not supported on several processes yet",
+                          "run it on one process")
 
     # ------------------------------------------------------------------ checkpoint state
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from .rollout import Runner
 from ..rungs import RUNGS
 from ..run.guards import Backup, check_parameters
 from ..run.progress import Progress, tensorboard
-from ..run.rundir import RunWriter, check_out, latest_checkpoint, prepare_out
+from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
@@ -185,36 +185,44 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     from ..run.device import resolve_device
 
     device = resolve_device(cfg.device)
+    d = _dist_context(cfg, device, resumed)  # several processes (torchrun): each rank steps its share of the envs
     run_dir = Path(cfg.out) if cfg.out else _default_run_dir(cfg)
     if resumed is None:
         check_out(run_dir, overwrite=cfg.overwrite)  # refused before anything is made; written after the env
     torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
-    envs = make_vec_env(env_factory if env_factory is not None else cfg.env, cfg.num_envs, cfg.vectorization,
-                        env_kwargs)
+    n_local = d.shard(cfg.num_envs).stop - d.shard(cfg.num_envs).start
+    envs = make_vec_env(env_factory if env_factory is not None else cfg.env, n_local,
+                        "sync" if d.on and cfg.vectorization == "auto" else cfg.vectorization, env_kwargs)
     if resumed is None:  # an env that cannot be made leaves no directory behind, and an old run untouched
         cfg_dict = cfg.to_dict()
         cfg_dict["out"] = str(run_dir)
         try:
-            prepare_out(run_dir, overwrite=cfg.overwrite)
-            writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
+            if d.main:
+                prepare_out(run_dir, overwrite=cfg.overwrite)
+                writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
+            else:
+                writer = NullWriter()
         except BaseException:
             envs.close()
             raise
+        d.barrier()
     policy = build_policy(envs, cfg).to(device)
     actor_opt = make_adam(policy.actor_parameters(), cfg.lr, eps=1e-5)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     critic_opt = make_adam(policy.critic.parameters(), critic_lr, eps=1e-5) if rung.critic else None
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
-                    cfg.clip_reward, device)
+                    cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []
     if resumed is not None:
         beta, first_update, time_offset = _restore(run_dir, resumed, policy, actor_opt, critic_opt, runner)
-        writer, metrics = RunWriter.resume(run_dir, "update", first_update - 1, fsync_each=False)
-    tb = tensorboard(run_dir, cfg.tensorboard)
-    progress = Progress(cfg.num_updates, f"{cfg.algo} {cfg.env}", _progress_info, cfg.progress, done=first_update - 1)
+        writer, metrics = (RunWriter.resume(run_dir, "update", first_update - 1, fsync_each=False) if d.main
+                           else (NullWriter(), []))
+    tb = tensorboard(run_dir, cfg.tensorboard and d.main)
+    progress = Progress(cfg.num_updates, f"{cfg.algo} {cfg.env}", _progress_info, cfg.progress if d.main else "off",
+                        done=first_update - 1)
     start = time.perf_counter() - time_offset
     update = first_update - 1
     try:
@@ -236,7 +244,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                     if rung.update == "trust-region":
                         stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update, old)
                     else:
-                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update, old)
+                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update, old, d)
                     diag = post_update_diagnostics(policy, flat, old)
                     check_parameters(policy.named_parameters(), update)
                 except NumericsError as e:
@@ -265,12 +273,16 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                     tb.log(line, runner.global_step)
                 progress.update(line)
                 done = callback is not None and bool(callback(line, _live_agent(policy, cfg, runner, envs)))
+                done = d.any(done)  # a callback that ends the run on one rank ends it on all
                 last = update == cfg.num_updates or done
-                if last or stop.signum is not None or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
+                stopping = d.any(stop.signum is not None)
+                if last or stopping or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
                     writer.sync()
                     save_run(run_dir, runner, policy, cfg, update, actor_opt, critic_opt, beta, elapsed)
-                if stop.signum is not None and not last:
-                    raise RunInterrupted(stop.signum, run_dir, update, "proxrl train")
+                if stopping and not last:
+                    import signal as _signal
+
+                    raise RunInterrupted(stop.signum or _signal.SIGTERM, run_dir, update, "proxrl train")
                 if done:
                     break
     finally:
@@ -303,18 +315,49 @@ def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfi
             tensors.update(t)
             opt_meta[name] = m
     env_tensors, env_meta = envstate.get_state(runner.envs)
-    tensors.update(env_tensors)
+    d = runner.dist
+    if d.on:  # each rank's envs and carried state, gathered by rank 0 under rank<r>/
+        parts = d.gather_objects((runner.state_tensors(), env_tensors, env_meta))
+        if not d.main:
+            d.barrier()
+            return run_dir / "checkpoints"
+        tensors.update(parts[0][0])  # rank 0's normaliser statistics (the same on every rank) for load()
+        for r, (rt, et, _) in enumerate(parts):
+            tensors.update({f"rank{r}/{k}": v.clone() for k, v in {**rt, **et}.items()})
+        env_meta = {"ranks": [m for _, _, m in parts], "unsupported": sorted({u for _, _, m in parts
+                                                                             for u in m.get("unsupported", [])})}
+    else:
+        tensors.update(env_tensors)
     rng_tensors, rng_meta = rng_state()
     tensors.update(rng_tensors)
     state = {"format": "proxrl.gym/1", "version": CHECKPOINT_VERSION, "update": update, "step": runner.global_step, "config": cfg.to_dict(),
              "policy": {"kind": policy.kind, "obs_dim": runner.obs_dim, "act_dim": policy.act_dim,
                         "nvec": list(policy.nvec), "critic": policy.critic is not None},
              "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
-             "env_state": env_meta, "rng": rng_meta}
+             "env_state": env_meta, "rng": rng_meta, "world_size": d.world}
     bounds = _bounds_json(runner.envs.single_action_space) if policy.kind == "continuous" else None
     if bounds is not None:
         state["action_space"] = bounds  # so that load(run).act clips to the env's bounds (optional key)
-    return checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
+    path = checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
+    d.barrier()
+    return path
+
+
+def _dist_context(cfg: TrainConfig, device: str, resumed):
+    """The distributed context of a gym run, with what several processes need checked first."""
+    from ..run.dist import context
+
+    d = context(device)
+    if d.on:
+        if cfg.vectorization == "numpy":
+            raise ConfigError("vectorization", "numpy-vectorised envs share one random generator across their "
+                              "sub-envs, so no split over processes reproduces them", "use sync or auto on several processes")
+        if cfg.num_envs < d.world:
+            raise ConfigError("num_envs", f"{cfg.num_envs} envs for {d.world} processes", f"use ≥ {d.world} envs")
+    if resumed is not None and int(resumed[1].get("world_size", 1)) != d.world:
+        raise CheckpointError(f"the run was checkpointed on {resumed[1].get('world_size', 1)} process(es); a gym run "
+                              f"resumes on the same number (its envs' state is per process), not on {d.world}")
+    return d
 
 
 def _bounds_json(space) -> Optional[dict]:
@@ -366,13 +409,18 @@ def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runn
     from . import envstate
 
     tensors, state = resumed
+    env_state = state["env_state"]
+    if runner.dist.on:  # this rank's envs and carried state
+        mine = f"rank{runner.dist.rank}/"
+        tensors = {**tensors, **{k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}}
+        env_state = env_state["ranks"][runner.dist.rank]
     try:
         policy.load_state_dict({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")})
         for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
             if opt is not None:
                 load_optimizer_state(opt, name, tensors, state["optimizers"][name])
         runner.load_state(tensors, state["runner"])
-        envstate.set_state(runner.envs, tensors, state["env_state"])
+        envstate.set_state(runner.envs, tensors, env_state)
         set_rng_state(tensors, state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None

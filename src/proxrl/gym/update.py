@@ -39,13 +39,18 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
 
 
 def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt: Optional[torch.optim.Optimizer],
-               flat: Batch, rung: Rung, cfg, beta: float, update: int, old) -> dict[str, float]:
+               flat: Batch, rung: Rung, cfg, beta: float, update: int, old, dist=None) -> dict[str, float]:
     """``update_epochs`` × ``num_minibatches`` optimizer steps of the rung's surrogate. ``old`` is
     ``policy.snapshot(obs)`` taken before the update (π_old, for the exact KL of the penalty).
 
     Rungs 4–6 train the critic in the same steps (loss + vf_coef·value loss); rungs 1–3 take their policy
     step(s) first and then fit the critic separately for ``critic_epochs``.
+
+    On several processes (``dist``; every rank holds the whole batch) each minibatch of the one global
+    permutation is split over the ranks: advantages are normalised over the whole minibatch, each rank's
+    loss and statistics are its rows' share of the minibatch mean, the gradients and statistics are summed.
     """
+    split = dist is not None and dist.on
     obs, act, logp_old, adv = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0], flat.adv[:, 0]
     ret = flat.ret[:, 0]
     n = len(adv)
@@ -61,23 +66,33 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
         ones = ones_by_len.get(len(idx))
         if ones is None:
             ones = ones_by_len[len(idx)] = torch.ones(len(idx), device=adv.device)
+        mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)  # over the whole minibatch
+        if split:  # this rank's rows of the minibatch, weighted by their share of it
+            part = dist.shard(len(idx))
+            idx, mb_adv, share = idx[part], mb_adv[part], (part.stop - part.start) / len(idx)
+            if len(idx) == 0:
+                return {"policy_loss": torch.zeros(()), "approx_kl": torch.zeros(()), "clip_fraction": torch.zeros(()),
+                        **({"value_loss": torch.zeros(())} if joint_critic else {})}
+            ones = torch.ones(len(idx), device=adv.device)
         mb_obs = obs[idx]  # gathered once for the actor and the critic
-        dist = policy.dist(mb_obs)
-        logp = dist.log_prob(act[idx])
-        mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)
-        kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist) if need_kl else None
+        dist_ = policy.dist(mb_obs)
+        logp = dist_.log_prob(act[idx])
+        kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist_) if need_kl else None
         loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
                                   beta=beta, kl=kl, ratio_stats=False)
         if not first_dev:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
             first_dev.append(float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max()))
         if cfg.ent_coef > 0:
-            loss = loss - cfg.ent_coef * dist.entropy().mean()
+            loss = loss - cfg.ent_coef * dist_.entropy().mean()
         if joint_critic:
             v_loss = core.value_loss(policy.value(mb_obs), ret[idx], flat.values[idx, 0],
                                      cfg.clip_coef if cfg.clip_vloss else None)
             loss = loss + cfg.vf_coef * v_loss
             st["value_loss"] = v_loss.detach()
         check_finite("policy_loss", loss, update, where)
+        if split:
+            loss = loss * share
+            st = {k: v * share if isinstance(v, Tensor) else v for k, v in st.items()}
         loss.backward()
         st["policy_loss"] = loss.detach()
         return st
@@ -85,11 +100,13 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     optimizers = [actor_opt] + ([critic_opt] if joint_critic else [])
     stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None
     res = sgd_epochs(optimizers, params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
-                     cfg.max_grad_norm, update, step, stop_after_epoch=stop)
+                     cfg.max_grad_norm, update, step, stop_after_epoch=stop, dist=dist, reduce_stats=split)
     policy_losses = [st["policy_loss"] for st in res.stats]
     clip_fracs = [st["clip_fraction"] for st in res.stats if "clip_fraction" in st]
     value_losses = [st["value_loss"] for st in res.stats if "value_loss" in st]
-    first_dev, epoch, stopped_early = first_dev[0], res.epochs_done - 1, res.stopped_early
+    first_dev, epoch, stopped_early = first_dev[0] if first_dev else 0.0, res.epochs_done - 1, res.stopped_early
+    if split:  # the largest deviation over every rank's rows
+        first_dev = float(dist.all_reduce_(torch.tensor([first_dev], dtype=torch.float64), "max"))
     out = {"policy_loss": float(torch.stack(policy_losses).mean()), "ratio_first_dev": first_dev,
            "epochs_done": epoch + 1, "early_stop": stopped_early}
     out["clip_fraction"] = float(torch.stack(clip_fracs).mean()) if clip_fracs else None

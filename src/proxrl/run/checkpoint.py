@@ -163,10 +163,12 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes; truncated?)")
-            if head[:2] == b"PK" or head[:1] == b"\x80":
+            (n,) = struct.unpack("<Q", head)
+            # a pickle (0x80) or zip (PK) signature, judged only when the 8 bytes are no plausible header
+            # length: a valid file's length can start with 0x80 too (e.g. a 1152-byte header)
+            if (n > MAX_HEADER_BYTES or n > size - 8) and (head[:2] == b"PK" or head[:1] == b"\x80"):
                 raise CheckpointError(f"{path}: not a safetensors file (looks like a torch.save/pickle file; "
                                       "proxrl never unpickles — convert it to safetensors)")
-            (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds the "
                                       f"{MAX_HEADER_BYTES} byte limit)")

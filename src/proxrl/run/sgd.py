@@ -35,7 +35,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                order: Callable[[], Sequence[Tensor]], max_grad_norm: float, update: Optional[int],
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
-               after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None) -> SGDResult:
+               after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None,
+               reduce_stats: bool = False) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
@@ -46,7 +47,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     With ``dist`` (:class:`proxrl.run.dist.Dist`, several processes) ``minibatch_step`` gets the global
     indices and computes this rank's share of the loss (weighted by its share of the minibatch); an error
     on any rank is agreed on before the gradients are summed over ranks, so every rank takes the same step
-    or raises the same error."""
+    or raises the same error. ``reduce_stats``: the tensor statistics ``minibatch_step`` returns are this
+    rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's."""
     out = SGDResult()
     for epoch in range(epochs):
         st: dict = {}
@@ -63,6 +65,11 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                     err = e
                 dist.agree(err)
                 dist.all_reduce_grads(params)
+                if reduce_stats:
+                    keys = sorted(k for k, v in st.items() if isinstance(v, Tensor))
+                    if keys:
+                        flat = dist.all_reduce_(torch.stack([st[k].detach().double().reshape(()) for k in keys]))
+                        st = {**st, **{k: flat[i] for i, k in enumerate(keys)}}
             else:
                 st = minibatch_step(idx, where)
             norm = float(clip_grad_norm(params, max_grad_norm, update, where))

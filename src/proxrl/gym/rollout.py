@@ -15,11 +15,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import core
 from ..batch import Batch
 from .envs import ObsNormalizer, RewardScaler
-from ..errors import ConfigError, NumericsError
-from .policy import ActorCritic
+from ..errors import NumericsError
+from .policy import ActorCritic, sample_rows
 
 
 @dataclass
@@ -158,19 +157,7 @@ class Runner:
         all the run's envs and the rank uses its rows, so the envs get the actions one process gives them."""
         if not self.dist.on:
             return dist.sample()
-        from .policy import _Categorical
-
-        n, rows = self.num_envs_global, self.rows
-        if isinstance(dist, _Categorical):  # the draw of _Categorical.sample, for all envs
-            u = torch.rand((n, 1), dtype=dist.logits.dtype, device=dist.logits.device)[rows]
-            return core.inverse_cdf_sample(dist.logits.exp().cumsum(-1), u)
-        base = getattr(dist, "base_dist", None)
-        if isinstance(base, torch.distributions.Normal):  # the draw of Normal.sample, for all envs
-            shape = (n, *base.loc.shape[1:])
-            z = torch.normal(torch.zeros(shape, dtype=base.loc.dtype), torch.ones(shape, dtype=base.loc.dtype))[rows]
-            return base.loc + base.scale * z.to(base.loc.device)
-        raise ConfigError("torchrun", "MultiDiscrete actions are not supported on several processes yet",
-                          "run it on one process")
+        return sample_rows(dist, self.num_envs_global, self.rows)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_tensors(self) -> dict[str, torch.Tensor]:

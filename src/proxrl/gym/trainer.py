@@ -17,7 +17,7 @@ from ..run import checkpoint
 from .config import TrainConfig, env_kwargs_dict, resolve
 from .envs import make_vec_env
 from ..core import explained_variance, ppo_beta_update
-from ..errors import CheckpointError, ConfigError, NumericsError, ProxrlError
+from ..errors import CheckpointError, ConfigError, NumericsError
 from ..objective import estimate_advantages
 from ..run.optim import make_adam
 from .policy import ActorCritic

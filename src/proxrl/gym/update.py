@@ -10,7 +10,7 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import core
 from ..batch import Batch

@@ -94,14 +94,6 @@ class PPOTrainer:
         return self.rollouts.chat
 
     # ---- 1. generate
-    @property
-    def pad_id(self) -> int:
-        return self.rollouts.pad_id
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return self.rollouts.stop_ids
-
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return self.rollouts.encode(prompts)
 

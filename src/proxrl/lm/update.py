@@ -9,7 +9,6 @@ per-token KL(π_old‖π_θ) over the vocabulary on the whole batch (as on the g
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 from torch import Tensor, nn

@@ -345,7 +345,8 @@ def _is_reward_model_dir(spec: str) -> bool:
 def train(config: RLConfig, reward: str | RewardFn | RewardModel | None = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
     """Train with the rung ``config.algo`` of the ladder on tokens (pg, pg-baseline, rloo, grpo, pg-rtg,
-    is-pg, ppo-kl, ppo-clip): the stage loop of :func:`ppo` with the rung's choices. With
+    is-pg, ppo-kl, ppo-clip, trpo): the stage loop of :func:`ppo` with the rung's choices (trpo's update is
+    :func:`proxrl.lm.trust_region.trust_region_update` instead of the SGD epochs). With
     ``samples_per_prompt`` K > 1 each update answers ``batch_size / K`` prompts K times each."""
     return ppo(config, reward, log, policy)
 

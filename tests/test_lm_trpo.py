@@ -184,3 +184,30 @@ def test_trpo_raises_a_checkable_reward(tmp_path):
     assert all(x["kl_old_exact"] <= 0.3 for x in rows)
     assert sum(x["ls_accepted"] for x in rows) >= 15
     assert last > first + 0.05, (first, last)
+
+
+def test_trpo_run_resumes_exactly(tmp_path, tiny):
+    """A `train --algo trpo` run (LoRA, K = 4) resumed from its update-2 checkpoint ends bit-identical to the
+    uninterrupted run (no optimizer step is taken: Adam's state stays empty and is checkpointed as such)."""
+    import shutil
+
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.ppo_trainer import train
+    from proxrl.run import checkpoint
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(10)])
+    cfg = RLConfig(algo="trpo", policy=tiny, reward="unused:fn", prompts=str(tmp_path / "p.jsonl"),
+                   out=str(tmp_path / "a"), finetune="lora", updates=4, batch_size=8, micro_batch_size=4,
+                   response_length=5, eval_prompts=2, checkpoint_every=2)
+    train(cfg, reward=mean_byte, log=lambda *_: None)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(checkpoint.latest(tmp_path / "b" / "checkpoints"))
+    train(RLConfig(resume=str(tmp_path / "b")), reward=mean_byte, log=lambda *_: None)
+    wall = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in wall}
+             for line in open(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    assert any(r["ls_step_fraction"] > 0 for r in rows[0])
+    ta, tb = (load_file(str(checkpoint.latest(tmp_path / d / "checkpoints") / "tensors.safetensors")) for d in "ab")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

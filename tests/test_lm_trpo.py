@@ -211,3 +211,32 @@ def test_trpo_run_resumes_exactly(tmp_path, tiny):
     assert any(r["ls_step_fraction"] > 0 for r in rows[0])
     ta, tb = (load_file(str(checkpoint.latest(tmp_path / d / "checkpoints") / "tensors.safetensors")) for d in "ab")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_trpo_under_torchrun_is_one_line_on_every_rank(tmp_path):
+    """Two real gloo processes: each prints the same one-line refusal and nothing is trained or written."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from proxrl.lm.data import write_jsonl
+
+    make_tiny(tmp_path / "model", seed=0)
+    (tmp_path / "reward.py").write_text("def share(p, r):\n    return [0.0 for _ in r]\n")
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(10)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "proxrl", "rlhf", "train", "--algo", "trpo", "--policy",
+           str(tmp_path / "model"), "--reward", f"{tmp_path / 'reward.py'}:share", "--prompts",
+           str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "run"), "--updates", "1", "--batch-size", "8",
+           "--chat-template", "off"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: algo: trpo is not implemented")]
+    assert p.returncode != 0 and len(errors) == 2, p.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

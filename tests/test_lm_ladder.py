@@ -214,6 +214,7 @@ def test_rung_presets():
         "is-pg": ("gae", "none", 1, "is", "head", 4),
         "ppo-kl": ("gae", "none", 1, "kl-penalty", "head", 2),
         "ppo-clip": ("gae", "none", 1, "clip", "head", 2),
+        "trpo": ("baseline", "rloo", 4, "is", "none", 1),
     }
     assert RLConfig(algo="pg-rtg").gae_lambda == 1.0
     c = RLConfig(algo="pg-baseline", baseline="rloo")  # a group baseline brings K = 4 unless K is given
@@ -320,3 +321,77 @@ def test_noisy_rungs_run_and_mostly_learn(tmp_path, algo):
     assert last > first + 0.03, (algo, first, last)
     if algo == "is-pg":
         assert all("ess" in r and "is_weight_var" in r for r in rows)
+
+
+# --------------------------------------------------------------------------- loss aggregation: Dr.GRPO's constant
+def test_constant_loss_aggregation_is_the_hand_formula():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    assert float(core.aggregate(x, mask, "constant", 8)) == (1 + 2 + 4) / (2 * 8)  # B × max response length
+    assert float(core.aggregate(x, mask, "constant")) == (1 + 2 + 4) / (2 * 3)
+    assert float(core.aggregate(x, mask, "token-mean")) == (1 + 2 + 4) / 3
+    assert float(core.aggregate(x, mask, "seq-mean")) == (1.5 + 4) / 2
+    with pytest.raises(ValueError, match="constant"):
+        core.aggregate(x, mask, "sum")
+
+
+@pytest.mark.parametrize("algo", ["pg", "grpo"])
+def test_constant_loss_aggregation_micro_batch_8x1_equals_1x8(tiny, algo):
+    """--loss-agg constant: Σ_tokens loss / (B × response_length), with response_length the configured maximum
+    (not the batch's longest response), and the same gradient whatever the micro-batch size."""
+    tr = make_trainer(tiny, algo=algo, loss_agg="constant", response_length=6)
+    prompts = [f"p{i}" for i in range(8)] if algo == "pg" else [p for p in ("ab", "xyz") for _ in range(4)]
+    ro = tr.generate(prompts)
+    batch, _ = tr.make_batch(ro, tr.score(ro))
+    tr.cfg.response_length = 11  # the constant L, larger than any response here
+    assert batch.shape[1] < 11
+    params = [p for p in tr.policy.parameters() if p.requires_grad]
+    grads, stats = {}, {}
+    for micro in (1, 8):
+        tr.cfg.micro_batch_size = micro
+        tr.optimizer.zero_grad(set_to_none=True)
+        stats[micro] = tr.accumulate(batch, ro.ids, ro.mask, torch.arange(8))
+        grads[micro] = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+    torch.testing.assert_close(grads[1], grads[8], atol=1e-12, rtol=1e-9)
+    logp, _, _ = tr.policy(ro.ids, ro.mask, batch.shape[1], tr.cfg.temperature, values=False, entropy=False)
+    ratio = torch.exp(logp - batch.logp_old)
+    per_token = -(logp * batch.adv) if algo == "pg" else -torch.minimum(ratio * batch.adv, ratio.clamp(0.8, 1.2) * batch.adv)
+    hand = (per_token * batch.mask).sum() / (8 * 11)
+    assert stats[1]["policy_loss"] == pytest.approx(float(hand.detach()), rel=1e-10)
+    assert stats[8]["policy_loss"] == pytest.approx(float(hand.detach()), rel=1e-10)
+    g_hand = torch.cat([g.reshape(-1) for g in torch.autograd.grad(hand, params, allow_unused=True) if g is not None])
+    torch.testing.assert_close(grads[8], g_hand, atol=1e-12, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- the policy that does not move
+def test_warning_when_the_policy_does_not_move(tiny, capsys):
+    """KL to π_old and clip fraction < 1e-6 for 3 consecutive updates: one stderr line, once per run."""
+    tr = make_trainer(tiny, algo="pg", lr=1e-12)
+    for i in range(5):
+        ro = tr.generate(["ab", "xyz"] * 4)
+        m = tr.step(ro, tr.score(ro))
+        assert m["approx_kl"] == 0.0 and m["approx_kl_after"] < 1e-6  # one step: the in-update KL is before it
+        err = [line for line in capsys.readouterr().err.splitlines() if "not moving" in line]
+        assert err == ([] if i != 2 else [
+            "warning: policy is not moving (KL to π_old < 1e-06 for 3 updates): raise --lr (LoRA usually needs "
+            "1e-4..1e-3), or check that the reward varies between responses"]), (i, err)
+    tr = make_trainer(tiny, algo="ppo-clip", lr=1e-2)  # a policy that moves: no line
+    for i in range(4):
+        ro = tr.generate(["ab", "xyz"] * 4)
+        m = tr.step(ro, tr.score(ro))
+        assert m["approx_kl"] > 1e-6
+    assert "not moving" not in capsys.readouterr().err
+
+
+def test_not_moving_counter_survives_a_checkpoint(tiny, capsys):
+    tr = make_trainer(tiny, algo="pg", lr=1e-12)
+    for _ in range(2):
+        ro = tr.generate(["ab", "xyz"] * 4)
+        tr.step(ro, tr.score(ro))
+    tensors, state = tr.checkpoint_state()
+    tr2 = make_trainer(tiny, algo="pg", lr=1e-12)
+    tr2.load_checkpoint_state(tensors, state)
+    assert (tr2.still_updates, tr2.warned_not_moving) == (2, False)
+    ro = tr2.generate(["ab", "xyz"] * 4)
+    tr2.step(ro, tr2.score(ro))
+    assert tr2.warned_not_moving and "not moving" in capsys.readouterr().err

@@ -26,7 +26,7 @@ __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "aggregate",
     "total_return", "reward_to_go", "gae",
     "vanilla_pg_loss", "importance_sampled_loss", "kl_penalty_loss", "clipped_loss", "value_loss",
-    "kl_k1", "kl_k2", "kl_k3", "exact_kl",
+    "kl_k1", "kl_k2", "kl_k3", "exact_kl", "KL_ESTIMATORS", "kl_estimate", "kl_ref_loss", "categorical_kl",
     "ppo_beta_update", "ziegler_beta_update",
     "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
@@ -80,12 +80,15 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     return torch.where(mask.bool(), out, x)
 
 
-def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor:
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", length: int | None = None) -> Tensor:
     """Reduce a ``[B, T]`` per-step loss to a scalar.
 
     ``token-mean`` averages over all real steps (long responses weigh more); ``seq-mean`` averages
     each sequence first, then over sequences (every sequence weighs the same) — the length bias
-    of DETAILS LM-15. For the gym path (``T`` = 1 after flattening) both agree.
+    of DETAILS LM-15; ``constant`` is Dr.GRPO's constant normaliser (Liu et al. 2025): the sum over real
+    steps divided by B × ``length`` (the maximum response length, a constant of the run; None = T), so
+    neither a sequence's length nor the batch's token count rescales its tokens' gradient. For the gym
+    path (``T`` = 1 after flattening) all three agree.
     """
     if mode == "token-mean":
         return masked_mean(x, mask)
@@ -93,7 +96,10 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor:
         per_seq = masked_mean(x, mask, dim=-1)  # [B]
         has = (mask.sum(-1) > 0).to(x.dtype)
         return (per_seq * has).sum() / has.sum().clamp(min=1)
-    raise ValueError(f"loss_agg must be 'token-mean' or 'seq-mean', got {mode!r}")
+    if mode == "constant":
+        rows = x.shape[0] if x.dim() > 1 else 1
+        return masked_sum(x, mask) / (rows * (x.shape[-1] if length is None else length))
+    raise ValueError(f"loss_agg must be 'token-mean', 'seq-mean' or 'constant', got {mode!r}")
 
 
 # --------------------------------------------------------------------------- returns and advantages
@@ -171,33 +177,36 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor
 
 
 # --------------------------------------------------------------------------- surrogates (losses)
-def vanilla_pg_loss(logp: Tensor, weights: Tensor, mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
-    """Rungs 1–3: −E[Φ_t · log π(a_t|s_t)]; Φ_t is R(τ), R(τ)−b, or an advantage (no gradient through it)."""
+def vanilla_pg_loss(logp: Tensor, weights: Tensor, mask: Tensor | None = None, agg: str = "token-mean",
+                    agg_len: int | None = None) -> Tensor:
+    """Rungs 1–3: −E[Φ_t · log π(a_t|s_t)]; Φ_t is R(τ), R(τ)−b, or an advantage (no gradient through it).
+    ``agg_len``: the ``length`` of :func:`aggregate`'s ``constant`` mode (every loss below takes it)."""
     mask = torch.ones_like(logp) if mask is None else mask
-    return -aggregate(logp * weights.detach(), mask, agg)
+    return -aggregate(logp * weights.detach(), mask, agg, agg_len)
 
 
 def importance_sampled_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor | None = None,
-                            agg: str = "token-mean", max_log_ratio: float = 20.0) -> Tensor:
+                            agg: str = "token-mean", max_log_ratio: float = 20.0, agg_len: int | None = None) -> Tensor:
     """Rung 4: −E_{π_old}[π_θ/π_old · A]. At θ = θ_old its gradient is the vanilla one (tested).
 
     The log-ratio is clamped before ``exp`` (DETAILS LM-16) so one far-off sample cannot give inf.
     """
     mask = torch.ones_like(logp) if mask is None else mask
     ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
-    return -aggregate(ratio * adv.detach(), mask, agg)
+    return -aggregate(ratio * adv.detach(), mask, agg, agg_len)
 
 
 def kl_penalty_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, kl: Tensor, beta: float,
-                    mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
+                    mask: Tensor | None = None, agg: str = "token-mean", agg_len: int | None = None) -> Tensor:
     """Rung 5 (PPO1): −(E[ratio·A] − β·KL(π_old, π_θ)); ``kl`` is per step (exact or an estimator)."""
     mask = torch.ones_like(logp) if mask is None else mask
-    return importance_sampled_loss(logp, logp_old, adv, mask, agg) + beta * aggregate(kl, mask, agg)
+    return (importance_sampled_loss(logp, logp_old, adv, mask, agg, agg_len=agg_len)
+            + beta * aggregate(kl, mask, agg, agg_len))
 
 
 def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, mask: Tensor | None = None,
                  agg: str = "token-mean", max_log_ratio: float = 20.0,
-                 clip_coef_high: float | None = None) -> tuple[Tensor, Tensor]:
+                 clip_coef_high: float | None = None, agg_len: int | None = None) -> tuple[Tensor, Tensor]:
     """Rung 6 (PPO2): −E[min(r·A, clip(r, 1−ε, 1+ε)·A)]. Returns ``(loss, clip_fraction)``.
 
     ε = ∞ recovers the importance-sampled loss exactly (tested). ``clip_coef_high`` (DAPO's clip-higher)
@@ -213,20 +222,20 @@ def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, 
     else:
         clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef_high) * adv
         outside = (ratio < 1.0 - clip_coef) | (ratio > 1.0 + clip_coef_high)
-    loss = -aggregate(torch.minimum(unclipped, clipped), mask, agg)
+    loss = -aggregate(torch.minimum(unclipped, clipped), mask, agg, agg_len)
     clip_fraction = masked_mean(outside.to(logp.dtype), mask)
     return loss, clip_fraction.detach()
 
 
 def value_loss(values: Tensor, ret: Tensor, values_old: Tensor | None = None, clip_coef: float | None = None,
-               mask: Tensor | None = None, agg: str = "token-mean") -> Tensor:
+               mask: Tensor | None = None, agg: str = "token-mean", agg_len: int | None = None) -> Tensor:
     """0.5·(V − R)², or the clipped form 0.5·max((V−R)², (V_old + clip(V−V_old, ±ε) − R)²) (DETAILS 5, LM-11)."""
     mask = torch.ones_like(values) if mask is None else mask
     sq = (values - ret) ** 2
     if clip_coef is not None and values_old is not None:
         v_clipped = values_old + torch.clamp(values - values_old, -clip_coef, clip_coef)
         sq = torch.maximum(sq, (v_clipped - ret) ** 2)
-    return 0.5 * aggregate(sq, mask, agg)
+    return 0.5 * aggregate(sq, mask, agg, agg_len)
 
 
 # --------------------------------------------------------------------------- KL
@@ -252,6 +261,39 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
 def exact_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> Tensor:
     """KL(p‖q) per state, summed over independent action dimensions when the distribution has them."""
     return torch.distributions.kl_divergence(p, q)
+
+
+def categorical_kl(logp_all: Tensor, logq_all: Tensor) -> Tensor:
+    """Exact KL(p‖q) = Σ_v p_v (log p_v − log q_v) over the last dim of full log-probabilities ``[..., V]``
+    (a vocabulary), ``[...]``."""
+    return (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(estimator: str, logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """The per-sample estimator ``k1`` | ``k2`` | ``k3`` of KL(π‖π_ref) on samples x ~ π (values: k1 and k3
+    unbiased, k2 biased; their *gradients* are a different matter, see :func:`kl_ref_loss`)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
+    return KL_ESTIMATORS[estimator](logp, logp_ref)
+
+
+def kl_ref_loss(logp: Tensor, logp_ref: Tensor, estimator: str, mask: Tensor | None = None,
+                agg: str = "token-mean", agg_len: int | None = None) -> Tensor:
+    """The KL-to-reference term placed in the loss (GRPO style; the caller multiplies by β):
+    ``aggregate(k(log π_θ, log π_ref))`` with the gradient through log π_θ only. On samples x ~ π_θ
+    (DETAILS 19; exact expectations tested in ``tests/test_lm_kl.py``), writing Δ = log π_θ − log π_ref:
+
+    * k1: ∇k1 = ∇log π_θ, E[∇k1] = 0 — the term does nothing in expectation;
+    * k2: ∇k2 = Δ·∇log π_θ, E[∇k2] = ∇KL(π_θ‖π_ref) — the reverse KL, as the reward placement;
+    * k3: ∇k3 = (1 − π_ref/π_θ)·∇log π_θ, E[∇k3] = −Σ π_ref ∇log π_θ = ∇KL(π_ref‖π_θ) — the forward KL.
+
+    Samples from π_old ≠ π_θ (a later epoch or minibatch) shift these expectations by the ratio π_θ/π_old.
+    """
+    mask = torch.ones_like(logp) if mask is None else mask
+    return aggregate(kl_estimate(estimator, logp, logp_ref.detach()), mask, agg, agg_len)
 
 
 # --------------------------------------------------------------------------- KL controllers

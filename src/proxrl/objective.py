@@ -74,28 +74,29 @@ def normalize_advantages(adv: Tensor, mask: Tensor, mode: str) -> Tensor:
 def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, *,
                    clip_coef: float = 0.2, beta: float = 0.0, kl: Optional[Tensor] = None,
                    agg: str = "token-mean", ratio_stats: bool = True,
-                   clip_coef_high: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   clip_coef_high: Optional[float] = None, agg_len: Optional[int] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of a rung plus its diagnostics (all detached scalars).
 
     ``kl`` is the per-step KL(π_old‖π_θ) used by the penalty (exact on the gym path, k3 on tokens).
     Diagnostics: ``approx_kl`` (k3 of old vs new), ``ratio_mean``, ``ratio_max``, ``clip_fraction``.
     ``clip_coef_high`` (clip only): the upper bound of an asymmetric range [1 − clip_coef, 1 + clip_coef_high].
+    ``agg_len``: the constant length of ``agg='constant'`` (:func:`proxrl.core.aggregate`).
     """
     log_ratio = logp - logp_old
     if surrogate == "vanilla":
-        loss = core.vanilla_pg_loss(logp, adv, mask, agg)
+        loss = core.vanilla_pg_loss(logp, adv, mask, agg, agg_len)
         clip_fraction = None
     elif surrogate == "is":
-        loss = core.importance_sampled_loss(logp, logp_old, adv, mask, agg)
+        loss = core.importance_sampled_loss(logp, logp_old, adv, mask, agg, agg_len=agg_len)
         clip_fraction = None
     elif surrogate == "kl-penalty":
         if kl is None:
             kl = core.kl_k3(logp_old, logp)
-        loss = core.kl_penalty_loss(logp, logp_old, adv, kl, beta, mask, agg)
+        loss = core.kl_penalty_loss(logp, logp_old, adv, kl, beta, mask, agg, agg_len)
         clip_fraction = None
     elif surrogate == "clip":
         loss, clip_fraction = core.clipped_loss(logp, logp_old, adv, clip_coef, mask, agg,
-                                                  clip_coef_high=clip_coef_high)
+                                                  clip_coef_high=clip_coef_high, agg_len=agg_len)
     else:
         raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
     with torch.no_grad():

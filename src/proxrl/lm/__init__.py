@@ -33,7 +33,7 @@ def ppo(config: PPOConfig, reward=None, **kwargs) -> dict:
 
 def train(config: RLConfig, reward=None, **kwargs) -> dict:
     """Any rung of the ladder on tokens (``config.algo``: pg, pg-baseline, rloo, grpo, pg-rtg, is-pg,
-    ppo-kl, ppo-clip) against a reward-model directory or a Python function; see
+    ppo-kl, ppo-clip, trpo) against a reward-model directory or a Python function; see
     :func:`proxrl.lm.ppo_trainer.train`."""
     from .ppo_trainer import train as _train
 

@@ -16,7 +16,7 @@ USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
   sft    supervised fine-tuning on {"prompt","response"} JSONL
   rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} JSONL
   ppo    PPO against a reward-model directory or a Python function module:function
-  train  any rung of the ladder on tokens: --algo pg|pg-baseline|rloo|grpo|pg-rtg|is-pg|ppo-kl|ppo-clip
+  train  any rung of the ladder on tokens: --algo pg|pg-baseline|rloo|grpo|pg-rtg|is-pg|ppo-kl|ppo-clip|trpo
   demo   the whole pipeline offline: SmolLM2-135M-Instruct (GGUF) + LoRA + VADER sentiment reward
   export a trained run as a Hugging Face model directory (also: proxrl export RUN --out DIR)
 

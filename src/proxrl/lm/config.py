@@ -182,8 +182,9 @@ class PPOConfig(ModelOptions):
     on fewer than 8 tokens"""
     norm_adv: Literal["whiten", "off"] = "whiten"
     """advantage whitening over the whole rollout batch (mean shift and unit variance)"""
-    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
-    """token-loss aggregation: every token weighs the same, or every sequence (length bias, LM-15)"""
+    loss_agg: Literal["token-mean", "seq-mean", "constant"] = "token-mean"
+    """token-loss aggregation: every token weighs the same, every sequence (length bias, LM-15), or Dr.GRPO's
+    constant normaliser (sum over tokens / (batch × response_length))"""
     gamma: float = 1.0
     """discount over response tokens"""
     gae_lambda: float = 0.95
@@ -252,6 +253,9 @@ class PPOConfig(ModelOptions):
     samples_per_prompt = 1
     scale_by_std = True
     clip_coef_high = None
+    kl_in = "reward"
+    kl_estimator = "k1"
+    update_rule = "sgd"
     COMMAND = "ppo"
 
 
@@ -266,6 +270,7 @@ class LMRung:
     critic: str       # none | head
     defaults: dict = field(default_factory=dict)
     summary: str = ""
+    update: str = "sgd"  # sgd (epochs × minibatches × micro-batches) | trust-region (lm/trust_region.py)
 
 
 _ONE_STEP = dict(update_epochs=1, num_minibatches=1)
@@ -286,6 +291,10 @@ LM_RUNGS: dict[str, LMRung] = {r.name: r for r in [
     LMRung("ppo-kl", "gae", "none", "kl-penalty", "head", {},
            "rung 5: adaptive KL penalty to π_old (β×2 / β÷2 on the exact KL after the update)"),
     LMRung("ppo-clip", "gae", "none", "clip", "head", {}, "rung 6: the clipped ratio (= rlhf ppo)"),
+    LMRung("trpo", "baseline", "rloo", "is", "none", dict(_ONE_STEP, norm_adv="off", samples_per_prompt=4),
+           "rung 7: natural gradient by CG on Fisher-vector products of the exact per-token KL, step scaled to "
+           "½sᵀFs = δ, line search accepting KL ≤ δ and a positive improvement; RLOO advantages, no critic",
+           update="trust-region"),
 ]}
 LM_LADDER = list(LM_RUNGS)
 GROUP_BASELINES = ("rloo", "group-norm")
@@ -311,8 +320,8 @@ class RLConfig(PPOConfig):
     """GAE λ (default: 1 for pg-rtg, else 0.95)"""
     critic: Optional[Literal["head", "separate", "none"]] = None
     """value head on the trunk, a separate model, or none (sequence advantages); default: from --algo"""
-    algo: Literal["pg", "pg-baseline", "rloo", "grpo", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip"] = "ppo-clip"
-    """the rung: pg | pg-baseline | rloo | grpo | pg-rtg | is-pg | ppo-kl | ppo-clip (= rlhf ppo)"""
+    algo: Literal["pg", "pg-baseline", "rloo", "grpo", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo"] = "ppo-clip"
+    """the rung: pg | pg-baseline | rloo | grpo | pg-rtg | is-pg | ppo-kl | ppo-clip (= rlhf ppo) | trpo"""
     advantage: Optional[Literal["sequence", "baseline", "gae"]] = None
     """token weight: the sequence return R on every token, R minus a baseline, or GAE with the critic
     (default: from --algo)"""
@@ -328,6 +337,24 @@ class RLConfig(PPOConfig):
     """lower clip ε of the clipped ratio, r ≥ 1 − ε (default: clip_coef)"""
     clip_coef_high: Optional[float] = None
     """upper clip ε, r ≤ 1 + ε (DAPO's clip-higher when > clip_coef_low; default: clip_coef_low)"""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """where the KL to the reference goes (β = kl_coef): 'reward' −β·k on every token's reward (Ziegler et
+    al., the default), or 'loss' +β·mean(k(log π_θ, log π_ref)) added to the policy loss (GRPO); which
+    combination with --kl-estimator is an unbiased gradient of which KL: docs/ladder.md"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """the estimator k of the KL to the reference: k1 = Δ, k2 = ½Δ², k3 = e^(−Δ) − 1 + Δ, Δ = log π − log π_ref
+    (k1 in the reward and k2 in the loss give ∇KL(π‖π_ref); k3 in the loss gives the forward KL's gradient;
+    k1 in the loss gives none)"""
+    max_kl: float = 0.01
+    """trpo: trust-region size δ on the mean per-token exact KL(π_old‖π_θ) over the response tokens"""
+    cg_iters: int = 10
+    """trpo: conjugate-gradient iterations of F s = g"""
+    cg_damping: float = 0.01
+    """trpo: damping λ of the CG solve (F + λI) s = g (the step is scaled with the undamped F)"""
+    backtrack_coef: float = 0.8
+    """trpo: line-search shrink factor"""
+    backtrack_iters: int = 10
+    """trpo: maximum line-search backtracks (0: only the full step is tried)"""
     out: str = "runs/rl"
     """output directory"""
 
@@ -355,6 +382,12 @@ class RLConfig(PPOConfig):
         if self.clip_coef_high is None:
             self.clip_coef_high = self.clip_coef_low
 
+    @property
+    def update_rule(self) -> str:
+        """``sgd`` or ``trust-region``: the rung's update (not a choice of its own)."""
+        rung = LM_RUNGS.get(self.algo)
+        return rung.update if rung is not None else "sgd"
+
     def validate(self, need_policy: bool = True, need_reward: bool = True, need_prompts: bool = True) -> None:
         check(self.algo in LM_RUNGS, "algo", f"unknown rung {self.algo!r}", "choose one of " + ", ".join(LM_LADDER))
         check(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1, "samples_per_prompt",
@@ -374,6 +407,22 @@ class RLConfig(PPOConfig):
               f"advantage={self.advantage} trains no critic", "pass --critic none, or --advantage gae")
         check(self.clip_coef_low > 0 and self.clip_coef_high > 0, "clip_coef_high",
               f"clip bounds must be > 0, got low={self.clip_coef_low}, high={self.clip_coef_high}")
+        check(self.kl_in in ("reward", "loss"), "kl_in", f"must be reward or loss, got {self.kl_in!r}")
+        check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
+        check(self.loss_agg in ("token-mean", "seq-mean", "constant"), "loss_agg",
+              f"must be token-mean, seq-mean or constant, got {self.loss_agg!r}")
+        if self.update_rule == "trust-region":
+            check(self.critic == "none", "critic", "trpo fits no critic (a value head trained by SGD on the policy's "
+                  "trunk would move the policy outside the trust region)",
+                  "pass --critic none with --advantage baseline (the default: rloo)")
+            check(self.ent_coef == 0, "ent_coef", f"trpo's surrogate has no entropy bonus, got {self.ent_coef}",
+                  "pass --ent-coef 0")
+            check(self.max_kl > 0, "max_kl", f"must be > 0, got {self.max_kl}")
+            check(isinstance(self.cg_iters, int) and self.cg_iters >= 1, "cg_iters", f"must be ≥ 1, got {self.cg_iters}")
+            check(self.cg_damping >= 0, "cg_damping", f"must be ≥ 0, got {self.cg_damping}")
+            check(0 < self.backtrack_coef < 1, "backtrack_coef", f"must be in (0, 1), got {self.backtrack_coef}")
+            check(isinstance(self.backtrack_iters, int) and self.backtrack_iters >= 0, "backtrack_iters",
+                  f"must be an integer ≥ 0, got {self.backtrack_iters}")
 
 
 @dataclass

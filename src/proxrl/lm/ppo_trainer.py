@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import core
 from ..batch import Batch
-from ..errors import CheckpointError, NumericsError
+from ..errors import CheckpointError, ConfigError, NumericsError
 from ..run import checkpoint
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
@@ -72,6 +72,9 @@ class PPOTrainer:
         from ..run.dist import context
 
         self.dist = context(cfg.device)
+        if cfg.update_rule == "trust-region" and self.dist.on:
+            raise ConfigError("algo", f"trpo is not implemented on several processes (WORLD_SIZE={self.dist.world})",
+                              "run it on one process")
         self.rollouts = TokenRollouts(policy, cfg, self.dist)
         self.scorer = Scorer(reward if reward is not None else cfg.reward, policy, self.rollouts.chat,
                              cfg.max_prompt_length, cfg.forward_batch_size)
@@ -80,6 +83,8 @@ class PPOTrainer:
         self.penalty_beta = cfg.penalty_beta
         self.step_count = 0
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.still_updates = 0  # consecutive updates in which the policy did not move (warn_if_not_moving)
+        self.warned_not_moving = False
 
     @property
     def pad_id(self) -> int:
@@ -126,7 +131,8 @@ class PPOTrainer:
 
     def accumulate(self, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor) -> dict[str, float]:
         """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step)."""
-        return accumulate(self.policy, self.cfg, batch, ids, mask, rows, self.penalty_beta, self.step_count + 1, "")
+        return accumulate(self.policy, self.cfg, batch, ids, mask, rows, self.penalty_beta, self.step_count + 1, "",
+                          kl_coef=self.kl_coef)
 
     def step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:
         """One PPO update on a scored rollout; returns its metrics.
@@ -156,23 +162,35 @@ class PPOTrainer:
         cfg = self.cfg
         update = self.step_count + 1
         # on several processes rollout/scores are this rank's rows; the batch (and `rollout` below) the whole
-        batch, stats, rollout = self.rollouts.make_batch(rollout, scores, self.kl_coef, update)
+        kl_in_loss = cfg.kl_in == "loss"  # β·KL in the loss (GRPO), not in the reward
+        batch, stats, rollout = self.rollouts.make_batch(rollout, scores, 0.0 if kl_in_loss else self.kl_coef, update)
         t_forward = time.perf_counter() - t0
         ids, mask = rollout.ids.to(cfg.device), rollout.mask.to(cfg.device)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         penalty = cfg.surrogate == "kl-penalty"
         theta_old = [p.detach().clone() for p in params] if penalty else None
-        metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle, update,
-                             self.dist)
+        trust_region = cfg.update_rule == "trust-region"
+        if trust_region:  # rung 7: CG on Fisher-vector products + line search, no optimizer step
+            from .trust_region import trust_region_update
+
+            metrics = trust_region_update(self.policy, cfg, batch, ids, mask, update, self.kl_coef)
+        else:
+            metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle,
+                                 update, self.dist, self.kl_coef)
         check_parameters(self.policy.named_parameters(), update)
         if penalty:  # once per update, on the exact KL after it, as on the gym side (DETAILS 9)
             metrics["kl_old_exact"] = exact_kl_to_old(self.policy, params, theta_old, ids, mask, batch.mask,
                                                       cfg.temperature, cfg.micro_batch_size, self.dist)
             self.penalty_beta = core.ppo_beta_update(self.penalty_beta, metrics["kl_old_exact"], cfg.penalty_target_kl)
-        if cfg.surrogate == "is":  # rung 4: how far the update moved from the sampling policy
-            metrics.update(importance_weights_after(self.policy, ids, mask, batch, cfg.temperature,
-                                                    cfg.micro_batch_size))
+        single_step = not trust_region and cfg.update_epochs * cfg.num_minibatches == 1
+        if (cfg.surrogate == "is" and not trust_region) or single_step:
+            after = importance_weights_after(self.policy, ids, mask, batch, cfg.temperature, cfg.micro_batch_size)
+            if cfg.surrogate == "is":  # rung 4: how far the update moved from the sampling policy
+                metrics.update(after)
+            else:  # one optimizer step: the in-update approx_kl was measured before it (0)
+                metrics["approx_kl_after"] = after["approx_kl_after"]
         metrics.setdefault("clip_fraction", 0.0)
+        self.warn_if_not_moving(metrics)
         beta_used = self.kl_coef
         if cfg.adaptive_kl:
             self.kl_coef = core.ziegler_beta_update(self.kl_coef, stats["kl_ref"], cfg.target_kl_ref, len(rollout),
@@ -184,6 +202,26 @@ class PPOTrainer:
                 "penalty_beta": self.penalty_beta, **metrics,
                 "explained_variance": ev if math.isfinite(ev) else None,  # None: the returns have no variance
                 "skipped": None, "update_time": dt, "forward_time": t_forward, "train_time": dt - t_forward}
+
+    NOT_MOVING_KL, NOT_MOVING_UPDATES = 1e-6, 3
+
+    def warn_if_not_moving(self, metrics: dict) -> None:
+        """One stderr line per run when the policy has not moved for 3 consecutive updates: the KL to π_old
+        after the update (``approx_kl_after`` of a single optimizer step, the accepted trust-region step's
+        ``approx_kl``, else the in-update ``approx_kl``) and the clip fraction both < 1e-6."""
+        kl = metrics.get("approx_kl_after", metrics.get("approx_kl", 0.0))
+        still = kl < self.NOT_MOVING_KL and (metrics.get("clip_fraction") or 0.0) < self.NOT_MOVING_KL
+        self.still_updates = self.still_updates + 1 if still else 0
+        if self.still_updates >= self.NOT_MOVING_UPDATES and not self.warned_not_moving:
+            self.warned_not_moving = True
+            if self.cfg.update_rule == "trust-region":
+                fix = "raise --max-kl (the trust region δ), or check that the reward varies between responses"
+            else:
+                fix = ("raise --lr (LoRA usually needs 1e-4..1e-3), or check that the reward varies between "
+                       "responses")
+            if self.dist.main:
+                print(f"warning: policy is not moving (KL to π_old < {self.NOT_MOVING_KL:g} for "
+                      f"{self.NOT_MOVING_UPDATES} updates): {fix}", file=sys.stderr)
 
     # ---- evaluation and state
     def evaluate(self, prompts: Sequence[str], seed: int = 12345) -> dict:
@@ -202,7 +240,8 @@ class PPOTrainer:
                               for p, r, s in zip(rollout.prompts, rollout.responses, scores.tolist())]}
 
     def state(self) -> dict:
-        return {"step": self.step_count, "kl_coef": self.kl_coef, "penalty_beta": self.penalty_beta}
+        return {"step": self.step_count, "kl_coef": self.kl_coef, "penalty_beta": self.penalty_beta,
+                "still_updates": self.still_updates, "warned_not_moving": self.warned_not_moving}
 
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
         """Everything of the trainer that decides the rest of a run: trainable weights (``policy.*``: LoRA
@@ -230,6 +269,8 @@ class PPOTrainer:
         self.kl_coef = float(state["kl_coef"])
         self.penalty_beta = float(state["penalty_beta"])
         self.rollouts.warned_negative_kl = bool(state.get("warned_negative_kl", False))
+        self.still_updates = int(state.get("still_updates", 0))
+        self.warned_not_moving = bool(state.get("warned_not_moving", False))
 
 
 # --------------------------------------------------------------------------- the whole stage
@@ -296,7 +337,8 @@ def _is_reward_model_dir(spec: str) -> bool:
 def train(config: RLConfig, reward: str | RewardFn | RewardModel | None = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
     """Train with the rung ``config.algo`` of the ladder on tokens (pg, pg-baseline, rloo, grpo, pg-rtg,
-    is-pg, ppo-kl, ppo-clip): the stage loop of :func:`ppo` with the rung's choices. With
+    is-pg, ppo-kl, ppo-clip, trpo): the stage loop of :func:`ppo` with the rung's choices (trpo's update is
+    :func:`proxrl.lm.trust_region.trust_region_update` instead of the SGD epochs). With
     ``samples_per_prompt`` K > 1 each update answers ``batch_size / K`` prompts K times each."""
     return ppo(config, reward, log, policy)
 

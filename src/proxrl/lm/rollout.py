@@ -369,7 +369,9 @@ class TokenRollouts:
         stopped = rollout.stopped.to(dev)
         scores_penalised = apply_missing_eos_penalty(scores.to(dev, dtype), stopped, cfg.missing_eos_penalty)
         kl_ref_k1 = core.kl_k1(logp_old, logp_ref) * mask  # [B, R]
-        rewards = token_rewards(scores_penalised, kl_ref_k1, mask, kl_coef)
+        estimator = getattr(cfg, "kl_estimator", "k1")  # rlhf train --kl-estimator (in the reward: k1 default)
+        kl_reward = kl_ref_k1 if estimator == "k1" else core.kl_estimate(estimator, logp_old, logp_ref) * mask
+        rewards = token_rewards(scores_penalised, kl_reward, mask, kl_coef)
         whitened = 0.0
         if cfg.whiten_rewards:
             if mask.sum() >= MIN_WHITEN_TOKENS:  # refuse on tiny batches rather than divide by ~0 (LM-10)

@@ -22,19 +22,24 @@ from .policy import LMPolicy
 
 def micro_weight(micro_mask: Tensor, minibatch_mask: Tensor, agg: str) -> Tensor:
     """Share of a micro-batch in its minibatch's loss, so Σ_micro weight·loss_micro = loss_minibatch exactly
-    for token-mean (share of real tokens) and seq-mean (share of non-empty sequences)."""
+    for token-mean (share of real tokens), seq-mean (share of non-empty sequences) and constant (share of rows)."""
     if agg == "token-mean":
         return micro_mask.sum() / minibatch_mask.sum().clamp(min=1)
+    if agg == "constant":
+        return micro_mask.new_tensor(micro_mask.shape[0]) / minibatch_mask.shape[0]
     return (micro_mask.sum(-1) > 0).sum() / (minibatch_mask.sum(-1) > 0).sum().clamp(min=1)
 
 
 def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor, penalty_beta: float,
-               update: int, where: str, dist=None) -> dict[str, float]:
+               update: int, where: str, dist=None, kl_coef: float = 0.0) -> dict[str, float]:
     """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step); returns the
     minibatch's statistics (weighted means; ``ratio_max`` a max). On several processes (``dist``) this
     rank takes its part of ``rows``; each micro loss keeps its weight in the *global* minibatch, so the
-    gradients summed over ranks are the single-process gradient, and so are the statistics summed."""
+    gradients summed over ranks are the single-process gradient, and so are the statistics summed. With
+    ``cfg.kl_in == 'loss'`` the loss gets ``kl_coef``·:func:`proxrl.core.kl_ref_loss` (GRPO's placement)."""
     R = batch.shape[1]
+    agg_len = cfg.response_length if cfg.loss_agg == "constant" else None
+    kl_in_loss = getattr(cfg, "kl_in", "reward") == "loss"
     mb_mask = batch.mask[rows]
     sums: dict[str, float] = {}
     critic = cfg.critic != "none"  # the critic-free rungs (pg, pg-baseline, rloo, grpo) train no value
@@ -48,10 +53,13 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
                               entropy=True, entropy_grad=cfg.ent_coef > 0)
         pg_loss, st = objective.surrogate_loss(cfg.surrogate, logp, batch.logp_old[micro], batch.adv[micro], m,
                                                clip_coef=cfg.clip_coef, beta=penalty_beta, agg=cfg.loss_agg,
-                                               clip_coef_high=cfg.clip_coef_high)
-        ent_mean = core.aggregate(ent, m, cfg.loss_agg)
+                                               clip_coef_high=cfg.clip_coef_high, agg_len=agg_len)
+        if kl_in_loss:
+            st["kl_ref_loss"] = core.kl_ref_loss(logp, batch.logp_ref[micro], cfg.kl_estimator, m, cfg.loss_agg, agg_len)
+            pg_loss = pg_loss + kl_coef * st["kl_ref_loss"]
+        ent_mean = core.aggregate(ent, m, cfg.loss_agg, agg_len)
         if critic:
-            v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg)
+            v_loss = core.value_loss(v, batch.ret[micro], batch.values[micro], cfg.vf_clip, m, cfg.loss_agg, agg_len)
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent_mean
         else:
             v_loss = torch.zeros((), dtype=pg_loss.dtype)
@@ -69,7 +77,8 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
 
 
 def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: Batch, ids: Tensor, mask: Tensor,
-               penalty_beta: float, shuffle: torch.Generator, update: int, dist=None) -> dict[str, float]:
+               penalty_beta: float, shuffle: torch.Generator, update: int, dist=None,
+               kl_coef: float = 0.0) -> dict[str, float]:
     """``update_epochs`` × ``num_minibatches`` optimizer steps on the batch; returns the mean of each
     minibatch statistic over the steps (``ratio_max``: the max) and the mean gradient norm. With ``dist``
     every minibatch of the one global permutation is split over the ranks (gradients summed)."""
@@ -78,7 +87,7 @@ def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: B
     res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(B, cfg.num_minibatches, shuffle),
                      cfg.max_grad_norm, update,
                      lambda rows, where: accumulate(policy, cfg, batch, ids, mask, rows, penalty_beta, update, where,
-                                                    dist),
+                                                    dist, kl_coef),
                      dist=dist)
     totals: dict[str, float] = {}
     for sums in res.stats:
@@ -136,9 +145,12 @@ def exact_kl_to_old(policy: LMPolicy, params: list[nn.Parameter], old_values: li
 def importance_weights_after(policy: LMPolicy, ids: Tensor, mask: Tensor, batch: Batch, temperature: float,
                              chunk: int) -> dict[str, float]:
     """Rung 4's diagnostics after the update, on the whole batch: the variance of the per-token weights
-    w = π_θ/π_old of the sampled tokens and their effective sample size (Kish, a fraction of the tokens)."""
+    w = π_θ/π_old of the sampled tokens and their effective sample size (Kish, a fraction of the tokens), and
+    ``approx_kl_after``, the mean k3 of KL(π_old‖π_θ) on them (the in-update ``approx_kl`` of a single-step
+    update is measured before its step, so always 0)."""
     R = batch.shape[1]
     logp = torch.cat([policy(ids[i:i + chunk], mask[i:i + chunk], R, temperature, values=False, entropy=False)[0]
                       for i in range(0, ids.shape[0], chunk)])
     var, ess = core.importance_weight_stats(logp - batch.logp_old, batch.mask)
-    return {"is_weight_var": float(var), "ess": float(ess)}
+    kl = core.masked_mean(core.kl_k3(batch.logp_old, logp), batch.mask)
+    return {"is_weight_var": float(var), "ess": float(ess), "approx_kl_after": float(kl)}

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "rm":
             from .rm import reward_model
             reward_model(cfg)
-        elif cmd == "ppo":
+        elif cmd in ("ppo", "train"):
+            from ..cli import _given_fields
             from .ppo_trainer import ppo
-            ppo(cfg)
-        elif cmd == "train":
-            from .ppo_trainer import train
-            train(cfg)
+
+            # the options written on the command line: --resume refuses those that would change the run
+            ppo(cfg, explicit=sorted(_given_fields(rest, set(commands[cmd].__dataclass_fields__))))
         elif cmd == "export":
             import json
 

@@ -185,7 +185,7 @@ def test_lm_run_directories_refused_unless_overwrite(work):
         ("sft", sup_args("demos.jsonl", "sft_run"), "out", "already holds a run"),
         ("rm", sup_args("prefs.jsonl", "sft_run"), "out", "already holds a run"),
         ("ppo", ppo_args("sft_run"), "out", "already holds a run"),
-        ("train", ppo_args("sft_run") + ["--algo", "grpo"], "out", "already holds a run"),
+        ("train", ppo_args("sft_run") + ["--algo", "pg"], "out", "already holds a run"),
         ("sft", sup_args("demos.jsonl", "a_file"), "out", "is a file"),
         ("ppo", ppo_args("a_file"), "out", "is a file"),
         ("rm", sup_args("prefs.jsonl", "a_file/sub"), "out", "cannot write"),

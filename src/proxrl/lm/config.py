@@ -38,6 +38,8 @@ def absolute_path(spec: Optional[str], code: bool = False) -> Optional[str]:
     if code and ":" in spec and not Path(spec).exists():
         path, fn = spec.rsplit(":", 1)
         return f"{Path(path).resolve()}:{fn}" if path.endswith(".py") and Path(path).is_file() else spec
+    if code:  # otherwise only a reward-model run directory is a path
+        return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 

@@ -388,7 +388,12 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                           f"in {cfg.prompts} for training", f"pass --eval-prompts {len(records) - 1} or less, or add prompts")
     train_prompts, eval_prompts = split_prompts([r["prompt"] for r in records], cfg.eval_prompts, cfg.seed)
     digest = _prompts_digest(train_prompts + ["\0"] + eval_prompts)
-    trainer = PPOTrainer(cfg, policy=policy, reward=reward)
+    try:
+        trainer = PPOTrainer(cfg, policy=policy, reward=reward)
+    except ConfigError as e:  # the policy's tokenizer has no EOS: the option is --policy here, not --model
+        if e.field != "model" or "EOS" not in str(e):
+            raise
+        raise ConfigError("policy", str(e).split(": ", 1)[1]) from None
     d = trainer.dist  # several processes (torchrun): rank 0 prints and writes, every rank computes
     if not d.main:
         log = lambda *_: None  # noqa: E731

@@ -95,14 +95,24 @@ class ModelOptions:
         return asdict(self)
 
 
-def check_new_out(out: str, overwrite: bool, stage: str) -> None:
+def restarted_by_torchrun() -> bool:
+    """A worker restarted by torchrun (``--max-restarts``): the run in ``out`` is its own first attempt's."""
+    import os
+
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def check_new_out(out: str, overwrite: bool, stage: str) -> bool:
     """An ``out`` of a stage without resume (sft, rm): refused with one line when it is a file or holds a
-    run (unless ``overwrite``), before any work; the directory is made later (``prepare_out``)."""
+    run (unless ``overwrite``), before any work; the directory is made later (``prepare_out``). Returns the
+    overwrite flag to make it with (True also for a worker restarted by torchrun, which starts again)."""
     from ..run.rundir import check_out, holds_run
 
+    overwrite = overwrite or restarted_by_torchrun()
     if holds_run(out) and not overwrite:
         raise ConfigError("out", f"{out} already holds a run", "replace it with --overwrite, or choose another --out")
     check_out(out, overwrite=overwrite, command=f"proxrl rlhf {stage}")
+    return overwrite
 
 
 def _validate_supervised(cfg, data_example: str) -> None:

@@ -39,7 +39,7 @@ from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
 from .common import keep_freed_memory
-from .config import PPOConfig, RLConfig, absolute_path
+from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
 from .data import PPO_FIELDS, read_jsonl
 from .policy import LMPolicy, RewardModel, build_policy
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
@@ -379,8 +379,9 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
+    overwrite = cfg.overwrite or restarted_by_torchrun()  # a restart before the first checkpoint starts again
     if resumed is None:
-        check_out(cfg.out, overwrite=cfg.overwrite, command=f"proxrl rlhf {cfg.COMMAND}")  # before any work
+        check_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")  # before any work
     seed_everything(cfg.seed)  # a reward function may draw from these: seeded, checkpointed, restored
     records = read_jsonl(cfg.prompts, PPO_FIELDS)
     if cfg.eval_prompts and len(records) <= cfg.eval_prompts:
@@ -402,7 +403,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     if resumed is None:
         elapsed0 = 0.0
         if d.main:  # the old run (with --overwrite) is removed only now that the models have loaded
-            prepare_out(out, overwrite=cfg.overwrite, command=f"proxrl rlhf {cfg.COMMAND}")
+            prepare_out(out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")
         writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg)) if d.main else NullWriter()
         before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])

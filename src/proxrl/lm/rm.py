@@ -73,7 +73,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     ``eval_accuracy`` (held-out pairwise accuracy)."""
     cfg = config
     cfg.validate()
-    check_new_out(cfg.out, cfg.overwrite, "rm")  # before any work
+    overwrite = check_new_out(cfg.out, cfg.overwrite, "rm")  # before any work
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, RM_FIELDS)
@@ -100,7 +100,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     if not d.main:
         log = lambda *_: None  # noqa: E731
     if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
-        prepare_out(cfg.out, overwrite=cfg.overwrite, command="proxrl rlhf rm")
+        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf rm")
     writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg)) if d.main else NullWriter()
     pad = tok.pad_token_id
     step = 0

@@ -52,7 +52,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
     cfg = config
     cfg.validate()
-    check_new_out(cfg.out, cfg.overwrite, "sft")  # before any work
+    overwrite = check_new_out(cfg.out, cfg.overwrite, "sft")  # before any work
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, SFT_FIELDS)
@@ -71,7 +71,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     if not d.main:
         log = lambda *_: None  # noqa: E731
     if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
-        prepare_out(cfg.out, overwrite=cfg.overwrite, command="proxrl rlhf sft")
+        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf sft")
     writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg)) if d.main else NullWriter()
     uniform = math.log(base.get_input_embeddings().weight.shape[0])  # the loss of a uniform next-token guess
     warned = False

@@ -2,7 +2,9 @@
 
 User errors (:class:`~proxrl.errors.ProxrlError`) print one line ``error: …`` on stderr and exit 2.
 SIGINT/SIGTERM during ``ppo`` finish the update, write a checkpoint, print ``stopped: …`` and exit 130/143;
-``proxrl rlhf ppo --resume DIR`` continues the run exactly.
+``proxrl rlhf ppo --resume DIR`` continues the run exactly (an option given with it that differs from the run
+is refused, except ``--updates``, raised to extend it). An ``--out`` that already holds a run is refused unless
+``--resume`` (ppo, train) or ``--overwrite``.
 """
 
 from __future__ import annotations

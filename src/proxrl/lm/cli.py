@@ -25,6 +25,23 @@ USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
 Run `proxrl rlhf COMMAND --help` for the options of a command."""
 
 
+def given_options(argv: list[str], names: set[str]) -> list[str]:
+    """Field names of the options written on the command line (``--batch-size 4``, ``--batch_size=4``,
+    ``--no-adaptive-kl``), so that ``--resume`` can refuse the ones that would change the saved run."""
+    given = set()
+    for tok in argv:
+        if tok == "--":
+            break
+        if not tok.startswith("--"):
+            continue
+        name = tok[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return sorted(given)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -53,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             from .rm import reward_model
             reward_model(cfg)
         elif cmd in ("ppo", "train"):
-            from ..cli import _given_fields
             from .ppo_trainer import ppo
 
             # the options written on the command line: --resume refuses those that would change the run
-            ppo(cfg, explicit=sorted(_given_fields(rest, set(commands[cmd].__dataclass_fields__))))
+            ppo(cfg, explicit=given_options(rest, set(commands[cmd].__dataclass_fields__)))
         elif cmd == "export":
             import json
 

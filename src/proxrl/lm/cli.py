@@ -2,7 +2,9 @@
 
 User errors (:class:`~proxrl.errors.ProxrlError`) print one line ``error: …`` on stderr and exit 2.
 SIGINT/SIGTERM during ``ppo`` finish the update, write a checkpoint, print ``stopped: …`` and exit 130/143;
-``proxrl rlhf ppo --resume DIR`` continues the run exactly.
+``proxrl rlhf ppo --resume DIR`` continues the run exactly (an option given with it that differs from the run
+is refused, except ``--updates``, raised to extend it). An ``--out`` that already holds a run is refused unless
+``--resume`` (ppo, train) or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
   export a trained run as a Hugging Face model directory (also: proxrl export RUN --out DIR)
 
 Run `proxrl rlhf COMMAND --help` for the options of a command."""
+
+
+def given_options(argv: list[str], names: set[str]) -> list[str]:
+    """Field names of the options written on the command line (``--batch-size 4``, ``--batch_size=4``,
+    ``--no-adaptive-kl``), so that ``--resume`` can refuse the ones that would change the saved run."""
+    given = set()
+    for tok in argv:
+        if tok == "--":
+            break
+        if not tok.startswith("--"):
+            continue
+        name = tok[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return sorted(given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "rm":
             from .rm import reward_model
             reward_model(cfg)
-        elif cmd == "ppo":
+        elif cmd in ("ppo", "train"):
             from .ppo_trainer import ppo
-            ppo(cfg)
-        elif cmd == "train":
-            from .ppo_trainer import train
-            train(cfg)
+
+            # the options written on the command line: --resume refuses those that would change the run
+            ppo(cfg, explicit=given_options(rest, set(commands[cmd].__dataclass_fields__)))
         elif cmd == "export":
             import json
 

@@ -12,10 +12,35 @@ Batch vocabulary (DETAILS LM-12), used by every stage:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, Optional
 
-from ..errors import check
+from ..errors import ConfigError, check
+
+
+def check_finite_floats(cfg) -> None:
+    """Every float field of an LM config is a finite number (``--lr nan``, ``--temperature inf`` and the
+    like are refused by name before any work; None stays allowed where a field is Optional)."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f.name, f"must be a finite number, got {v}", f"pass a real value to --{f.name.replace('_', '-')}")
+
+
+def absolute_path(spec: Optional[str], code: bool = False) -> Optional[str]:
+    """``spec`` as an absolute path when it names an existing local file or directory (a hub name or a
+    Python module is left as it is), so that ``config.json`` and checkpoints work from any directory.
+    ``code``: a reward ``file.py:function`` or ``module:function`` — only the path part is resolved."""
+    if not spec:
+        return spec
+    if code and ":" in spec and not Path(spec).exists():
+        path, fn = spec.rsplit(":", 1)
+        return f"{Path(path).resolve()}:{fn}" if path.endswith(".py") and Path(path).is_file() else spec
+    if code:  # otherwise only a reward-model run directory is a path
+        return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 @dataclass
@@ -49,7 +74,9 @@ class ModelOptions:
     def validate_model(self) -> None:
         from ..run.device import resolve_device
 
+        check_finite_floats(self)
         self.device = resolve_device(self.device)
+        check(self.lora_alpha > 0, "lora_alpha", f"must be > 0 (scale = alpha / r), got {self.lora_alpha}")
         check(self.train_layers >= 1, "train_layers", f"must be ≥ 1, got {self.train_layers}")
         check(self.lora_r >= 1, "lora_r", f"must be ≥ 1, got {self.lora_r}")
         check(self.max_prompt_length >= 1, "max_prompt_length", f"must be ≥ 1, got {self.max_prompt_length}")
@@ -68,6 +95,26 @@ class ModelOptions:
         return asdict(self)
 
 
+def restarted_by_torchrun() -> bool:
+    """A worker restarted by torchrun (``--max-restarts``): the run in ``out`` is its own first attempt's."""
+    import os
+
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def check_new_out(out: str, overwrite: bool, stage: str) -> bool:
+    """An ``out`` of a stage without resume (sft, rm): refused with one line when it is a file or holds a
+    run (unless ``overwrite``), before any work; the directory is made later (``prepare_out``). Returns the
+    overwrite flag to make it with (True also for a worker restarted by torchrun, which starts again)."""
+    from ..run.rundir import check_out, holds_run
+
+    overwrite = overwrite or restarted_by_torchrun()
+    if holds_run(out) and not overwrite:
+        raise ConfigError("out", f"{out} already holds a run", "replace it with --overwrite, or choose another --out")
+    check_out(out, overwrite=overwrite, command=f"proxrl rlhf {stage}")
+    return overwrite
+
+
 def _validate_supervised(cfg, data_example: str) -> None:
     """The checks SFT and the reward model share (same fields, same meaning)."""
     cfg.validate_model()
@@ -76,6 +123,8 @@ def _validate_supervised(cfg, data_example: str) -> None:
     for name in ("epochs", "batch_size", "micro_batch_size", "max_response_length"):
         check(getattr(cfg, name) >= 1, name, f"must be ≥ 1, got {getattr(cfg, name)}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    check(cfg.max_grad_norm >= 0, "max_grad_norm", f"must be ≥ 0 (0 = no clipping), got {cfg.max_grad_norm}")
+    cfg.model, cfg.data = absolute_path(cfg.model), absolute_path(cfg.data)  # recorded in config.json
 
 
 @dataclass
@@ -86,6 +135,9 @@ class SFTConfig(ModelOptions):
     """JSONL with {"prompt", "response"} per line"""
     out: str = "runs/sft"
     """output directory (config.json, metrics.jsonl, checkpoints/, samples.md)"""
+    overwrite: bool = False
+    """replace the run already in --out (its config.json, metrics.jsonl, checkpoints/, samples.md, summary.json
+    are removed first, after the model has loaded); without it an --out holding a run is refused"""
     epochs: int = 1
     """passes over the data"""
     batch_size: int = 8
@@ -111,6 +163,9 @@ class RMConfig(ModelOptions):
     """JSONL with {"prompt", "chosen", "rejected"} per line"""
     out: str = "runs/rm"
     """output directory"""
+    overwrite: bool = False
+    """replace the run already in --out (its config.json, metrics.jsonl, checkpoints/, samples.md, summary.json
+    are removed first, after the model has loaded); without it an --out holding a run is refused"""
     epochs: int = 1
     """passes over the training pairs"""
     batch_size: int = 8
@@ -142,6 +197,9 @@ class PPOConfig(ModelOptions):
     """JSONL with {"prompt"} per line"""
     out: str = "runs/ppo"
     """output directory"""
+    overwrite: bool = False
+    """replace the run already in --out (its config.json, metrics.jsonl, checkpoints/, samples.md, summary.json
+    are removed first, after the model has loaded); without it (or --resume) an --out holding a run is refused"""
     updates: int = 10
     """number of PPO updates (each: generate a rollout batch, score, optimise)"""
     batch_size: int = 16
@@ -211,8 +269,11 @@ class PPOConfig(ModelOptions):
     keep_checkpoints: int = 2
     """complete checkpoints kept; an older one is deleted only after a newer one is complete"""
     resume: Optional[str] = None
-    """continue the run in this directory from its latest checkpoint, exactly, with its saved config (the
-    other options are ignored); metrics.jsonl and samples.md are cut back to the checkpointed update"""
+    """continue the run in this directory from its latest checkpoint, exactly, with its saved config;
+    metrics.jsonl and samples.md are cut back to the checkpointed update. An option given with --resume
+    that differs from the saved run is refused, except --updates, which may be raised to extend the run
+    (the sampling seed of an update is derived from the seed and its index, so the extension is
+    deterministic), and --reward, which a code reward must be given again"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """NaN/inf in rewards, advantages, losses, gradients or weights: stop with an error naming the quantity
     and the update, leaving the last good checkpoint intact (default), or skip the whole update (weights and
@@ -241,6 +302,19 @@ class PPOConfig(ModelOptions):
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be ≥ 0, got {self.checkpoint_every}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints",
               f"must be ≥ 1 (the last good checkpoint is always kept), got {self.keep_checkpoints}")
+        check(self.clip_coef > 0, "clip_coef", f"must be > 0 (the clip range 1 ± ε), got {self.clip_coef}")
+        check(self.vf_coef >= 0, "vf_coef", f"must be ≥ 0, got {self.vf_coef}")
+        check(self.vf_clip is None or self.vf_clip > 0, "vf_clip",
+              f"must be > 0, got {self.vf_clip}", "pass a positive range, or leave it unset for no value clipping")
+        check(self.ent_coef >= 0, "ent_coef", f"must be ≥ 0 (a negative bonus rewards certainty), got {self.ent_coef}")
+        check(self.penalty_beta >= 0, "penalty_beta", f"must be ≥ 0, got {self.penalty_beta}")
+        check(self.penalty_target_kl > 0, "penalty_target_kl", f"must be > 0, got {self.penalty_target_kl}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be ≥ 0 (0 = no clipping), got {self.max_grad_norm}")
+        check(self.samples_per_update >= 0, "samples_per_update", f"must be ≥ 0, got {self.samples_per_update}")
+        check(not (self.overwrite and self.resume), "overwrite", "cannot be combined with --resume", "drop one of the two")
+        # local paths recorded absolute (config.json, checkpoints): a resume works from any directory
+        self.policy, self.prompts = absolute_path(self.policy), absolute_path(self.prompts)
+        self.reward = absolute_path(self.reward, code=True)
 
     @property
     def minibatch_size(self) -> int:

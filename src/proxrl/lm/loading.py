@@ -146,8 +146,9 @@ def ensure_pad_token(tokenizer, model=None) -> int:
     return tokenizer.pad_token_id
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS of the tokenizer plus those of the model's generation config (chat models stop at end-of-turn)."""
+def stop_token_ids(tokenizer, model=None, field: str = "model") -> list[int]:
+    """EOS of the tokenizer plus those of the model's generation config (chat models stop at end-of-turn).
+    None at all: a one-line ConfigError naming ``field`` (the option that named the model)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -157,7 +158,8 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         ids.update(int(i) for i in extra)
     ids.discard(tokenizer.pad_token_id)
     if not ids:
-        raise ConfigError("model", "the tokenizer has no EOS token", "responses could never stop")
+        raise ConfigError(field, "its tokenizer has no EOS token and its generation config names none, so "
+                          "responses could never stop", "use a model whose tokenizer sets eos_token")
     return sorted(ids)
 
 
@@ -213,12 +215,26 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError("finetune", "cannot find the transformer blocks of this model", "use --finetune lora or full")
 
 
+def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every ``--lora-target`` names modules of the model (peft's rule: the full name, or its last dotted
+    parts); otherwise one ConfigError line with some of the model's linear-layer names."""
+    names = [n for n, _ in model.named_modules() if n]
+    for t in targets:
+        if not t or not any(n == t or n.endswith("." + t) for n in names):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                             or type(m).__name__ == "Conv1D"})
+            raise ConfigError("lora_target", f"the model has no module named {t!r}",
+                              "choose from its linear layers, e.g. " + ", ".join(linear[:8]) + ", or 'all-linear'")
+
+
 def apply_finetune(model: nn.Module, opts: ModelOptions) -> nn.Module:
     """Mark what trains: LoRA adapters (returns a peft model), all weights, or the last blocks."""
     if opts.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
         target = opts.lora_target if opts.lora_target == "all-linear" else [t.strip() for t in opts.lora_target.split(",")]
+        if target != "all-linear":
+            check_lora_targets(model, target)
         cfg = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=0.0, bias="none",
                          target_modules=target, task_type="CAUSAL_LM")
         freeze(model)
@@ -231,7 +247,10 @@ def apply_finetune(model: nn.Module, opts: ModelOptions) -> nn.Module:
     if opts.finetune == "layers":
         freeze(model)
         _, blocks = transformer_blocks(model)
-        k = min(opts.train_layers, len(blocks))
+        if opts.train_layers > len(blocks):
+            raise ConfigError("train_layers", f"the model has {len(blocks)} transformer blocks, got {opts.train_layers}",
+                              f"pass --train-layers {len(blocks)} or less (or --finetune full)")
+        k = opts.train_layers
         for block in list(blocks)[len(blocks) - k:]:
             for p in block.parameters():
                 p.requires_grad_(True)

@@ -30,16 +30,16 @@ from torch import Tensor
 
 from .. import core
 from ..batch import Batch
-from ..errors import CheckpointError, ConfigError, NumericsError
+from ..errors import CheckpointError, ConfigError, NumericsError, check
 from ..run import checkpoint
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
-from ..run.rundir import NullWriter, RunWriter, latest_checkpoint, lm_run_config
+from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
 from .common import keep_freed_memory
-from .config import PPOConfig, RLConfig
+from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
 from .data import PPO_FIELDS, read_jsonl
 from .policy import LMPolicy, RewardModel, build_policy
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
@@ -286,14 +286,27 @@ def _prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
-def resolve_resume(config: PPOConfig, reward_given: bool = False) -> tuple[PPOConfig, dict, dict]:
+#: Fields ``--resume`` lets differ from the saved run: the budget (``updates``, raised only) and the reward
+#: (a code reward is given again; checked below). Every other field given explicitly must equal the saved one.
+RESUME_MAY_CHANGE = ("updates", "reward", "resume", "out")
+
+
+def resolve_resume(config: PPOConfig, reward_given: bool = False,
+                   explicit: Optional[Sequence[str]] = None) -> tuple[PPOConfig, dict, dict]:
     """The saved config of the run in ``config.resume`` (with ``out`` = that directory) and its latest
     checkpoint. Raises a one-line CheckpointError if there is none or it is not a PPO run checkpoint.
+    ``explicit``: the fields the user gave (the CLI's options; None: every field away from its default).
+    One of them that differs from the saved run is a one-line ConfigError naming it, except ``updates``,
+    which may be raised to extend the run.
 
     Nothing read from the run directory decides which code runs: a reward that is Python code
     (``module:function`` or ``file.py:function``) is never imported from the checkpoint — the caller
     passes it again (``--reward`` on the command line, or the callable), and it must be the same one."""
     run_dir = Path(config.resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
+                          f"give the directory `proxrl rlhf {config.COMMAND} --out` wrote")
+    check(not config.overwrite, "overwrite", "cannot be combined with --resume", "drop one of the two")
     tensors, state = latest_checkpoint(run_dir)
     saved = state.get("config")
     if state.get("stage") != "ppo" or not isinstance(saved, dict) or "run" not in state:
@@ -312,11 +325,38 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False) -> tuple[PPOCo
         if not config.reward:
             raise CheckpointError(f"{run_dir}: the run's reward {saved_reward[:80]!r} is code, which is never "
                                   f"imported from a run directory; pass it again: --reward {saved_reward[:80]}")
-        if config.reward != saved_reward:
+        if absolute_path(config.reward, code=True) != saved_reward:
             raise CheckpointError(f"{run_dir}: the run was trained with --reward {saved_reward[:80]}, not "
                                   f"{config.reward[:80]}; pass the same reward to resume")
-    cfg = cls(**{**saved, "resume": None, "out": str(run_dir)})
-    return cfg, tensors, state
+    if explicit is None:  # a config object was passed: every field set away from its default counts as given
+        default = cls()
+        explicit = [n for n in fields if getattr(config, n) != getattr(default, n)]
+    had = cls(**{**saved, "resume": None, "out": str(run_dir), "overwrite": False})
+    for name in sorted(set(explicit)):
+        if name == "out":
+            if Path(config.out).resolve() != run_dir.resolve():
+                raise ConfigError("out", f"--resume continues the run in {run_dir}; --out {config.out} names "
+                                  "another directory", "drop --out (the run stays where it is)")
+            continue
+        if name in RESUME_MAY_CHANGE or name not in fields:
+            continue
+        given, was = getattr(config, name), getattr(had, name)
+        if name in ("policy", "prompts"):
+            given = absolute_path(given)
+        if given != was:
+            raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it "
+                              f"cannot change to {given!r}", "only --updates (raised, to extend the run) may "
+                              "change; start a new run with another --out to change it")
+    if "reward" in explicit and config.reward and _is_reward_model_dir(saved_reward) \
+            and absolute_path(config.reward, code=True) != saved_reward:
+        raise ConfigError("reward", f"--resume continues the run with its reward model {saved_reward}; it cannot "
+                          f"change to {config.reward}", "drop --reward, or start a new run with another --out")
+    if "updates" in explicit and config.updates != had.updates:
+        done = int(state.get("step", 0))
+        check(config.updates >= max(done, 1), "updates", f"the run has already done {done} updates; --updates "
+              f"{config.updates} would end it before that", f"give at least {done} (more extends the run)")
+        had.updates = config.updates
+    return had, tensors, state
 
 
 def _restarted_with_checkpoint(out: str) -> bool:
@@ -335,16 +375,18 @@ def _is_reward_model_dir(spec: str) -> bool:
 
 
 def train(config: RLConfig, reward: str | RewardFn | RewardModel | None = None,
-          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None,
+          explicit: Optional[Sequence[str]] = None) -> dict:
     """Train with the rung ``config.algo`` of the ladder on tokens (pg, pg-baseline, rloo, grpo, pg-rtg,
     is-pg, ppo-kl, ppo-clip, trpo): the stage loop of :func:`ppo` with the rung's choices (trpo's update is
     :func:`proxrl.lm.trust_region.trust_region_update` instead of the SGD epochs). With
     ``samples_per_prompt`` K > 1 each update answers ``batch_size / K`` prompts K times each."""
-    return ppo(config, reward, log, policy)
+    return ppo(config, reward, log, policy, explicit=explicit)
 
 
 def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
-        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None) -> dict:
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), policy: Optional[LMPolicy] = None,
+        explicit: Optional[Sequence[str]] = None) -> dict:
     """Train with PPO; writes everything to ``config.out``; returns the summary (also ``summary.json``).
     An :class:`~proxrl.lm.config.RLConfig` runs its rung (:func:`train`) through this same loop.
 
@@ -355,12 +397,15 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     continues that run from its latest checkpoint with its saved config: the result is bit-identical (CPU)
     to the run never interrupted — metrics lines apart from wall-clock fields, and every checkpointed tensor.
     A reward that is code is never imported from the checkpoint: pass the same ``reward`` (callable, or
-    ``config.reward`` = the same ``module:function``) again."""
+    ``config.reward`` = the same ``module:function``) again. An ``out`` that already holds a run is refused
+    unless ``config.overwrite``; with ``resume``, an option in ``explicit`` (the fields the caller set; None:
+    those away from their defaults) that differs from the saved run is refused, except ``updates`` (raised:
+    the run is extended)."""
     resumed = None
     if not config.resume and _restarted_with_checkpoint(config.out):
-        config = dataclasses.replace(config, resume=config.out)  # torchrun --max-restarts: continue by itself
+        config = dataclasses.replace(config, resume=config.out, overwrite=False)  # torchrun --max-restarts: continue by itself
     if config.resume:
-        config, ckpt_tensors, ckpt_state = resolve_resume(config, reward_given=reward is not None)
+        config, ckpt_tensors, ckpt_state = resolve_resume(config, reward_given=reward is not None, explicit=explicit)
         resumed = (ckpt_tensors, ckpt_state)
         policy = None
     cfg = config
@@ -368,11 +413,22 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
+    overwrite = cfg.overwrite or restarted_by_torchrun()  # a restart before the first checkpoint starts again
+    if resumed is None:
+        check_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")  # before any work
     seed_everything(cfg.seed)  # a reward function may draw from these: seeded, checkpointed, restored
     records = read_jsonl(cfg.prompts, PPO_FIELDS)
+    if cfg.eval_prompts and len(records) <= cfg.eval_prompts:
+        raise ConfigError("eval_prompts", f"{cfg.eval_prompts} held-out prompts leave none of the {len(records)} "
+                          f"in {cfg.prompts} for training", f"pass --eval-prompts {len(records) - 1} or less, or add prompts")
     train_prompts, eval_prompts = split_prompts([r["prompt"] for r in records], cfg.eval_prompts, cfg.seed)
     digest = _prompts_digest(train_prompts + ["\0"] + eval_prompts)
-    trainer = PPOTrainer(cfg, policy=policy, reward=reward)
+    try:
+        trainer = PPOTrainer(cfg, policy=policy, reward=reward)
+    except ConfigError as e:  # the policy's tokenizer has no EOS: the option is --policy here, not --model
+        if e.field != "model" or "EOS" not in str(e):
+            raise
+        raise ConfigError("policy", str(e).split(": ", 1)[1]) from None
     d = trainer.dist  # several processes (torchrun): rank 0 prints and writes, every rank computes
     if not d.main:
         log = lambda *_: None  # noqa: E731
@@ -380,6 +436,8 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     cursor, order = 0, []
     if resumed is None:
         elapsed0 = 0.0
+        if d.main:  # the old run (with --overwrite) is removed only now that the models have loaded
+            prepare_out(out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")
         writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg)) if d.main else NullWriter()
         before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
@@ -398,6 +456,8 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{out}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
         writer = RunWriter.resume(out, "step", trainer.step_count, run.get("samples_bytes"))[0] if d.main else NullWriter()
+        if d.main and int(st.get("config", {}).get("updates", cfg.updates)) != cfg.updates:  # --updates raised
+            checkpoint.write_json_atomic(out / "config.json", lm_run_config("ppo", cfg.policy, cfg))
         log(f"{name}: resuming {out} after update {trainer.step_count}/{cfg.updates}")
     t_start = time.perf_counter() - elapsed0
     samples_bytes = writer.samples_path.stat().st_size if writer.samples_path.is_file() else None

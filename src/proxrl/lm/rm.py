@@ -8,6 +8,7 @@ pairs' chosen and rejected responses (the statistics live in the checkpoint).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,11 +21,12 @@ from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..run.dist import context
-from ..run.rundir import NullWriter, RunWriter, lm_run_config
+from ..errors import ConfigError
+from ..run.rundir import NullWriter, RunWriter, lm_run_config, prepare_out
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
-from .config import RMConfig
+from .config import RMConfig, check_new_out
 from .data import RM_FIELDS, read_jsonl
 from .loading import encode_prompt, left_pad, use_chat_template
 from .policy import build_reward_model
@@ -42,6 +44,9 @@ def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
 
 def encode_pairs(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int):
     eos = tokenizer.eos_token_id
+    if eos is None:  # the score is read at the appended stop token
+        raise ConfigError("model", "its tokenizer has no EOS token, which the reward is read at",
+                          "use a model whose tokenizer sets eos_token")
     out = []
     for rec in records:
         q = encode_prompt(tokenizer, rec["prompt"], chat, max_prompt)
@@ -58,14 +63,27 @@ def score_pairs(rm, pairs: list[tuple[list[int], list[int]]], pad: int, device: 
     return r[:len(pairs)], r[len(pairs):]
 
 
+def held_out(n: int, eval_fraction: float) -> int:
+    """Pairs held out for the accuracy: at least one when there are two or more and the fraction is > 0."""
+    return 0 if n < 2 or eval_fraction == 0 else max(1, round(eval_fraction * n))
+
+
 def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Train a reward model on ``config.data``; writes the run to ``config.out``; returns a summary with
     ``eval_accuracy`` (held-out pairwise accuracy)."""
     cfg = config
     cfg.validate()
+    overwrite = check_new_out(cfg.out, cfg.overwrite, "rm")  # before any work
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, RM_FIELDS)
+    if len(records) < 2:
+        raise ConfigError("data", f"{cfg.data} holds {len(records)} preference pair; a reward model needs at least 2",
+                          "add pairs")
+    n_eval = held_out(len(records), cfg.eval_fraction)
+    if n_eval >= len(records):
+        raise ConfigError("eval_fraction", f"{cfg.eval_fraction} holds out {n_eval} of the {len(records)} pairs, "
+                          "leaving none for training", "pass a smaller --eval-fraction (or 0), or add pairs")
     seed_everything(cfg.seed)
     rm = build_reward_model(cfg.model, cfg)
     tok = rm.tokenizer
@@ -73,7 +91,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     pairs = encode_pairs(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
-    n_eval = 0 if len(pairs) < 2 or cfg.eval_fraction == 0 else max(1, round(cfg.eval_fraction * len(pairs)))
+    n_eval = held_out(len(pairs), cfg.eval_fraction)
     eval_pairs = [pairs[i] for i in order[:n_eval]]
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
@@ -81,6 +99,8 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     d = context(cfg.device)  # several processes: each takes its pairs of every batch; rank 0 writes
     if not d.main:
         log = lambda *_: None  # noqa: E731
+    if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
+        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf rm")
     writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg)) if d.main else NullWriter()
     pad = tok.pad_token_id
     step = 0
@@ -129,8 +149,11 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
                "score_std": float(rm.score_std), "wall_time": timer()}
+    # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     writer.metrics({"step": step, "final": True, **summary})
     if d.main:
         checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
-    log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs")
+    log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs" if eval_pairs
+        else "rm: no held-out pairs (--eval-fraction 0)")
     return summary

@@ -7,6 +7,7 @@ response tokens of the optimizer batch (token-mean), split into micro-batches wi
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,11 +19,11 @@ from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..run.dist import context
-from ..run.rundir import NullWriter, RunWriter, lm_run_config
+from ..run.rundir import NullWriter, RunWriter, lm_run_config, prepare_out
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
-from .config import SFTConfig
+from .config import SFTConfig, check_new_out
 from .data import SFT_FIELDS, read_jsonl
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
                       load_tokenizer, stop_token_ids, use_chat_template)
@@ -51,6 +52,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
     cfg = config
     cfg.validate()
+    overwrite = check_new_out(cfg.out, cfg.overwrite, "sft")  # before any work
     keep_freed_memory()
     timer = Timer()
     records = read_jsonl(cfg.data, SFT_FIELDS)
@@ -58,7 +60,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
     tok = load_tokenizer(cfg.model)
     pad = ensure_pad_token(tok, base)
-    eos = stop_token_ids(tok, base)[0] if tok.eos_token_id is None else tok.eos_token_id
+    eos = stop_token_ids(tok, base, field="model")[0] if tok.eos_token_id is None else tok.eos_token_id
     freeze(base)
     model = to_master(apply_finetune(base, cfg)).to(cfg.device)  # float32 master weights of what trains
     chat = use_chat_template(tok, cfg.chat_template)
@@ -68,7 +70,11 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     d = context(cfg.device)  # several processes: each takes its rows of every batch; rank 0 writes
     if not d.main:
         log = lambda *_: None  # noqa: E731
+    if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
+        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf sft")
     writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg)) if d.main else NullWriter()
+    uniform = math.log(base.get_input_embeddings().weight.shape[0])  # the loss of a uniform next-token guess
+    warned = False
     g = torch.Generator().manual_seed(cfg.seed)
     log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
     step, total = 0, 0.0
@@ -89,11 +95,16 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
         return {"loss": loss_sum, "tokens": n_tok}
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
-        nonlocal step, total
+        nonlocal step, total, warned
         step, total = step + 1, float(d.all_reduce_(torch.tensor([st["loss"]], dtype=torch.float64)))
         writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], "grad_norm": grad_norm,
                         "skipped": 0, "time": timer()})
         log(f"sft step {step}  loss {total:.4f}")
+        if not warned and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
+            warned = True  # a diverged model predicts ~uniformly with saturated, zero-gradient logits
+            print(f"warning: lr: SFT loss {total:.3f} is at ln(vocab) = {uniform:.3f} with gradient norm "
+                  f"{grad_norm:.1e} after {step} steps: the model learns nothing; the learning rate {cfg.lr:g} is "
+                  "probably far too large (try --lr 1e-4)", file=sys.stderr)
 
     sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
                None, minibatch, after_step=logged, dist=d)

@@ -54,8 +54,9 @@ def one(args, timeout=240, **env):
 
 
 def two(args, timeout=240, extra=(), **env):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), *extra, "-m", "proxrl", *args]
+    # --standalone: torchrun binds a free loopback port itself (no race with another run choosing ports)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+           "-m", "proxrl", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout)
 
 

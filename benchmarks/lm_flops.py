@@ -65,9 +65,9 @@ def run_mode(mode: str, spec: str, args) -> dict:
                     micro_batch_size=args.micro_batch_size, update_epochs=args.epochs,
                     response_length=args.response_length, temperature=0.7, lr=1e-5, seed=0)
     trainer = PPOTrainer(cfg, reward=length_reward)
-    from proxrl.lm.demo_pipeline import review_openings
+    from proxrl.lm.demo_pipeline import demo_prompts
 
-    prompts = review_openings()
+    prompts = demo_prompts()
     rows = []
     B = args.batch_size
     for u in range(args.updates + 1):  # update 0 is warm-up (allocator, first-call costs): not reported

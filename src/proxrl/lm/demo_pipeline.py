@@ -375,15 +375,15 @@ def _read_metrics(run: Path) -> list[dict]:
 def _smooth(ys: list[float], window: int) -> tuple[list[float], list[float]]:
     """Trailing moving average of ``ys`` and ± one standard error of it (the scatter of the update means
     inside the window / √(window size))."""
-    from .evaluation import _mean, _se
+    from .evaluation import mean, std_error
 
-    mean, se = [], []
+    avg, se = [], []
     for i in range(len(ys)):
         w = ys[max(0, i - window + 1):i + 1]
-        mean.append(_mean(w))
-        s = _se(w)
+        avg.append(mean(w))
+        s = std_error(w)
         se.append(0.0 if math.isnan(s) else s)
-    return mean, se
+    return avg, se
 
 
 def _curve(ax, rows: list[dict], color: str, label: str) -> None:

@@ -32,16 +32,16 @@ _WORD = re.compile(r"\w+")
 
 
 # --------------------------------------------------------------------------- statistics (pure)
-def _mean(xs: Sequence[float]) -> float:
+def mean(xs: Sequence[float]) -> float:
     return math.fsum(xs) / len(xs) if len(xs) else float("nan")
 
 
-def _se(xs: Sequence[float]) -> float:
+def std_error(xs: Sequence[float]) -> float:
     """Standard error of the mean of ``xs``: sample std (ddof=1) / √n; NaN below two values."""
     n = len(xs)
     if n < 2:
         return float("nan")
-    m = _mean(xs)
+    m = mean(xs)
     return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
@@ -61,10 +61,10 @@ def paired_stats(before: Sequence[Sequence[float]], after: Sequence[Sequence[flo
     ks = {len(row) for row in before} | {len(row) for row in after}
     if len(ks) != 1 or 0 in ks:
         raise ValueError(f"every prompt needs the same number (≥ 1) of samples before and after, got {sorted(ks)}")
-    per_before = [_mean(row) for row in before]
-    per_after = [_mean(row) for row in after]
+    per_before = [mean(row) for row in before]
+    per_after = [mean(row) for row in after]
     diffs = [a - b for a, b in zip(per_after, per_before)]
-    delta, se = _mean(diffs), _se(diffs)
+    delta, se = mean(diffs), std_error(diffs)
     if se > 0:
         ratio = delta / se
     elif se == 0 and delta != 0:
@@ -72,8 +72,8 @@ def paired_stats(before: Sequence[Sequence[float]], after: Sequence[Sequence[flo
     else:
         ratio = float("nan")
     return {"n_prompts": len(before), "samples_per_prompt": ks.pop(),
-            "before": _mean(per_before), "after": _mean(per_after), "delta": delta, "delta_se": se, "ratio": ratio,
-            "before_se": _se(per_before), "after_se": _se(per_after),
+            "before": mean(per_before), "after": mean(per_after), "delta": delta, "delta_se": se, "ratio": ratio,
+            "before_se": std_error(per_before), "after_se": std_error(per_after),
             "per_prompt_before": per_before, "per_prompt_after": per_after}
 
 
@@ -107,9 +107,9 @@ def degeneration(texts: Sequence[str]) -> dict:
     """Repetition within responses (mean share of repeated word 3-grams; share of responses where at least
     half the 3-grams repeat) and diversity across them (distinct-1, distinct-2), plus the mean word count."""
     rep = [repeated_ngram_fraction(t, 3) for t in texts]
-    return {"repeated_3gram_fraction": _mean(rep), "looping_fraction": _mean([float(r >= 0.5) for r in rep]),
+    return {"repeated_3gram_fraction": mean(rep), "looping_fraction": mean([float(r >= 0.5) for r in rep]),
             "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-            "words_per_response": _mean([float(len(words(t))) for t in texts])}
+            "words_per_response": mean([float(len(words(t))) for t in texts])}
 
 
 # --------------------------------------------------------------------------- sampling and forwards
@@ -172,5 +172,5 @@ def token_stats(policy, rollouts: Sequence, temperature: float, chunk: int, kl: 
                     kl_seq += ((lp - lp_ref_t) * mm).sum(-1).double().tolist()
             lengths += r.response_mask.sum(-1).double().tolist()
             stopped += r.stopped.double().tolist()
-    return {"kl_ref": _mean(kl_seq) if kl else None, "ref_nll": nll_sum / n_tok if n_tok else float("nan"),
-            "response_tokens": _mean(lengths), "eos_rate": _mean(stopped)}
+    return {"kl_ref": mean(kl_seq) if kl else None, "ref_nll": nll_sum / n_tok if n_tok else float("nan"),
+            "response_tokens": mean(lengths), "eos_rate": mean(stopped)}

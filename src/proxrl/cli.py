@@ -95,9 +95,10 @@ def tyro_cli(cls, args: list[str], prog: str, **kwargs):
     return out
 
 
-def _given_fields(argv: list[str], names) -> set[str]:
+def given_fields(argv: list[str], names) -> set[str]:
     """Field names of the options written on the command line (``--num-envs 4``, ``--num_envs=4``,
-    ``--no-anneal-lr``), so that ``--resume`` can refuse the ones that would change the saved run."""
+    ``--no-anneal-lr``), so that ``--resume`` can refuse the ones that would change the saved run (gym and
+    LM commands alike)."""
     given = set()
     for tok in argv:
         if tok == "--":
@@ -137,7 +138,7 @@ def _train(argv: list[str]) -> int:
     cfg = dataclasses.replace(cfg, preset=base.preset)
     if not cfg.resume:  # a resumed run is validated on its saved config (train → _resolve_resume)
         validate(cfg)
-    given = _given_fields(argv, FIELD_NAMES)
+    given = given_fields(argv, FIELD_NAMES)
     if quiet:
         given.discard("progress")
     result = train(cfg, explicit=given)

@@ -26,20 +26,10 @@ Run `proxrl rlhf COMMAND --help` for the options of a command."""
 
 
 def given_options(argv: list[str], names: set[str]) -> list[str]:
-    """Field names of the options written on the command line (``--batch-size 4``, ``--batch_size=4``,
-    ``--no-adaptive-kl``), so that ``--resume`` can refuse the ones that would change the saved run."""
-    given = set()
-    for tok in argv:
-        if tok == "--":
-            break
-        if not tok.startswith("--"):
-            continue
-        name = tok[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no_") and name[3:] in names:
-            name = name[3:]
-        if name in names:
-            given.add(name)
-    return sorted(given)
+    """The fields given on the command line (:func:`proxrl.cli.given_fields`), sorted."""
+    from ..cli import given_fields
+
+    return sorted(given_fields(argv, names))
 
 
 def main(argv: list[str] | None = None) -> int:

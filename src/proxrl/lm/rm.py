@@ -20,9 +20,8 @@ from torch import Tensor
 from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
-from ..run.dist import context
 from ..errors import ConfigError
-from ..run.rundir import NullWriter, RunWriter, lm_run_config, prepare_out
+from ..run.rundir import open_lm_run
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
@@ -96,12 +95,9 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    d = context(cfg.device)  # several processes: each takes its pairs of every batch; rank 0 writes
-    if not d.main:
-        log = lambda *_: None  # noqa: E731
-    if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
-        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf rm")
-    writer = RunWriter(cfg.out, lm_run_config("rm", cfg.model, cfg)) if d.main else NullWriter()
+    # several processes: each takes its pairs of every batch; rank 0 writes (the old run, with --overwrite,
+    # is removed only now that the model has loaded)
+    d, writer, log = open_lm_run("rm", cfg, cfg.model, overwrite, log)
     pad = tok.pad_token_id
     step = 0
     log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs")

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
-from ..run.dist import context
-from ..run.rundir import NullWriter, RunWriter, lm_run_config, prepare_out
+from ..run.rundir import open_lm_run
 from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
@@ -67,12 +66,9 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
-    d = context(cfg.device)  # several processes: each takes its rows of every batch; rank 0 writes
-    if not d.main:
-        log = lambda *_: None  # noqa: E731
-    if d.main:  # the old run (with --overwrite) is removed only now that the model has loaded
-        prepare_out(cfg.out, overwrite=overwrite, command="proxrl rlhf sft")
-    writer = RunWriter(cfg.out, lm_run_config("sft", cfg.model, cfg)) if d.main else NullWriter()
+    # several processes: each takes its rows of every batch; rank 0 writes (the old run, with --overwrite,
+    # is removed only now that the model has loaded)
+    d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log)
     uniform = math.log(base.get_input_embeddings().weight.shape[0])  # the loss of a uniform next-token guess
     warned = False
     g = torch.Generator().manual_seed(cfg.seed)

@@ -168,6 +168,19 @@ class NullWriter:
         pass
 
 
+def open_lm_run(stage: str, cfg, base_model: str, overwrite: bool, log):
+    """The run files of an LM stage without resume (SFT, RM), on any number of processes: the distributed
+    context, the writer (rank 0; the old run is removed only now, with ``overwrite``) and the log (silent on
+    other ranks). Returns ``(dist, writer, log)``."""
+    from .dist import context
+
+    d = context(cfg.device)
+    if not d.main:
+        return d, NullWriter(), (lambda *_: None)
+    prepare_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {stage}")
+    return d, RunWriter(cfg.out, lm_run_config(stage, base_model, cfg)), log
+
+
 def latest_checkpoint(run_dir: str | Path):
     """``(tensors, state)`` of the latest checkpoint of a run directory (or of a checkpoints folder)."""
     run_dir = Path(run_dir)

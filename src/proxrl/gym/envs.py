@@ -78,6 +78,30 @@ class RewardScaler:
         return np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 
+class ActionMap:
+    """What a bounded Box env receives for a policy's continuous action (DETAILS 7).
+
+    ``rescale``: the policy acts in [-1, 1] on every dimension with finite bounds, mapped affinely onto
+    [low, high] — a Gaussian that starts at 0 with std 1 then covers the whole range whatever the bounds
+    (with bounds [5, 10] and no rescaling every early sample is clipped to 5 and the gradient is 0). Always
+    clipped to the bounds last. The sample itself, unmapped and unclipped, is what is stored and trained on.
+    """
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, rescale: bool):
+        self.low = np.asarray(low, np.float64).reshape(-1)
+        self.high = np.asarray(high, np.float64).reshape(-1)
+        self.finite = np.isfinite(self.low) & np.isfinite(self.high)
+        self.rescale = bool(rescale) and bool(self.finite.any())
+
+    def __call__(self, action: np.ndarray) -> np.ndarray:
+        """``action`` [n, d] (the policy's) → the env's action [n, d], float32."""
+        a = np.asarray(action, np.float64)
+        if self.rescale:
+            lo, hi = np.where(self.finite, self.low, -1.0), np.where(self.finite, self.high, 1.0)
+            a = np.where(self.finite, lo + (np.clip(a, -1.0, 1.0) + 1.0) * 0.5 * (hi - lo), a)
+        return np.clip(a, self.low, self.high).astype(np.float32)
+
+
 def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_kwargs: Optional[dict] = None):
     """A Gymnasium vector env with NEXT_STEP autoreset (Gymnasium ≥ 1.0's default).
 

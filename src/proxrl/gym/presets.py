@@ -48,9 +48,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (training return) until 160k (our reading: no energy pumping from the bottom, which a 10-step horizon
     # barely rewards); with γ 0.98 (≈50-step horizon) seeds 1–5 all evaluate at −143..−173 after 200k
     # (threshold −300). Measured in benchmarks/results/learning.md.
+    # action_rescale off: the 5/5 result was measured acting in the env's units (±2, clipped), as the zoo does.
     "Pendulum-v1/ppo-clip": dict(num_envs=4, num_steps=1024, num_minibatches=64, gae_lambda=0.95, gamma=0.98,
                                  update_epochs=10, lr=1e-3, clip_coef=0.2, ent_coef=0.0, obs_norm=True,
-                                 reward_norm=True),
+                                 reward_norm=True, action_rescale=False),
     # zoo ppo.yml HalfCheetah-v4 (normalize, 1 env × 512, batch 64, 20 epochs, ReLU 256-256, log-std −2)
     "HalfCheetah-v5/ppo-clip": dict(num_envs=1, num_steps=512, num_minibatches=8, gamma=0.98, lr=2.0633e-05,
                                     ent_coef=0.000401762, clip_coef=0.1, update_epochs=20, gae_lambda=0.92,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from .envs import ObsNormalizer, RewardScaler
+from .envs import ActionMap, ObsNormalizer, RewardScaler
 from ..errors import NumericsError
 from .policy import ActorCritic, sample_rows
 
@@ -32,7 +32,7 @@ class Runner:
 
     def __init__(self, envs, policy: ActorCritic, seed: int, gamma: float, obs_norm: bool, reward_norm: bool,
                  clip_obs: float = 10.0, clip_reward: float = 10.0, device: str = "cpu", dist=None,
-                 num_envs_global: Optional[int] = None):
+                 num_envs_global: Optional[int] = None, action_rescale: bool = False):
         from ..run.dist import Dist
 
         self.envs, self.policy, self.device = envs, policy, torch.device(device)
@@ -52,7 +52,7 @@ class Runner:
         act_space = envs.single_action_space
         self.continuous = policy.kind == "continuous"
         if self.continuous:
-            self.act_low, self.act_high = act_space.low.reshape(-1), act_space.high.reshape(-1)
+            self.action_map = ActionMap(act_space.low, act_space.high, action_rescale)
             self.act_shape = act_space.shape
         self.global_step = 0
         raw, _ = envs.reset(seed=seed + self.rows.start)
@@ -99,8 +99,8 @@ class Runner:
                 act_buf = torch.empty((T, *action.shape), dtype=action.dtype, device=dev)
             act_buf[t] = action
             env_action = action.cpu().numpy()
-            if self.continuous:  # clip what the env sees, keep the sample (DETAILS 7)
-                env_action = np.clip(env_action, self.act_low, self.act_high).reshape(N, *self.act_shape)
+            if self.continuous:  # map/clip what the env sees, keep the sample (DETAILS 7)
+                env_action = self.action_map(env_action.reshape(N, -1)).reshape(N, *self.act_shape)
             try:
                 raw, reward, terminated, truncated, _ = self.envs.step(env_action)
                 reward = np.asarray(reward, np.float64).reshape(N)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..run import checkpoint
-from .config import TrainConfig, env_kwargs_dict, resolve
+from .config import TrainConfig, env_kwargs_dict, resolve, saved_fields
 from .envs import make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError
@@ -103,7 +103,7 @@ def _resolve_resume(cfg: TrainConfig, explicit: Optional[Collection[str]] = None
     tensors, state = latest_checkpoint(run_dir)
     if state.get("format") != "proxrl.gym/1" or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{run_dir}: not a proxrl gym run checkpoint")
-    saved = dict(state["config"])
+    saved = saved_fields(state["config"])
     saved_cfg = apply(TrainConfig(), dict(saved), "checkpoint")
     if explicit is None:  # a TrainConfig was passed: every field set away from its default counts as given
         default = TrainConfig()
@@ -212,7 +212,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     critic_opt = make_adam(policy.critic.parameters(), critic_lr, eps=1e-5) if rung.critic else None
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
-                    cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs)
+                    cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs,
+                    action_rescale=cfg.action_rescale)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []
@@ -456,7 +457,9 @@ class Agent:
         with torch.no_grad():
             a = self.policy.act(torch.as_tensor(x, dtype=torch.float32, device=dev), deterministic).cpu().numpy()
         if self.policy.kind == "continuous" and self.act_space is not None:
-            a = np.clip(a, self.act_space.low.reshape(-1), self.act_space.high.reshape(-1))
+            from .envs import ActionMap
+
+            a = ActionMap(self.act_space.low, self.act_space.high, self.config.action_rescale)(a.reshape(a.shape[0], -1))
             a = a.reshape(a.shape[0], *self.act_space.shape)
         return a[0] if single else a
 
@@ -474,7 +477,7 @@ def load(run_dir: str | os.PathLike) -> Agent:
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     tensors, state = checkpoint.load(root)
     try:
-        saved = dict(state["config"])
+        saved = saved_fields(state["config"])
         pol = state["policy"]
         cfg = apply(TrainConfig(), {k: v for k, v in saved.items()}, "checkpoint")
         policy = ActorCritic(int(pol["obs_dim"]), str(pol["kind"]), int(pol["act_dim"]), nvec=pol["nvec"],

@@ -15,8 +15,8 @@ from ..errors import ProxrlError
 
 USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
 
-  sft    supervised fine-tuning on {"prompt","response"} JSONL
-  rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} JSONL
+  sft    supervised fine-tuning on {"prompt","response"} or chat "messages" records
+  rm     reward model (Bradley–Terry) on {"prompt","chosen","rejected"} records
   ppo    PPO against a reward-model directory or a Python function module:function
   train  any rung of the ladder on tokens: --algo pg|pg-baseline|rloo|grpo|pg-rtg|is-pg|ppo-kl|ppo-clip|trpo
   demo   the whole pipeline offline: SmolLM2-135M-Instruct (GGUF) + LoRA + VADER sentiment reward

@@ -132,7 +132,7 @@ class SFTConfig(ModelOptions):
     model: str = ""
     """base model: a local directory, a hub name (needs the files in the local cache), or a .gguf file"""
     data: str = ""
-    """JSONL with {"prompt", "response"} per line"""
+    """demonstrations: JSONL, .parquet or a datasets directory of {"prompt", "response"} (or chat "messages")"""
     out: str = "runs/sft"
     """output directory (config.json, metrics.jsonl, checkpoints/, samples.md)"""
     overwrite: bool = False
@@ -160,7 +160,7 @@ class RMConfig(ModelOptions):
     model: str = ""
     """trunk of the reward model: a local directory, hub name, .gguf file, or an SFT run directory"""
     data: str = ""
-    """JSONL with {"prompt", "chosen", "rejected"} per line"""
+    """preference pairs: JSONL, .parquet or a datasets directory of {"prompt", "chosen", "rejected"} (text or chat turns)"""
     out: str = "runs/rm"
     """output directory"""
     overwrite: bool = False
@@ -194,7 +194,7 @@ class PPOConfig(ModelOptions):
     """a reward-model run directory (from `rlhf rm`) or a Python function 'module:function' that takes
     (prompts, responses) lists of str and returns floats"""
     prompts: str = ""
-    """JSONL with {"prompt"} per line"""
+    """prompts: JSONL, .parquet or a datasets directory of {"prompt"} (text or chat turns, or "messages")"""
     out: str = "runs/ppo"
     """output directory"""
     overwrite: bool = False

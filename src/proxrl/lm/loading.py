@@ -172,13 +172,14 @@ def use_chat_template(tokenizer, mode: str) -> bool:
 
 def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
     """Token ids of one prompt (chat-formatted with the generation prompt when ``chat``), keeping the last
-    ``max_len`` tokens."""
+    ``max_len`` tokens. A :class:`~proxrl.lm.data.Conversation` is formatted from its own turns; without the
+    chat template (``chat_template`` off) it is its readable text."""
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        turns = getattr(text, "messages", None) or [{"role": "user", "content": str(text)}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer(text)["input_ids"]
+        ids = tokenizer(str(text))["input_ids"]
     return ids[-max_len:]
 
 

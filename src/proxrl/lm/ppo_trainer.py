@@ -40,7 +40,7 @@ from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_sta
                          set_rng_state)
 from .common import keep_freed_memory
 from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
-from .data import PPO_FIELDS, read_jsonl
+from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
                       token_batch, token_rewards, truncate_at_stop)
@@ -417,7 +417,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     if resumed is None:
         check_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")  # before any work
     seed_everything(cfg.seed)  # a reward function may draw from these: seeded, checkpointed, restored
-    records = read_jsonl(cfg.prompts, PPO_FIELDS)
+    records = read_records(cfg.prompts, "ppo")
     if cfg.eval_prompts and len(records) <= cfg.eval_prompts:
         raise ConfigError("eval_prompts", f"{cfg.eval_prompts} held-out prompts leave none of the {len(records)} "
                           f"in {cfg.prompts} for training", f"pass --eval-prompts {len(records) - 1} or less, or add prompts")

@@ -26,7 +26,7 @@ from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
 from .config import RMConfig, check_new_out
-from .data import RM_FIELDS, read_jsonl
+from .data import read_records
 from .loading import encode_prompt, left_pad, use_chat_template
 from .policy import build_reward_model
 
@@ -75,7 +75,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     overwrite = check_new_out(cfg.out, cfg.overwrite, "rm")  # before any work
     keep_freed_memory()
     timer = Timer()
-    records = read_jsonl(cfg.data, RM_FIELDS)
+    records = read_records(cfg.data, "rm")
     if len(records) < 2:
         raise ConfigError("data", f"{cfg.data} holds {len(records)} preference pair; a reward model needs at least 2",
                           "add pairs")

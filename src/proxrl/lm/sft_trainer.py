@@ -23,7 +23,7 @@ from ..run.sgd import chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
 from .config import SFTConfig, check_new_out
-from .data import SFT_FIELDS, read_jsonl
+from .data import read_records
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
                       load_tokenizer, stop_token_ids, use_chat_template)
 from .policy import autocast, forward, to_master
@@ -54,7 +54,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     overwrite = check_new_out(cfg.out, cfg.overwrite, "sft")  # before any work
     keep_freed_memory()
     timer = Timer()
-    records = read_jsonl(cfg.data, SFT_FIELDS)
+    records = read_records(cfg.data, "sft")
     seed_everything(cfg.seed)
     base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
     tok = load_tokenizer(cfg.model)

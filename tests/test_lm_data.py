@@ -1,0 +1,138 @@
+"""Data sources and formats of the RLHF stages: JSONL, parquet, a saved `datasets` directory; text and chat
+(`messages`) records for SFT, RM and prompts; every problem one DataError naming where."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxrl.errors import DataError
+from proxrl.lm.data import Conversation, read_records, write_jsonl
+
+datasets = pytest.importorskip("datasets")
+
+CHAT_SFT = {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "hello!"}]}
+
+
+def test_text_records_from_jsonl_parquet_and_a_saved_dataset_are_the_same(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "dir"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    want = read_records(tmp_path / "d.jsonl", "sft")
+    assert [r["prompt"] for r in want] == [f"q{i}" for i in range(5)]
+    for src in ("d.parquet", "dir", "dict"):
+        got = read_records(tmp_path / src, "sft")
+        assert [(r["prompt"], r["response"]) for r in got] == [(r["prompt"], r["response"]) for r in want], src
+
+
+def test_chat_records_for_each_stage(tmp_path):
+    sft = read_records(_jsonl(tmp_path, "sft.jsonl", [CHAT_SFT]), "sft")[0]
+    assert isinstance(sft["prompt"], Conversation) and sft["response"] == "hello!"
+    assert sft["prompt"].messages == CHAT_SFT["messages"][:2] and sft["prompt"] == "system: be kind\nuser: hi"
+    user = [{"role": "user", "content": "rate this"}]
+    implicit = {"chosen": user + [{"role": "assistant", "content": "good"}],
+                "rejected": user + [{"role": "assistant", "content": "bad"}]}
+    explicit = {"prompt": user, "chosen": [{"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "assistant", "content": "bad"}]}
+    for rec in (implicit, explicit):
+        rm = read_records(_jsonl(tmp_path, "rm.jsonl", [rec]), "rm")[0]
+        assert (rm["prompt"], rm["chosen"], rm["rejected"]) == ("rate this", "good", "bad")
+        assert rm["prompt"].messages == user
+    ppo = read_records(_jsonl(tmp_path, "p.jsonl", [CHAT_SFT, {"prompt": user}, {"prompt": "plain"}]), "ppo")
+    assert [p["prompt"] for p in ppo] == ["system: be kind\nuser: hi", "rate this", "plain"]
+    assert ppo[0]["prompt"].messages == CHAT_SFT["messages"][:2]  # the trailing assistant turn dropped
+    assert not isinstance(ppo[2]["prompt"], Conversation)
+    prompts_completion = read_records(_jsonl(tmp_path, "pc.jsonl", [{"prompt": "q", "completion": "a"}]), "sft")[0]
+    assert prompts_completion["response"] == "a"
+
+
+def test_a_conversation_is_formatted_from_its_turns():
+    import pickle
+
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    conv = Conversation(CHAT_SFT["messages"][:2])
+    assert tok.decode(encode_prompt(tok, conv, True, 100)) == "<system>be kind<user>hi<assistant>"
+    assert tok.decode(encode_prompt(tok, "hi", True, 100)) == "<user>hi<assistant>"
+    assert tok.decode(encode_prompt(tok, conv, False, 100)) == "system: be kind\nuser: hi"
+    again = pickle.loads(pickle.dumps(conv))
+    assert isinstance(again, Conversation) and again.messages == conv.messages and again == conv
+
+
+@pytest.mark.parametrize("rec,stage,msg", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "sft", "must end in an assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "sft", "has role 'bot'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "sft", "turn 0 must be an object"),
+    ({"messages": []}, "ppo", "non-empty list"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "OTHER"}, {"role": "assistant", "content": "c"}]}, "rm",
+     "must share every turn but their last"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}, "rm",
+     "field 'rejected' must be a non-empty list"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "assistant", "content": "c"}]}, "rm", "must be chat turns"),
+    ({"prompt": [{"role": "assistant", "content": "hello"}]}, "ppo", "no turn before the assistant"),
+])
+def test_malformed_chat_records_name_the_line_and_field(tmp_path, rec, stage, msg):
+    p = _jsonl(tmp_path, "bad.jsonl", [rec])
+    with pytest.raises(DataError, match=msg) as e:
+        read_records(p, stage)
+    assert "bad.jsonl:1" in str(e.value)
+
+
+def test_bad_sources_are_one_line(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not a saved Hugging Face dataset"):
+        read_records(tmp_path / "plain", "ppo")
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_records(tmp_path / "x.parquet", "ppo")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "a"}])}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DataError, match="without a 'train' split"):
+        read_records(tmp_path / "d", "ppo")
+    datasets.Dataset.from_list([{"text": "a"}]).to_parquet(str(tmp_path / "t.parquet"))
+    with pytest.raises(DataError, match=r"t.parquet: row 0: missing field 'prompt'"):
+        read_records(tmp_path / "t.parquet", "ppo")
+    with pytest.raises(DataError, match="no such data file"):
+        read_records(tmp_path / "missing.jsonl", "ppo")
+
+
+def test_sft_trains_on_chat_messages_from_parquet(tmp_path):
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.sft_trainer import sft
+    from proxrl.lm.tiny import make_tiny
+
+    model = make_tiny(tmp_path / "m")
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(8)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chat.parquet"))
+    sft(SFTConfig(model=str(model), data=str(tmp_path / "chat.parquet"), out=str(tmp_path / "sft"), epochs=10,
+                  batch_size=8, micro_batch_size=4, lr=1e-2, finetune="full"), log=lambda *_: None)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0]
+    from proxrl.lm.loading import load_tokenizer
+    from proxrl.lm.sft_trainer import sft_examples
+
+    tok = load_tokenizer(str(model))
+    (ids, loss_mask), = sft_examples(tok, read_records(tmp_path / "chat.parquet", "sft")[:1], True, 64, 8,
+                                     tok.eos_token_id)
+    assert tok.decode(ids) == "<user>q0<assistant>ok</s>" and sum(loss_mask) == len("ok") + 1
+
+
+def _jsonl(tmp_path, name, rows):
+    p = tmp_path / name
+    write_jsonl(p, rows)
+    return p

@@ -246,3 +246,44 @@ def test_resume_refuses_changes_extends_updates_from_another_directory(work):
     assert _metrics(a / "run2") == _metrics(a / "run3")
     assert json.loads((a / "run2" / "config.json").read_text())["config"]["updates"] == 3
     assert json.loads((a / "run2" / "summary.json").read_text())["updates"] == 3
+
+
+def test_a_model_that_is_neither_here_nor_reachable_fails_fast_in_one_line(monkeypatch):
+    """No local path, not cached, hub unreachable/offline/unknown: one ConfigError naming 'model', at once
+    (transformers alone retried for 51 s before its traceback)."""
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from proxrl.errors import ConfigError
+    from proxrl.lm.loading import check_model_source, load_causal_lm, load_tokenizer
+
+    def unreachable(self, *a, **k):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    t = time.perf_counter()
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(ConfigError, match="model: 'some-org/no-such-model' is not a local path.*cannot be reached"):
+            load("some-org/no-such-model")
+    assert time.perf_counter() - t < 10
+    with pytest.raises(ConfigError, match="no such file or directory: ./nope/model"):
+        check_model_source("./nope/model")
+    with pytest.raises(ConfigError, match="not a valid Hugging Face model name"):
+        check_model_source("bad name!!")
+
+    class NotFound(RepositoryNotFoundError):
+        def __init__(self):
+            Exception.__init__(self, "404")
+
+    def missing(self, *a, **k):
+        raise NotFound()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    with pytest.raises(ConfigError, match="no such model is on the Hugging Face hub"):
+        check_model_source("some-org/no-such-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        check_model_source("some-org/no-such-model")

@@ -38,6 +38,39 @@ def read_run_config(path: str | Path) -> Optional[dict]:
     return obj if isinstance(obj, dict) and "stage" in obj else None
 
 
+def check_model_source(spec: str, field: str = "model") -> None:
+    """Fail fast, in one line, on a model that is neither on this machine nor reachable: a local path that does
+    not exist, or a hub name that is not in the Hugging Face cache while the hub cannot be reached (offline,
+    ``HF_HUB_OFFLINE``) or has no such repository — instead of transformers' retries (51 s) and traceback."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return
+    fix = "give a local model directory, a .gguf file or a proxrl run directory"
+    if p.suffix == ".gguf" or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise ConfigError(field, f"no such file or directory: {spec}", fix)
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # no huggingface_hub: transformers reports the problem itself
+        return
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id
+        raise ConfigError(field, f"{spec!r} is not a local path and not a valid Hugging Face model name", fix) from None
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(field, f"{spec!r} is not a local path and not in the Hugging Face cache (HF_HUB_OFFLINE is set)", fix)
+    try:
+        HfApi().model_info(spec, timeout=10)
+    except GatedRepoError:
+        return  # exists; from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        raise ConfigError(field, f"{spec!r} is not a local path and no such model is on the Hugging Face hub", fix) from None
+    except Exception as e:  # noqa: BLE001 - connection errors of requests/httpx, timeouts
+        raise ConfigError(field, f"{spec!r} is not a local path, not in the Hugging Face cache, and the hub cannot be "
+                          f"reached ({str(e).splitlines()[0] if str(e) else type(e).__name__})", fix) from None
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -45,6 +78,7 @@ def load_tokenizer(spec: str):
     if run is not None:
         return load_tokenizer(run["base_model"])
     p = Path(spec)
+    check_model_source(spec)
     try:
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
@@ -63,6 +97,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32):
     if run is not None:
         return load_run_policy(spec, run, dtype)
     p = Path(spec)
+    check_model_source(spec)
     try:
         if p.suffix == ".gguf":
             if not p.is_file():

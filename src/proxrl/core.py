@@ -30,7 +30,7 @@ __all__ = [
     "ppo_beta_update", "ziegler_beta_update",
     "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
-    "rloo_baseline", "group_normalize", "importance_weight_stats",
+    "rloo_baseline", "group_normalize", "importance_weight_stats", "behaviour_correction",
 ]
 
 
@@ -437,3 +437,28 @@ def importance_weight_stats(log_weights: Tensor, mask: Tensor | None = None) -> 
     size (:func:`effective_sample_size`): rung 4's diagnostics, ``[...]`` → two scalars."""
     w = torch.exp(log_weights.clamp(-20, 20))
     return masked_var(w, mask), effective_sample_size(log_weights, mask)
+
+
+# --------------------------------------------------------------------------- off-policy rollouts (rung 4)
+def behaviour_correction(logp_old: Tensor, logp_behaviour: Tensor, mask: Tensor, mode: str,
+                         cap: float) -> tuple[Tensor, Tensor]:
+    """Weights for samples drawn by a behaviour policy μ (an older policy, another engine) but trained as if
+    from π_old: per token w = π_old(y_t)/μ(y_t) of the sampled token. Returns ``(weight, mask)`` ``[B, T]``;
+    the weight multiplies the advantage (for w ≥ 0, w·min(r·A, clip(r)·A) = min(r·wA, clip(r)·wA), so every
+    surrogate takes it the same way) and the mask replaces the token mask.
+
+    * ``none`` — w = 1: the mismatch ignored (biased; what a trainer that trusts its rollout engine does);
+    * ``truncate`` — min(w, C): truncated importance sampling (Ionides 2008; the TIS of large-scale RLHF
+      trainers): bias traded for a variance bounded by C²;
+    * ``mask`` — w where w ≤ C, the token dropped (mask 0) where w > C.
+
+    μ = π_old (lag 0) gives w = 1 exactly, so the corrected estimator equals the on-policy one (tested)."""
+    if mode not in ("none", "truncate", "mask"):
+        raise ValueError(f"behaviour_correction mode must be none, truncate or mask, got {mode!r}")
+    if mode == "none":
+        return torch.ones_like(logp_old), mask
+    w = torch.exp((logp_old - logp_behaviour).clamp(max=50.0)) * mask
+    if mode == "truncate":
+        return w.clamp(max=cap), mask
+    keep = (w <= cap).to(mask.dtype) * mask
+    return w * keep, keep

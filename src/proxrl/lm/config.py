@@ -330,6 +330,9 @@ class PPOConfig(ModelOptions):
     kl_in = "reward"
     kl_estimator = "k1"
     update_rule = "sgd"
+    rollout_lag = 0
+    is_correction = "truncate"
+    is_cap = 2.0
     COMMAND = "ppo"
 
 
@@ -419,6 +422,15 @@ class RLConfig(PPOConfig):
     """the estimator k of the KL to the reference: k1 = Δ, k2 = ½Δ², k3 = e^(−Δ) − 1 + Δ, Δ = log π − log π_ref
     (k1 in the reward and k2 in the loss give ∇KL(π‖π_ref); k3 in the loss gives the forward KL's gradient;
     k1 in the loss gives none)"""
+    rollout_lag: int = 0
+    """off-policy rollouts: responses sampled by the policy of L updates ago (the oldest there is in the first
+    L updates), its log-probs recorded as the behaviour policy μ; 0: on-policy. Keeps L copies of the trained
+    weights (small under LoRA)"""
+    is_correction: Literal["none", "truncate", "mask"] = "truncate"
+    """off-policy rollouts: per-token weight w = π_old/μ on the advantage — none (w = 1, biased), truncate
+    (min(w, is_cap): truncated IS) or mask (tokens with w > is_cap dropped)"""
+    is_cap: float = 2.0
+    """the cap C of is_correction"""
     max_kl: float = 0.01
     """trpo: trust-region size δ on the mean per-token exact KL(π_old‖π_θ) over the response tokens"""
     cg_iters: int = 10
@@ -485,6 +497,11 @@ class RLConfig(PPOConfig):
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
         check(self.loss_agg in ("token-mean", "seq-mean", "constant"), "loss_agg",
               f"must be token-mean, seq-mean or constant, got {self.loss_agg!r}")
+        check(isinstance(self.rollout_lag, int) and self.rollout_lag >= 0, "rollout_lag",
+              f"must be an integer ≥ 0 (updates between the sampling policy and the trained one), got {self.rollout_lag}")
+        check(self.is_correction in ("none", "truncate", "mask"), "is_correction",
+              f"must be none, truncate or mask, got {self.is_correction!r}")
+        check(self.is_cap >= 1, "is_cap", f"must be ≥ 1 (weights up to C are kept), got {self.is_cap}")
         if self.update_rule == "trust-region":
             check(self.critic == "none", "critic", "trpo fits no critic (a value head trained by SGD on the policy's "
                   "trunk would move the policy outside the trust region)",

@@ -120,7 +120,7 @@ def generate_eval(trainer, prompts: Sequence[str], samples: int, seed: int,
     whenever the prompts, K and seed are the same (see the module docstring)."""
     out = []
     for k in range(samples):
-        out.append(trainer.generate(list(prompts), seed=seed + k))
+        out.append(trainer.rollouts.generate(list(prompts), seed + k))  # the policy itself (never a lagged sampler)
         if progress is not None:
             progress(k + 1)
     return out

@@ -14,6 +14,8 @@ measured after the update (DETAILS 9).
 
 from __future__ import annotations
 
+from collections import deque
+
 import dataclasses
 import hashlib
 import json
@@ -85,6 +87,8 @@ class PPOTrainer:
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.still_updates = 0  # consecutive updates in which the policy did not move (warn_if_not_moving)
         self.warned_not_moving = False
+        # rollout_lag L: the trained weights before each of the last L updates, oldest first (the sampler's)
+        self.lagged: deque[dict[str, Tensor]] = deque(maxlen=max(cfg.rollout_lag, 1))
 
     @property
     def pad_id(self) -> int:
@@ -104,8 +108,19 @@ class PPOTrainer:
 
     def generate(self, prompts: Sequence[str], seed: Optional[int] = None) -> Rollout:
         """Sample one response per prompt. ``seed`` (default: derived from the config seed and the update)
-        names the sampling stream, so the same seed gives the same samples."""
-        return self.rollouts.generate(prompts, self.cfg.seed * 1_000_003 + self.step_count if seed is None else seed)
+        names the sampling stream, so the same seed gives the same samples. With ``rollout_lag`` L > 0 the
+        sampler is the policy of L updates ago and the rollout carries its log-probs (``logp_behaviour``)."""
+        seed = self.cfg.seed * 1_000_003 + self.step_count if seed is None else seed
+        if not (self.cfg.rollout_lag and self.lagged):
+            return self.rollouts.generate(prompts, seed)
+        current = {k: v.clone() for k, v in self.policy.trainable_state().items()}
+        self.policy.load_trainable(self.lagged[0])
+        try:
+            rollout = self.rollouts.generate(prompts, seed)
+            rollout.logp_behaviour = self.rollouts.logp(rollout).clone()
+        finally:
+            self.policy.load_trainable(current)
+        return rollout
 
     # ---- 2. score
     def score(self, rollout: Rollout) -> Tensor:
@@ -142,6 +157,8 @@ class PPOTrainer:
         last good checkpoint is intact). With ``on_nonfinite='skip'`` the weights and optimizer are put back
         as they were before the update, the update counts, and its metrics line says ``skipped`` (also
         printed on stderr) — never silently."""
+        if self.cfg.rollout_lag:  # the weights this update starts from: a later update's sampler
+            self.lagged.append({k: v.clone() for k, v in self.policy.trainable_state().items()})
         backup = None
         if self.cfg.on_nonfinite == "skip":
             backup = Backup(self.policy, [self.optimizer], state_dict=self.policy.trainable_state,
@@ -229,7 +246,7 @@ class PPOTrainer:
         before and after training), plus the responses."""
         if not prompts:
             return {"reward_mean": float("nan"), "kl_ref": float("nan"), "eos_rate": float("nan"), "responses": []}
-        rollout = self.generate(prompts, seed=seed)
+        rollout = self.rollouts.generate(prompts, seed)  # the policy itself, never a lagged sampler
         scores = self._agreed(lambda: self.scorer(rollout, " on the held-out prompts"))
         logp, _, logp_ref = self.rollouts.forward(rollout)
         kl = ((logp - logp_ref) * rollout.response_mask.to(logp.device)).sum(-1)
@@ -253,6 +270,8 @@ class PPOTrainer:
         opt_t, opt_meta = optimizer_state(self.optimizer, "optimizer")
         tensors.update(opt_t)
         tensors["rng/shuffle"] = self.shuffle.get_state()
+        for i, snap in enumerate(self.lagged if self.cfg.rollout_lag else ()):
+            tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})
         return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self.rollouts.warned_negative_kl}
 
     def load_checkpoint_state(self, tensors: dict[str, Tensor], state: dict) -> None:
@@ -265,6 +284,14 @@ class PPOTrainer:
         self.policy.load_trainable(own)
         load_optimizer_state(self.optimizer, "optimizer", tensors, state["optimizer"])
         self.shuffle.set_state(tensors["rng/shuffle"])
+        self.lagged.clear()
+        i = 0
+        while self.cfg.rollout_lag and any(k.startswith(f"lagged/{i}/") for k in tensors):
+            snap = {k[len(f"lagged/{i}/"):]: v for k, v in tensors.items() if k.startswith(f"lagged/{i}/")}
+            if set(snap) != expected:
+                raise CheckpointError("checkpoint: a lagged sampler's weights do not fit the policy")
+            self.lagged.append(snap)
+            i += 1
         self.step_count = int(state["step"])
         self.kl_coef = float(state["kl_coef"])
         self.penalty_beta = float(state["penalty_beta"])

@@ -55,6 +55,8 @@ class Rollout:
     responses: list[str]    # decoded truncated responses (special tokens skipped)
     prompt_ids: Optional[list[list[int]]] = None  # the prompts' token ids (unpadded), to regroup shards
     rows: Optional[slice] = None  # on several processes: this rank's rows of the global batch
+    logp_behaviour: Optional[Tensor] = None  # [B, R] log μ of the sampled tokens when another policy sampled
+    # them (rollout_lag > 0, or an outside engine filling it in); None: sampled by the policy being trained
 
     @property
     def ids(self) -> Tensor:
@@ -341,6 +343,14 @@ class TokenRollouts:
         return Rollout(prompts, q_ids, q_mask, resp_ids, resp_mask, stopped, texts, enc, None), out
 
     @torch.inference_mode()
+    def logp(self, rollout: Rollout) -> Tensor:
+        """No-grad log-probs ``[B, R]`` of the rollout's response tokens under the policy as it is now."""
+        ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
+        mb = self.cfg.forward_batch_size
+        return torch.cat([self.policy(ids[i:i + mb], mask[i:i + mb], R, self.cfg.temperature, values=False,
+                                      entropy=False)[0] for i in range(0, len(rollout), mb)])
+
+    @torch.inference_mode()
     def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
         """No-grad ``logp`` (policy), ``values`` and ``logp_ref`` of the rollout's response tokens, ``[B, R]``
         each, in chunks of ``forward_batch_size``."""
@@ -362,8 +372,11 @@ class TokenRollouts:
         cfg = self.cfg
         # clone: inference-mode tensors cannot be saved for backward
         logp_old, values, logp_ref = (t.clone() for t in self.forward(rollout))
-        rollout, (logp_old, values, logp_ref, scores) = self.gather(rollout, logp_old, values, logp_ref,
-                                                                    scores.to(logp_old.device))
+        off_policy = rollout.logp_behaviour is not None or getattr(cfg, "rollout_lag", 0) > 0
+        logp_mu = (rollout.logp_behaviour.to(logp_old.device, logp_old.dtype) if rollout.logp_behaviour is not None
+                   else logp_old)  # μ = π_old: the first update of a lagged run
+        rollout, (logp_old, values, logp_ref, scores, logp_mu) = self.gather(
+            rollout, logp_old, values, logp_ref, scores.to(logp_old.device), logp_mu)
         dtype, dev = logp_old.dtype, logp_old.device
         mask = rollout.response_mask.to(dev, dtype)
         stopped = rollout.stopped.to(dev)
@@ -384,6 +397,22 @@ class TokenRollouts:
             batch = sequence_advantages(batch, rollout.prompts, cfg)
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
+        off_stats = {}
+        if off_policy:  # rung 4, truly off-policy: the sampler was μ, not π_old
+            check_finite("behaviour log-probs", logp_mu, update, mask=mask)
+            weight, kept = core.behaviour_correction(logp_old, logp_mu, mask, getattr(cfg, "is_correction", "truncate"),
+                                                     getattr(cfg, "is_cap", 2.0))
+            batch = batch.replace(adv=adv * weight, mask=kept)
+            log_w = (logp_old - logp_mu) * mask
+            var, ess = core.importance_weight_stats(log_w, mask)
+            seq_mask = (mask.sum(-1) > 0).to(dtype)
+            _, ess_seq = core.importance_weight_stats(log_w.sum(-1), seq_mask)
+            w = torch.exp(log_w.clamp(-20, 20))
+            cap = getattr(cfg, "is_cap", 2.0)
+            off_stats = {"behaviour_weight_var": float(var), "behaviour_ess": float(ess),
+                         "behaviour_ess_seq": float(ess_seq),
+                         "behaviour_kl": float(core.masked_mean(core.kl_k3(logp_mu, logp_old), mask)),
+                         "behaviour_capped_fraction": float(core.masked_mean((w > cap).to(dtype), mask))}
         for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),
                         ("values", values), ("rewards (score − β·kl_ref)", rewards), ("returns", batch.ret),
                         ("advantages", adv)):
@@ -398,8 +427,9 @@ class TokenRollouts:
             "response_length": mask.sum(-1).mean().item(),
             "eos_rate": stopped.double().mean().item(),
             "rewards_whitened": whitened,
+            **off_stats,
         }
-        if stats["kl_ref_k1"] < -0.01 and not self.warned_negative_kl:
+        if stats["kl_ref_k1"] < -0.01 and not self.warned_negative_kl and not off_policy:  # μ samples: k1 may be < 0
             warnings.warn(f"mean k1 KL to the reference is negative ({stats['kl_ref_k1']:.4f}): the sampler and "
                           "the scored policy disagree (temperature? sampling filters?)", stacklevel=2)
             self.warned_negative_kl = True

@@ -18,7 +18,7 @@ USAGE = """usage: proxrl COMMAND [OPTIONS]
 commands:
   train    train one rung of the ladder on a Gymnasium environment
   eval     evaluate a saved run: prints {"mean_return", "std_return", "episodes"}
-  ladder   run every rung × seed on one environment; writes ladder.md and ladder.png
+  ladder   run every rung × seed on one environment (--lm: on a language-model task); writes ladder.md and ladder.png
   plot     draw learning curves of runs
   rlhf     language models: sft, rm, ppo, demo, export
   export   a trained LM run as a Hugging Face model directory
@@ -162,9 +162,20 @@ def _eval(argv: list[str]) -> int:
 
 
 def _ladder(argv: list[str]) -> int:
+    if "--lm" in argv:  # the ladder on tokens: the same comparison on a language-model task
+        from .lm.config import LMLadderConfig
+        from .lm.ladder import run_lm_ladder
+
+        cfg = tyro_cli(LMLadderConfig, args=[a for a in argv if a != "--lm"], prog="proxrl ladder --lm",
+                       description="Run every rung of the ladder on tokens × seeds on one policy, reward and "
+                                   "prompts, and draw the comparison.")
+        out = run_lm_ladder(cfg)
+        print(json.dumps({"ladder_md": str(out / "ladder.md"), "ladder_png": str(out / "ladder.png")}))
+        return 0
     from .gym.ladder import LadderConfig, run_ladder
     cfg = tyro_cli(LadderConfig, args=argv, prog="proxrl ladder",
-                   description="Run every rung × seed on one environment and draw the comparison.")
+                   description="Run every rung × seed on one environment and draw the comparison "
+                               "(--lm: on a language-model task).")
     out = run_ladder(cfg)
     print(json.dumps({"ladder_md": str(out / "ladder.md"), "ladder_png": str(out / "ladder.png")}))
     return 0

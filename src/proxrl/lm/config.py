@@ -517,6 +517,60 @@ class RLConfig(PPOConfig):
 
 
 @dataclass
+class LMLadderConfig(ModelOptions):
+    """``proxrl ladder --lm``: every rung of the ladder on tokens × seeds on one task (the same policy, reward,
+    prompts and budget for each), compared in ladder.md / ladder.png / ladder.json."""
+
+    policy: str = ""
+    """the policy every rung starts from: a model directory, a .gguf file or a proxrl SFT run"""
+    reward: str = ""
+    """reward-model run directory, or module:function / file.py:function taking (prompts, responses)"""
+    prompts: str = ""
+    """prompts: JSONL, .parquet or a datasets directory of {"prompt"} (text or chat turns)"""
+    algos: tuple[str, ...] = tuple(LM_LADDER)
+    """rungs to run, in ladder order"""
+    seeds: int = 1
+    """seeds per rung (0, 1, …, seeds − 1)"""
+    updates: int = 10
+    """updates per run (the same budget for every rung)"""
+    batch_size: int = 16
+    """responses per update (a multiple of the rungs' samples per prompt, 4 for rloo/grpo/trpo)"""
+    micro_batch_size: int = 8
+    """sequences per forward pass"""
+    response_length: int = 16
+    """maximum new tokens per response"""
+    temperature: float = 0.7
+    """sampling temperature"""
+    lr: float = 1e-4
+    """learning rate of every rung's SGD (trpo takes its step from max_kl instead)"""
+    kl_coef: float = 0.05
+    """β of the KL to the reference"""
+    eval_prompts: int = 8
+    """prompts held out and answered before and after each run"""
+    out: str = "ladder-lm"
+    """output directory: <out>/<rung>/seed<k>/ run directories plus ladder.md, ladder.png, ladder.json"""
+    overwrite: bool = False
+    """replace the runs of an earlier ladder in --out (without it such an --out is refused)"""
+
+    def run_config(self, algo: str, seed: int) -> "RLConfig":
+        """The config of one run of the ladder, validated."""
+        cfg = RLConfig(algo=algo, policy=self.policy, reward=self.reward, prompts=self.prompts,
+                       out=str(Path(self.out) / algo / f"seed{seed}"), overwrite=self.overwrite, updates=self.updates,
+                       batch_size=self.batch_size, micro_batch_size=min(self.micro_batch_size, self.batch_size),
+                       response_length=self.response_length, temperature=self.temperature, lr=self.lr,
+                       kl_coef=self.kl_coef, eval_prompts=self.eval_prompts, checkpoint_every=0, seed=seed,
+                       **{f.name: getattr(self, f.name) for f in fields(ModelOptions) if f.name != "seed"})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        check(bool(self.algos), "algos", "no rungs given", "choose from " + ", ".join(LM_LADDER))
+        for a in self.algos:
+            check(a in LM_RUNGS, "algos", f"unknown rung {a!r}", "choose from " + ", ".join(LM_LADDER))
+        check(isinstance(self.seeds, int) and self.seeds >= 1, "seeds", f"must be ≥ 1, got {self.seeds}")
+
+
+@dataclass
 class DemoConfig:
     """``proxrl rlhf demo``. The defaults are the measured budget of BENCHMARKS.md (RLHF demo): within
     10 minutes on a 2-core CPU the held-out improvement is ≥ 3 of its standard errors for 4+ of seeds 0–4."""

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 from ..errors import ConfigError
 from ..run import checkpoint
+from ..run.progress import clock
 from ..run.state import seed_everything
 from .config import DemoConfig, PPOConfig, RMConfig, SFTConfig
 from .data import write_jsonl
@@ -78,11 +79,6 @@ def demo_prompts() -> list[str]:
 
 
 # --------------------------------------------------------------------------- progress (stderr)
-def _clock(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
-    return f"{s // 60}:{s % 60:02d}"
-
-
 class Progress:
     """Progress lines on stderr, each with the elapsed time and, once the cost of the remaining work can be
     estimated from what was measured, an ETA for the whole demo (``remaining``: seconds left, or None)."""
@@ -102,8 +98,8 @@ class Progress:
 
     def __call__(self, msg: str) -> None:
         left = self.remaining()
-        eta = f" | ETA {_clock(left)}" if left is not None else ""
-        self.write(f"[{_clock(self.elapsed())}{eta}] {msg}")
+        eta = f" | ETA {clock(left)}" if left is not None else ""
+        self.write(f"[{clock(self.elapsed())}{eta}] {msg}")
 
 
 class _Phases:

@@ -34,6 +34,7 @@ from .. import core
 from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, check
 from ..run import checkpoint
+from ..run.progress import clock
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out
@@ -541,7 +542,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                 log(f"update {m['step']:>3}/{cfg.updates}  reward {m['reward_mean']:+.4f}  kl_ref {m['kl_ref']:.3f}  "
                     f"beta {m['beta']:.4f}  approx_kl {m['approx_kl']:.4f}  clip {m['clip_fraction']:.3f}  "
                     f"len {m['response_length']:.1f}  eos {m['eos_rate']:.2f}  {dt:.1f}s  "
-                    f"eta {_eta(m['time'] - elapsed0, update - first + 1, cfg.updates - update)}")
+                    f"eta {clock((m['time'] - elapsed0) / (update - first + 1) * (cfg.updates - update))}")
             last = update == cfg.updates
             stopping = d.any(stop.signum is not None)  # a signal seen by one rank stops every rank
             if last or stopping or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
@@ -560,23 +561,18 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                "wall_time": time.perf_counter() - t_start,
                "before": before["responses"], "after": after["responses"]}
     if d.main:
-        checkpoint.write_json_atomic(out / "summary.json", _finite_or_none(summary))
+        checkpoint.write_json_atomic(out / "summary.json", finite_or_none(summary))
     log(f"{name}: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
         f"{summary['wall_time']:.0f}s")
     return summary
 
 
-def _eta(elapsed: float, done: int, left: int) -> str:
-    secs = int(elapsed / max(done, 1) * left)
-    return f"{secs // 60}:{secs % 60:02d}"
-
-
-def _finite_or_none(obj):
+def finite_or_none(obj):
     """JSON has no NaN: a statistic that does not exist (no held-out prompts) is written as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
     return obj

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 from ..errors import ConfigError
 
 
-def _eta(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as m:ss (h:mm:ss from an hour on): the elapsed and ETA figures of every progress line."""
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -59,7 +60,7 @@ class Progress:
         if frac + 1e-9 >= self.next_plain or self.done == self.total:
             self.next_plain = frac + 0.05
             print(f"{self.label} {self.done}/{self.total} ({100 * frac:3.0f}%)  {text}  "
-                  f"elapsed {_eta(time.perf_counter() - self.t0)}  eta {_eta(self.eta())}", file=self.stream, flush=True)
+                  f"elapsed {clock(time.perf_counter() - self.t0)}  eta {clock(self.eta())}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

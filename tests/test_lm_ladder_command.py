@@ -1,0 +1,63 @@
+"""`proxrl ladder --lm`: every rung × seed on one LM task, compared in ladder.md / ladder.json / ladder.png;
+every run's config checked before the first one starts."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from proxrl.cli import main  # noqa: E402
+from proxrl.lm.data import write_jsonl  # noqa: E402
+from proxrl.lm.tiny import make_tiny  # noqa: E402
+
+REWARD = '''
+def letters(prompts, responses):
+    return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+'''
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    model = make_tiny(d / "m")
+    write_jsonl(d / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(12)])
+    (d / "reward.py").write_text(REWARD)
+    return ["--policy", str(model), "--reward", f"{d / 'reward.py'}:letters", "--prompts", str(d / "p.jsonl"),
+            "--batch-size", "8", "--micro-batch-size", "8", "--response-length", "4", "--eval-prompts", "2",
+            "--finetune", "full", "--lr", "1e-2"]
+
+
+def test_ladder_lm_runs_every_rung_and_writes_the_comparison(task, tmp_path, capsys):
+    out = tmp_path / "lad"
+    rc = main(["ladder", "--lm", *task, "--algos", "pg", "grpo", "is-pg", "--seeds", "2", "--updates", "3",
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["ladder_md"] == str(out / "ladder.md")
+    assert "ladder: run 6/6: is-pg seed 1" in captured.err
+    md = (out / "ladder.md").read_text()
+    for algo in ("pg", "grpo", "is-pg"):
+        assert f"| `{algo}` |" in md
+        for seed in (0, 1):
+            assert len((out / algo / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()) == 3
+    data = json.loads((out / "ladder.json").read_text())
+    rows = {r["algo"]: r for r in data["rungs"]}
+    assert rows["is-pg"]["max_is_weight_var"] is not None and rows["pg"]["max_is_weight_var"] is None
+    assert all(r["s_per_update"] > 0 and r["s_per_1k_tokens"] > 0 and r["seeds"] == 2 for r in rows.values())
+    assert (out / "ladder.png").stat().st_size > 10_000
+    rc = main(["ladder", "--lm", *task, "--algos", "pg", "--updates", "3", "--out", str(out)])
+    assert rc == 2 and "already holds ladder runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--algos", "pg", "nope"], "algos"),
+    (["--algos", "pg", "rloo", "--batch-size", "6"], "samples_per_prompt"),  # rloo's K = 4 must divide 6
+    (["--seeds", "0"], "seeds"),
+])
+def test_ladder_lm_refuses_before_any_run(task, tmp_path, capsys, extra, field):
+    out = tmp_path / "bad"
+    rc = main(["ladder", "--lm", *task, *extra, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {field}:"), err
+    assert not (out / "pg").exists()

@@ -124,7 +124,18 @@ def _run_demo(out, *extra):
     cmd = [sys.executable, "-m", "proxrl.lm.cli", "demo", "--quick", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text()), proc
+    return json.loads((out / "summary.json").read_text(), parse_constant=_no_nan), proc
+
+
+def _no_nan(name):
+    raise AssertionError(f"summary.json is not strict JSON: {name}")
+
+
+def test_quick_demo_of_another_rung_writes_strict_json(tmp_path):
+    """`--algo grpo`: the demo's rung is a choice (named in the summary); a 0/0 ratio is null, never NaN."""
+    s, proc = _run_demo(tmp_path / "g", "--algo", "grpo")
+    assert s["algo"] == "grpo" and s["rung"] == "grpo" and "--algo grpo" in s["command"]
+    assert "grpo (VADER) update" in proc.stderr
 
 
 def _without_wall_clock(obj):

@@ -146,9 +146,10 @@ def run_ladder(cfg: LadderConfig) -> Path:
     total = time.perf_counter() - t0
     rows = summarise(results, cfg.algos, threshold)
     write_markdown(out / "ladder.md", cfg, rows, threshold, total)
-    with open(out / "ladder.json", "w") as f:
-        json.dump({"config": cfg.__dict__ | {"algos": list(cfg.algos)}, "threshold": threshold,
-                   "wall_time": total, "rungs": rows}, f, indent=2)
+    from ..run.checkpoint import write_json_atomic
+
+    write_json_atomic(out / "ladder.json", {"config": cfg.__dict__ | {"algos": list(cfg.algos)}, "threshold": threshold,
+                                            "wall_time": total, "rungs": rows})
     draw(out / "ladder.png", results, cfg, threshold)
     return out
 

@@ -582,14 +582,16 @@ class DemoConfig:
     with_rm: bool = False
     """also show the reward-model path: pairs labelled by VADER → `rlhf rm` → PPO against the learned RM,
     measured on the held-out prompts with both the RM's score and VADER"""
+    algo: Literal["pg", "pg-baseline", "rloo", "grpo", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo"] = "ppo-clip"
+    """the rung trained against VADER (and the learned RM): ppo-clip (PPO), or any rung of the ladder on tokens"""
     updates: int = 30
-    """PPO updates"""
+    """RL updates"""
     batch_size: int = 16
     """prompts answered per update"""
-    num_minibatches: int = 2
-    """minibatches per PPO epoch (one optimizer step each)"""
-    update_epochs: int = 2
-    """PPO epochs over each rollout batch"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch, one optimizer step each (default: the rung's; 2 for ppo-clip)"""
+    update_epochs: Optional[int] = None
+    """epochs over each rollout batch (default: the rung's; 2 for ppo-clip)"""
     response_length: int = 20
     """maximum new tokens per response"""
     temperature: float = 0.7
@@ -614,12 +616,11 @@ class DemoConfig:
     """seed of the prompt split, initialisation, sampling and shuffling"""
 
     def validate(self) -> None:
-        for name in ("updates", "batch_size", "num_minibatches", "update_epochs", "response_length", "lora_r",
-                     "eval_samples", "rm_pairs"):
+        for name in ("updates", "batch_size", "response_length", "lora_r", "eval_samples", "rm_pairs"):
             check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
+        for name in ("num_minibatches", "update_epochs"):  # divisibility etc.: the rung's config checks the rest
+            check(getattr(self, name) is None or getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
         check(self.eval_prompts >= 2, "eval_prompts", f"must be ≥ 2 (a standard error needs two), got {self.eval_prompts}")
-        check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
-              f"must divide batch_size={self.batch_size}, got {self.num_minibatches}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")

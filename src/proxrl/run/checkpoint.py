@@ -11,6 +11,7 @@ malformed is a one-line :class:`~proxrl.errors.CheckpointError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -63,13 +64,26 @@ def _follow_umask(fd_or_path, mode: int) -> None:
         os.chmod(fd_or_path, mode)
 
 
+def json_safe(obj: Any) -> Any:
+    """JSON has no NaN or infinity: a statistic that does not exist (0/0, no held-out prompts) is null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as strict JSON (non-finite floats written as null), atomically: a temporary file, fsync, rename."""
+    obj = json_safe(obj)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         _follow_umask(fd, 0o666)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -124,7 +124,7 @@ class RunWriter:
     def metrics(self, row: dict) -> None:
         if self._f is None:
             self._f = open(self.metrics_path, "a")
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(json.dumps(checkpoint.json_safe(row), allow_nan=False) + "\n")  # strict JSON lines
         self._f.flush()
         if self.fsync_each:
             os.fsync(self._f.fileno())

@@ -30,7 +30,7 @@ __all__ = [
     "ppo_beta_update", "ziegler_beta_update",
     "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
-    "rloo_baseline", "group_normalize", "importance_weight_stats", "behaviour_correction",
+    "rloo_baseline", "group_normalize", "importance_weight_stats", "behaviour_correction", "truncate_logits",
 ]
 
 
@@ -462,3 +462,28 @@ def behaviour_correction(logp_old: Tensor, logp_behaviour: Tensor, mask: Tensor,
         return w.clamp(max=cap), mask
     keep = (w <= cap).to(mask.dtype) * mask
     return w * keep, keep
+
+
+# --------------------------------------------------------------------------- top-k / top-p (nucleus) truncation
+def truncate_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, keep: Tensor | None = None) -> Tensor:
+    """``logits`` ``[..., V]`` (already divided by the temperature) with −inf outside the truncated support:
+    the ``top_k`` largest (0: all; ties with the k-th kept), then, of those, the smallest most-probable set
+    whose probability reaches ``top_p`` (1: all; the most probable token always kept). ``keep`` ``[...]``:
+    token ids kept whatever their rank — the scored token of a training forward, so that a token drawn at a
+    rounding-level boundary of the sampler's support never gets log-prob −inf. softmax of the result IS the
+    sampling distribution, and log-probs of it make the ratios and the KL exact for truncated sampling."""
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    remove = torch.zeros_like(logits, dtype=torch.bool)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        remove |= logits < kth
+    if top_p < 1.0:
+        x = logits.masked_fill(remove, -float("inf"))
+        sorted_x, order = x.sort(-1, descending=True)
+        probs = torch.softmax(sorted_x.float(), -1)
+        before = probs.cumsum(-1) - probs  # mass of the more probable tokens
+        remove |= torch.zeros_like(remove).scatter(-1, order, before >= top_p)
+    if keep is not None:
+        remove.scatter_(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(remove, -float("inf"))

@@ -217,6 +217,12 @@ class PPOConfig(ModelOptions):
     """maximum new tokens per response; a response without a stop token by then is truncated"""
     temperature: float = 0.7
     """sampling temperature; log-probs of policy, old policy and reference all divide logits by it (LM-6)"""
+    top_k: int = 0
+    """sample from the k most probable tokens only (0: all). The policy's log-probs are then those of the
+    truncated, renormalised distribution, so the ratios stay exact; the reference's stay untruncated"""
+    top_p: float = 1.0
+    """nucleus sampling: the smallest most-probable set of tokens with probability ≥ top_p (1: all); log-probs
+    of the truncated distribution, as for top_k"""
     missing_eos_penalty: Optional[float] = 1.0
     """subtracted from the score of a response that never emitted a stop token (None: no penalty)"""
     surrogate: Literal["clip", "kl-penalty"] = "clip"
@@ -293,6 +299,13 @@ class PPOConfig(ModelOptions):
         check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
               f"must divide batch_size={self.batch_size}, got {self.num_minibatches}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer ≥ 0 (0: off), got {self.top_k}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1: off), got {self.top_p}")
+        truncated = self.top_k > 0 or self.top_p < 1
+        check(not (truncated and (self.surrogate == "kl-penalty" or self.update_rule == "trust-region")), "top_k",
+              "top-k/top-p sampling with an exact KL(π_old‖π_θ) (ppo-kl's β, trpo's trust region): the truncated "
+              "supports of π_old and π_θ can differ, which makes that KL infinite",
+              "use a clipped or importance-sampled rung (ppo-clip, grpo, is-pg), or sample without truncation")
         check(self.target_kl_ref > 0, "target_kl_ref", f"must be > 0, got {self.target_kl_ref}")
         check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import core
 from ..errors import ConfigError
 from ..run import checkpoint
 from .config import ModelOptions
@@ -60,10 +61,14 @@ def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidde
     return logits, h
 
 
-def log_probs_all(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log_softmax(logits / T)`` over the vocabulary (bfloat16 logits are normalised in float32)."""
+def log_probs_all(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  keep: Optional[Tensor] = None) -> Tensor:
+    """``log_softmax(logits / T)`` over the vocabulary (bfloat16 logits are normalised in float32); with
+    ``top_k``/``top_p`` of the truncated distribution the sampler draws from (:func:`proxrl.core.truncate_logits`,
+    ``keep`` the scored tokens), −inf outside it."""
     x = logits.float() if logits.dtype == torch.bfloat16 else logits
-    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    x = x / temperature if temperature != 1.0 else x
+    return torch.log_softmax(core.truncate_logits(x, top_k, top_p, keep), dim=-1)
 
 
 def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -128,6 +133,8 @@ class LMPolicy(nn.Module):
         self.critic_mode = critic
         dtype = master_dtype(next(base.parameters()).dtype)
         self.amp, self.device_name = opts.amp, opts.device
+        # top-k / top-p sampling (PPO's options; none for SFT/RM): log-probs are of the truncated distribution
+        self.top_k, self.top_p = int(getattr(opts, "top_k", 0)), float(getattr(opts, "top_p", 1.0))
         freeze(base)
         self.is_lora = opts.finetune == "lora"
         # the reference: the base itself (adapter disabled) with LoRA, else a frozen copy (LM-14)
@@ -159,13 +166,16 @@ class LMPolicy(nn.Module):
         # scored against a dummy token and dropped AFTER the vocabulary reduction, so that backward never
         # zero-fills a [B, R+1, V] gradient for a slice of the logits
         logits, h = self._fwd(self.lm, ids, mask, n_resp + 1, hidden=shared)
-        logp_all = log_probs_all(logits, temperature)  # float32 even under autocast
         resp = torch.nn.functional.pad(ids[:, -n_resp:], (0, 1))
+        # float32 even under autocast; with top-k/top-p, of the truncated distribution (the scored token kept)
+        logp_all = log_probs_all(logits, temperature, self.top_k, self.top_p, keep=resp)
         logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
         ent = None
         if entropy:  # from the same log-softmax (one normalisation of the logits, not two)
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 lp = logp_all if entropy_grad else logp_all.detach()
+                if self.top_k or self.top_p < 1.0:  # truncated: 0·log 0 = 0 outside the support
+                    lp = lp.masked_fill(torch.isinf(lp), 0.0)
                 ent = -(lp.exp() * lp).sum(-1)[:, :-1]
         v = None
         if values:
@@ -223,6 +233,8 @@ class RewardModel(nn.Module):
         self.opts = opts
         dtype = master_dtype(next(base.parameters()).dtype)
         self.amp, self.device_name = opts.amp, opts.device
+        # top-k / top-p sampling (PPO's options; none for SFT/RM): log-probs are of the truncated distribution
+        self.top_k, self.top_p = int(getattr(opts, "top_k", 0)), float(getattr(opts, "top_p", 1.0))
         freeze(base)
         self.lm = to_master(apply_finetune(base, opts))
         self.head = make_head(hidden_size(base), dtype)

@@ -469,6 +469,10 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg)) if d.main else NullWriter()
         before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
+        if cfg.top_k or cfg.top_p < 1:  # reported as such: the policy trained is the truncated one
+            log(f"{name}: sampling truncated to " + " and ".join(x for x in (f"top-k {cfg.top_k}" if cfg.top_k else "",
+                f"top-p {cfg.top_p:g}" if cfg.top_p < 1 else "") if x) + " at temperature "
+                f"{cfg.temperature:g}; log-probs, ratios and the KL to the reference are of that truncated distribution")
         log(f"{name}: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
             f"{before['reward_mean']:+.4f}")
     else:

@@ -314,8 +314,8 @@ class TokenRollouts:
         stream = torch.Generator(device=dev).manual_seed(seed)
         with autocast(dev, self.policy.amp):
             resp = sample(self.policy.lm, q_ids.to(dev), q_mask.to(dev), cfg.response_length, cfg.temperature,
-                          self.stop_ids, self.pad_id, stream, (rows, n_all) if rows is not None else None
-                          ).cpu()   # [B, R'] R' ≤ response_length
+                          self.stop_ids, self.pad_id, stream, (rows, n_all) if rows is not None else None,
+                          self.policy.top_k, self.policy.top_p).cpu()   # [B, R'] R' ≤ response_length
         resp_ids, resp_mask, stopped = truncate_at_stop(resp, self.stop_ids, self.pad_id)
         tok = self.policy.tokenizer
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp_ids, resp_mask)]

@@ -20,16 +20,18 @@ class InverseCDFSampler:
     of SmolLM2-135M at batch 16 on 2 CPU cores), and immune to sampling defaults in a model's
     ``generation_config`` (top-k/top-p warpers are never built for greedy decoding)."""
 
-    def __init__(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None):
+    def __init__(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None, top_k: int = 0,
+                 top_p: float = 1.0):
         self.temperature = float(temperature)
         self.generator = generator
+        self.top_k, self.top_p = int(top_k), float(top_p)  # truncation: core.truncate_logits, as the policy's log-probs
 
     def draw(self, logits: Tensor, rows: Optional[tuple[slice, int]] = None) -> Tensor:
         """One token index per row of ``logits`` ``[B, V]``: ``[B]``. ``rows = (shard, n)``: these rows are
         ``shard`` of a batch of ``n`` — one uniform is drawn for each of the n rows (the stream belongs to
         the data, not to the process) and the shard's are used, so any split of a batch over processes
         samples what one process samples."""
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        probs = torch.softmax(core.truncate_logits(logits.float() / self.temperature, self.top_k, self.top_p), dim=-1)
         cdf = probs.cumsum(-1, dtype=torch.float64)                  # [B, V], cdf[:, -1] ≈ 1
         n = rows[1] if rows is not None else cdf.shape[0]
         u = torch.rand(n, 1, dtype=torch.float64, device=cdf.device, generator=self.generator)
@@ -57,7 +59,8 @@ def context_length(model) -> int | None:
 
 @torch.inference_mode()
 def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperature: float, stop_ids: list[int],
-           pad_id: int, generator: torch.Generator, rows: Optional[tuple[slice, int]] = None) -> Tensor:
+           pad_id: int, generator: torch.Generator, rows: Optional[tuple[slice, int]] = None, top_k: int = 0,
+           top_p: float = 1.0) -> Tensor:
     """Sample up to ``max_new_tokens`` tokens after left-padded prompts ``[B, P]`` with the KV cache, each
     drawn exactly from softmax(logits / T) of the model itself — no logits processors of any
     ``generation_config`` (repetition penalty, suppressed tokens, n-gram bans, top-k/top-p) stand between
@@ -65,12 +68,14 @@ def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperatur
     Rows stop at their first stop token (later positions hold ``pad_id``); the loop ends when every row has
     stopped. One uniform per row per step from ``generator``: the same stream gives the same samples;
     ``rows`` = (shard, n) when these rows are a shard of a batch of n (:meth:`InverseCDFSampler.draw`).
+    ``top_k``/``top_p`` (off by default) truncate that distribution, the same way the policy's log-probs do
+    (:func:`proxrl.core.truncate_logits`), so ratios and KLs stay those of the distribution sampled from.
     Returns ``[B, R']``, R' ≤ ``max_new_tokens``."""
     import inspect
 
     from .policy import position_ids
 
-    sampler = InverseCDFSampler(temperature, generator)
+    sampler = InverseCDFSampler(temperature, generator, top_k, top_p)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # the name of the KV-cache argument: `cache` in newer transformers, `past_key_values` before
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

@@ -1,0 +1,102 @@
+"""Top-k / top-p sampling reported as such: the sampler draws from the truncated, renormalised softmax and
+the policy's log-probs are of that same distribution, so the first ratio is exactly 1 and the k1 KL of the
+sampled tokens is the truncated policy's; an exact-KL rung with truncation is refused."""
+
+import pytest
+import torch
+
+from proxrl import core
+
+pytest.importorskip("transformers")
+
+from proxrl.lm.config import RLConfig  # noqa: E402
+from proxrl.lm.ppo_trainer import PPOTrainer  # noqa: E402
+from proxrl.lm.sampling import InverseCDFSampler  # noqa: E402
+from proxrl.lm.tiny import make_tiny  # noqa: E402
+
+
+def naive_truncate(row: list[float], k: int, p: float) -> set[int]:
+    order = sorted(range(len(row)), key=lambda i: -row[i])
+    if k:
+        kth = row[order[k - 1]]
+        order = [i for i in order if row[i] >= kth]
+    z = sum(torch.tensor([row[i] for i in order]).exp().tolist())
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= p:
+            break
+        kept.append(i)
+        mass += float(torch.tensor(row[i]).exp()) / z
+    return set(kept)
+
+
+@pytest.mark.parametrize("k,p", [(3, 1.0), (0, 0.6), (4, 0.7), (0, 1.0), (1, 1.0), (0, 1e-6)])
+def test_truncate_logits_matches_a_naive_loop(k, p):
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(k + int(p * 10)), dtype=torch.float64)
+    out = core.truncate_logits(logits, k, p)
+    for b in range(5):
+        kept = {i for i in range(11) if out[b, i] > -float("inf")}
+        assert kept == naive_truncate(logits[b].tolist(), k, p)
+        assert torch.equal(out[b, sorted(kept)], logits[b, sorted(kept)])
+    keep = torch.tensor([int(logits[b].argmin()) for b in range(5)])
+    forced = core.truncate_logits(logits, k, p, keep=keep)
+    assert all(forced[b, keep[b]] == logits[b, keep[b]] for b in range(5))
+
+
+def test_sampler_draws_exactly_from_the_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    want = torch.softmax(core.truncate_logits(logits / 0.8, 3, 0.95), -1)[0]
+    g = torch.Generator().manual_seed(0)
+    s = InverseCDFSampler(0.8, g, top_k=3, top_p=0.95)
+    n = 40_000
+    draws = torch.cat([s.draw(logits.expand(1000, -1)) for _ in range(n // 1000)])
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert set(draws.unique().tolist()) <= {0, 1, 2}
+    assert torch.allclose(freq, want.double(), atol=4 * (0.25 / n) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny(tmp_path_factory.mktemp("llama"), arch="llama"))
+
+
+def letters(prompts, responses):
+    return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+
+
+@pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.5)])
+def test_truncated_rollouts_have_exact_ratios(tiny, k, p):
+    tr = PPOTrainer(RLConfig(algo="ppo-clip", policy=tiny, reward="unused:fn", prompts="unused", out="unused",
+                             batch_size=8, micro_batch_size=4, response_length=8, dtype="float64", finetune="full",
+                             missing_eos_penalty=None, top_k=k, top_p=p, temperature=1.0), reward=letters)
+    rollout = tr.generate(["ab", "hello", "xyz", "q"] * 2)
+    # every sampled token lies in the truncated support recomputed by a full forward (no forced keep)
+    ids, mask, R = rollout.ids, rollout.mask, rollout.response_ids.shape[1]
+    from proxrl.lm.policy import forward, log_probs_all
+
+    logits, _ = forward(tr.policy.lm, ids, mask, R + 1)
+    strict = log_probs_all(logits[:, :-1], 1.0, k, p).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
+    m = rollout.response_mask.bool()
+    assert torch.isfinite(strict[m]).all()
+    support = torch.isfinite(log_probs_all(logits[:, :-1], 1.0, k, p)).sum(-1)[m]
+    assert support.max() < logits.shape[-1]  # truncation really happened
+    batch, stats = tr.make_batch(rollout, tr.score(rollout))
+    torch.testing.assert_close(batch.logp_old[m], strict[m])  # the batch's log-probs ARE the truncated ones
+    with torch.no_grad():  # the training forward scores the same distribution: the first ratio is exactly 1
+        lp_now, _, ent = tr.policy(ids, mask, R, 1.0, values=False, entropy=True)
+    assert torch.equal(lp_now[m], batch.logp_old[m]) and torch.isfinite(ent[m]).all()
+    assert ent[m].max() <= torch.log(support.double()).max() + 1e-9  # entropy of the truncated distribution
+    metrics = tr.step(rollout, tr.score(rollout))
+    assert metrics["clip_fraction"] >= 0 and torch.isfinite(torch.tensor(metrics["policy_loss"]))
+    assert stats["kl_ref_k1"] > 0  # truncation moves mass onto fewer tokens: KL(π_trunc‖π_ref) > 0
+
+
+@pytest.mark.parametrize("algo", ["ppo-kl", "trpo"])
+def test_truncation_with_an_exact_kl_rung_is_refused(tiny, algo):
+    from proxrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_k: top-k/top-p sampling with an exact KL"):
+        RLConfig(algo=algo, policy=tiny, reward="m:f", prompts="p", top_k=10).validate(need_prompts=False)
+    for bad, field in ((dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ConfigError, match=field):
+            RLConfig(algo="grpo", policy=tiny, reward="m:f", prompts="p", **bad).validate(need_prompts=False)

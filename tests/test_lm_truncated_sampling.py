@@ -100,3 +100,35 @@ def test_truncation_with_an_exact_kl_rung_is_refused(tiny, algo):
     for bad, field in ((dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")):
         with pytest.raises(ConfigError, match=field):
             RLConfig(algo="grpo", policy=tiny, reward="m:f", prompts="p", **bad).validate(need_prompts=False)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradient_and_recomputes(tiny, finetune):
+    """--gradient-checkpointing: the same loss and gradient to float rounding, and the blocks really run a
+    second time in backward (their activations were not kept)."""
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.policy import build_policy
+
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        pol = build_policy(tiny, PPOConfig(policy=tiny, dtype="float64", finetune=finetune, gradient_checkpointing=ckpt))
+        from proxrl.lm.loading import transformer_blocks
+
+        _, blocks = transformer_blocks(pol.lm)
+        n = [0]
+        next(iter(blocks[0].children())).register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))  # inside the block
+        ids = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        logp, v, _ = pol(ids, mask, 5, 0.7, values=True, entropy=False)
+        (logp.sum() + v.sum()).backward()
+        grads[ckpt] = {k: p.grad.clone() for k, p in pol.named_parameters() if p.grad is not None}
+        calls[ckpt] = n[0]
+        with torch.no_grad():
+            pol(ids, mask, 5, 0.7, values=False, entropy=False)
+        calls[(ckpt, "no_grad")] = n[0] - calls[ckpt]
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 0
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12)
+    assert calls[False] == 1 and calls[True] == 2  # recomputed once in backward
+    assert calls[(True, "no_grad")] == 1  # no-grad forwards are not wrapped in a checkpoint

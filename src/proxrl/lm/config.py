@@ -62,6 +62,9 @@ class ModelOptions:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (log-softmax, KL
     and heads stay float32); 'auto' = bf16 when dtype is bfloat16, else fp32"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in backward instead of keeping them (activation memory of
+    about one block instead of all, for about one more forward per training step); the result is unchanged"""
     chat_template: Literal["auto", "on", "off"] = "auto"
     """wrap each prompt as a user turn with the tokenizer's chat template ('auto': when it has one)"""
     max_prompt_length: int = 128

@@ -263,8 +263,44 @@ def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
                               "choose from its linear layers, e.g. " + ", ".join(linear[:8]) + ", or 'all-linear'")
 
 
+def checkpoint_activations(model: nn.Module) -> int:
+    """Activation checkpointing of every transformer block: under autograd a block keeps only its inputs and
+    recomputes its activations in backward (``torch.utils.checkpoint``, non-reentrant), so a training forward
+    holds about one block's activations instead of every block's, for about one more forward of compute.
+    Each block's ``forward`` is wrapped in place — parameter names, LoRA, checkpoints and export are
+    unchanged — and no-grad forwards (sampling, scoring, the reference) run as before. It works in eval mode,
+    which proxrl's models never leave (transformers' ``gradient_checkpointing_enable`` acts only in train
+    mode). Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, blocks = transformer_blocks(model)
+    n = 0
+    for block in blocks:
+        if getattr(block, "_proxrl_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block._proxrl_checkpointed = True
+        n += 1
+    return n
+
+
 def apply_finetune(model: nn.Module, opts: ModelOptions) -> nn.Module:
-    """Mark what trains: LoRA adapters (returns a peft model), all weights, or the last blocks."""
+    """Mark what trains: LoRA adapters (returns a peft model), all weights, or the last blocks; with
+    ``gradient_checkpointing`` the blocks recompute their activations in backward."""
+    model = _mark_trainable(model, opts)
+    if getattr(opts, "gradient_checkpointing", False):
+        checkpoint_activations(model)
+    return model
+
+
+def _mark_trainable(model: nn.Module, opts: ModelOptions) -> nn.Module:
     if opts.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -521,3 +521,13 @@ def test_runs_saved_before_rescaling_keep_acting_in_env_units(pendulum_run, tmp_
     path.write_text(json.dumps(state))
     assert proxrl.load(old).config.action_rescale is False
     assert proxrl.load(pendulum_run).config.action_rescale is True
+
+
+def test_a_preset_of_another_env_or_rung_is_named_on_stderr(tmp_path, capsys):
+    rc, out, err = cli(capsys, "train", "--quiet", "--env", "Pendulum-v1", "--preset", "CartPole-v1/ppo-clip",
+                       "--steps", "512", "--out", str(tmp_path / "r"))
+    assert rc == 0 and json.loads(out)["run_dir"]
+    assert "warning: preset: CartPole-v1/ppo-clip was tuned for CartPole-v1 with ppo-clip; applying it to Pendulum-v1" in err
+    rc, out, err = cli(capsys, "train", "--quiet", "--env", "CartPole-v1", "--preset", "CartPole-v1/ppo-clip",
+                       "--steps", "512", "--out", str(tmp_path / "s"))
+    assert rc == 0 and "warning" not in err

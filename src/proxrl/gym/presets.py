@@ -75,4 +75,10 @@ def find_preset(preset: str, env: str, algo: str) -> tuple[Optional[str], Option
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r}",
                           "use auto, none, or one of: " + ", ".join(sorted(PRESETS)))
+    p_env, p_algo = preset.rsplit("/", 1)
+    if (p_env, p_algo) != (env, algo):  # allowed (a starting point), never silently
+        import sys
+
+        print(f"warning: preset: {preset} was tuned for {p_env} with {p_algo}; applying it to {env} with {algo}",
+              file=sys.stderr)
     return preset, dict(PRESETS[preset])

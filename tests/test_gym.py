@@ -274,3 +274,23 @@ def test_categorical_sampler_is_exact():
         assert torch.all((freq - p).abs() <= 4 * torch.sqrt(p * (1 - p) / n) + 1e-12), (row, freq, p)
     assert (draws[:, 0] != 3).all()
     assert _Categorical(torch.randn(3, 5, 2)).sample().shape == (3, 5)
+
+
+@pytest.mark.parametrize("kind", ["discrete", "multidiscrete", "continuous"])
+def test_sample_rows_of_shards_is_the_whole_batch_sample(kind):
+    """Several processes each holding rows of the batch draw what one process draws for the whole batch
+    (Discrete, MultiDiscrete and Box): the rows of a 2-way split, concatenated, equal `sample()`."""
+    from proxrl.gym.policy import ActorCritic, sample_rows
+
+    nvec = [3, 2, 4]
+    pol = ActorCritic(5, kind, 3 if kind != "discrete" else 4, nvec=nvec if kind == "multidiscrete" else ())
+    obs = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dist = pol.dist(obs)
+        torch.manual_seed(11)
+        whole = dist.sample()
+        parts = []
+        for rows in (slice(0, 4), slice(4, 7)):
+            torch.manual_seed(11)
+            parts.append(sample_rows(pol.dist(obs[rows]), 7, rows))
+    assert torch.equal(torch.cat(parts), whole)

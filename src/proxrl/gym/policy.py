@@ -66,10 +66,9 @@ def sample_rows(dist, n: int, rows: slice) -> Tensor:
         shape = (n, *base.loc.shape[1:])
         z = torch.normal(torch.zeros(shape, dtype=base.loc.dtype), torch.ones(shape, dtype=base.loc.dtype))[rows]
         return base.loc + base.scale * z.to(base.loc.device)
-    from ..errors import ConfigError
-
-    raise ConfigError("torchrun", "MultiDiscrete actions are not supported on several processes yet",
-                      "run it on one process")
+    if isinstance(dist, MultiCategorical):  # each sub-action's draw for all rows, in order, as sample() makes it
+        return torch.stack([sample_rows(d, n, rows) for d in dist.dists], dim=-1)
+    raise TypeError(f"sample_rows: no row-wise draw for {type(dist).__name__}")
 
 
 _ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}
@@ -99,7 +98,7 @@ class MultiCategorical:
     """Independent categoricals over the sub-actions of a MultiDiscrete space."""
 
     def __init__(self, logits: Tensor, nvec: Sequence[int]):
-        self.dists = [Categorical(logits=l, validate_args=False) for l in torch.split(logits, list(nvec), dim=-1)]
+        self.dists = [_Categorical(l) for l in torch.split(logits, list(nvec), dim=-1)]  # inverse-CDF draws
 
     def sample(self) -> Tensor:
         return torch.stack([d.sample() for d in self.dists], dim=-1)

@@ -1,8 +1,8 @@
 """Critic-free rungs vs TRL: wall time per update of proxrl's ``grpo`` and ``rloo`` rungs against TRL's
 ``GRPOTrainer`` and ``RLOOTrainer`` on CPU, the same tiny model, repetitions interleaved in one run.
 
-    python -m venv /work/trl-venv && /work/trl-venv/bin/pip install torch==2.13.0 && /work/trl-venv/bin/pip install trl
-    python benchmarks/trl_compare.py                              # 3 repetitions × 6 updates, both algorithms
+    python -m venv ../trl-venv && ../trl-venv/bin/pip install torch==2.13.0 && ../trl-venv/bin/pip install trl
+    python benchmarks/trl_compare.py --trl-python ../trl-venv/bin/python                              # 3 repetitions × 6 updates, both algorithms
     python benchmarks/trl_compare.py --reps 1 --updates 2 --no-peer   # proxrl alone (smoke test)
 
 This one file is the driver and both workers: the driver (run with proxrl's python) starts, for every
@@ -39,8 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-DEFAULT_TRL_PYTHON = "/work/trl-venv/bin/python"
-DEFAULT_MODEL = "/tmp/bench-tiny"
+DEFAULT_TRL_PYTHON = os.environ.get("TRL_PYTHON", str(Path(__file__).resolve().parents[2] / "trl-venv" / "bin" / "python"))
+DEFAULT_MODEL = str(Path(tempfile.gettempdir()) / "proxrl-bench-tiny")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rain and summer "
          "light on the old stone bridge near the river").split()
 
@@ -298,7 +298,7 @@ def report(info, settings, summary, runs, args) -> str:
          f"TRL venv — trl {vt.get('trl')}, torch {vt.get('torch')}, transformers {vt.get('transformers')}.", "",
          "## Result", "",
          "Median over all non-warm-up updates of all repetitions (the first update of each process dropped).", "",
-         "| algorithm | proxrl s/update | TRL s/update | proxrl / TRL | target ≤ 0.5 | gen. proxrl / TRL |",
+         "| algorithm | proxrl s/update | TRL s/update | proxrl / TRL | target ≤ 0.5 | generation s, proxrl / TRL (ratio) |",
          "|---|---|---|---|---|---|"]
     for algo, s in summary.items():
         if "trl" not in s:
@@ -306,7 +306,8 @@ def report(info, settings, summary, runs, args) -> str:
             continue
         r = s["ratio_proxrl_over_trl"]
         L.append(f"| {algo} | {s['proxrl']['median_update_s']:.3f} | {s['trl']['median_update_s']:.3f} | **{r:.2f}** | "
-                 f"{'met' if r <= 0.5 else 'not met'} | {s['ratio_generate']:.2f} |")
+                 f"{'met' if r <= 0.5 else 'not met'} | {s['proxrl']['median_generate_s']:.3f} / "
+                 f"{s['trl']['median_generate_s']:.3f} ({s['ratio_generate']:.2f}) |")
     L += ["", "Per repetition (median of that process's updates 2…N, seconds; ratio of the two):", "",
           "| algorithm | rep | proxrl | TRL | ratio |", "|---|---|---|---|---|"]
     for algo, s in summary.items():
@@ -370,9 +371,12 @@ def report(info, settings, summary, runs, args) -> str:
           "rungs put −β·k1 in the reward (both rungs); TRL's RLOO does too, TRL's GRPO adds β·k3 to the loss. "
           "Loss aggregation: proxrl token-mean, TRL GRPO `dapo` (tokens of the accumulated batch). proxrl's `rloo` "
           "(a single optimizer step) runs one extra no-grad forward after the step for its `approx_kl_after` "
-          "diagnostic; proxrl computes the entropy of every trained token; TRL's GRPO computes old log-probs with "
-          "an extra forward only because num_iterations > 1 (RLOO always). These are each library's own costs "
-          "and are counted.",
+          "diagnostic; both compute the entropy of the trained tokens; TRL's GRPO computes old log-probs with "
+          "an extra no-grad forward here because num_iterations > 1 (its RLOO always does; proxrl always does). "
+          "These are each library's own costs and are counted.",
+          "- One torch thread per side by default: with 2 threads on 2 cores already loaded by other jobs the "
+          "runs oversubscribe the cores and the times become dominated by scheduling (see a `-threads2` file "
+          "if one was written next to this one).",
           "- Sampling differs in implementation (proxrl's own KV-cached sampler vs `transformers.generate`), not "
           "in the distribution (full softmax at the temperature, stop at EOS); completion lengths are in the "
           "work table above.", ""]

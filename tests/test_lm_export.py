@@ -92,3 +92,40 @@ def test_export_bad_input_is_one_line(trained, case):
     p = _cli("export", *args)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+
+
+def test_a_run_moved_with_its_models_still_resumes_and_exports(tmp_path, monkeypatch, capsys):
+    """A project folder (base model, prompts, reward file, an SFT run and a PPO run on it) moved elsewhere: the
+    paths each run recorded are found again at the same place relative to it — the PPO run resumes and both
+    export; a base model that did not move along is one line naming it."""
+    import shutil
+
+    from proxrl.cli import main
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.tiny import make_tiny
+
+    old = tmp_path / "project"
+    make_tiny(old / "model")
+    write_jsonl(old / "demos.jsonl", [{"prompt": f"q{i}", "response": "ab"} for i in range(6)])
+    write_jsonl(old / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(8)])
+    (old / "r.py").write_text("def f(p, r):\n    return [len(x) / 10 for x in r]\n")
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--response-length", "4", "--eval-prompts", "2"]
+    assert main(["rlhf", "sft", "--model", str(old / "model"), "--data", str(old / "demos.jsonl"), "--out",
+                 str(old / "sft"), "--epochs", "1", "--batch-size", "3", "--micro-batch-size", "3"]) == 0
+    assert main(["rlhf", "ppo", "--policy", str(old / "sft"), "--reward", f"{old / 'r.py'}:f", "--prompts",
+                 str(old / "p.jsonl"), "--out", str(old / "ppo"), "--updates", "2", *small]) == 0
+    new = tmp_path / "elsewhere" / "project"
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["rlhf", "ppo", "--resume", str(new / "ppo"), "--updates", "3", "--reward", f"{new / 'r.py'}:f"]) == 0
+    assert len((new / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
+    for run in ("ppo", "sft"):
+        assert main(["export", str(new / run), "--out", str(tmp_path / f"exp-{run}")]) == 0
+        assert (tmp_path / f"exp-{run}" / "config.json").is_file()
+    shutil.move(str(new / "model"), str(tmp_path / "model-alone"))
+    capsys.readouterr()
+    assert main(["export", str(new / "sft"), "--out", str(tmp_path / "exp-3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model: no such file or directory") and str(old / "model") in err[0]

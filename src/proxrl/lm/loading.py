@@ -35,7 +35,13 @@ def read_run_config(path: str | Path) -> Optional[dict]:
         obj = json.loads(cfg.read_text())
     except ValueError:
         return None
-    return obj if isinstance(obj, dict) and "stage" in obj else None
+    if not (isinstance(obj, dict) and "stage" in obj):
+        return None
+    if isinstance(obj.get("base_model"), str):  # the run moved, its base model with it: found again
+        from ..run.rundir import relocate
+
+        obj["base_model"] = relocate(obj["base_model"], obj.get("run_dir"), path)
+    return obj
 
 
 def check_model_source(spec: str, field: str = "model") -> None:

@@ -37,7 +37,7 @@ from ..run import checkpoint
 from ..run.progress import clock
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
-from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out
+from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out, relocate
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
@@ -340,6 +340,12 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
     if state.get("stage") != "ppo" or not isinstance(saved, dict) or "run" not in state:
         raise CheckpointError(f"{run_dir}: not a resumable proxrl PPO checkpoint (written by an older version "
                               "or another stage)")
+    from .loading import read_run_config
+
+    moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
+    for name in ("policy", "prompts", "reward"):  # moved together with the run: found at the same relative place
+        if isinstance(saved.get(name), str):
+            saved[name] = relocate(saved[name], moved_from, run_dir)
     cls = type(config)  # PPOConfig (rlhf ppo) or RLConfig (rlhf train, which also resumes a ppo run)
     fields = cls.__dataclass_fields__
     unknown = sorted(set(saved) - set(fields))

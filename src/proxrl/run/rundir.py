@@ -71,9 +71,32 @@ def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out"
 
 def lm_run_config(stage: str, base_model: str, cfg) -> dict:
     """``config.json`` of an LM stage: the stage, the base model (resolved to an absolute path when it is
-    a local one) and the stage's config dataclass."""
+    a local one), the run directory's absolute path when it was written (so that paths recorded by a run that
+    moved can be found again: :func:`relocate`) and the stage's config dataclass."""
     base = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
-    return {"stage": stage, "base_model": base, "config": asdict(cfg)}
+    return {"stage": stage, "base_model": base, "run_dir": str(Path(cfg.out).resolve()), "config": asdict(cfg)}
+
+
+def relocate(recorded: str, old_run: Optional[str], new_run: str | Path) -> str:
+    """A local path recorded by a run directory that has since moved (another directory, another machine):
+    when ``recorded`` no longer exists, the same place relative to the run — its base model, prompts or
+    reward file moved along with it. ``file.py:function`` keeps its function; hub names, module names and
+    paths that still exist are returned as they are, as is a path not found at the new place either."""
+    if not recorded or not old_run:
+        return recorded
+    path, suffix = recorded, ""
+    head, sep, tail = recorded.rpartition(":")
+    if sep and head.endswith(".py"):  # file.py:function
+        path, suffix = head, sep + tail
+    p = Path(path)
+    if not p.is_absolute() or p.exists():
+        return recorded
+    try:
+        rel = os.path.relpath(p, old_run)
+    except ValueError:  # another drive
+        return recorded
+    moved = (Path(new_run).resolve() / rel).resolve()
+    return str(moved) + suffix if moved.exists() else recorded
 
 
 class RunWriter:

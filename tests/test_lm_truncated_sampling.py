@@ -132,3 +132,31 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_recomputes(tiny, fin
         torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-10, atol=1e-12)
     assert calls[False] == 1 and calls[True] == 2  # recomputed once in backward
     assert calls[(True, "no_grad")] == 1  # no-grad forwards are not wrapped in a checkpoint
+
+
+@pytest.mark.parametrize("k,p,T", [(0, 1.0, 1.0), (0, 1.0, 0.7), (5, 0.9, 0.8)])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_log_probs_equal_the_whole_tensor_ones(k, p, T, entropy_grad):
+    """response_logp computes the log-softmax a chunk of positions at a time (checkpointed under autograd):
+    the same log-probs, entropies and gradients as the whole-tensor computation, bit for bit."""
+    from proxrl.lm.policy import log_probs_all, response_logp
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 37, 50, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 50, (3, 37), generator=g)
+    w = torch.randn(3, 37, generator=g, dtype=torch.float64)
+    out = {}
+    for how in ("whole", "chunked"):
+        logits = base.clone().requires_grad_(True)
+        if how == "whole":
+            lp_all = log_probs_all(logits, T, k, p, keep=tokens)
+            lp = lp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            l0 = lp_all.masked_fill(torch.isinf(lp_all), 0.0) if entropy_grad else lp_all.detach().masked_fill(torch.isinf(lp_all.detach()), 0.0)
+            ent = -(l0.exp() * l0).sum(-1)
+        else:
+            lp, ent = response_logp(logits, tokens, T, k, p, entropy=True, entropy_grad=entropy_grad, chunk=8)
+        loss = (lp * w).sum() + (0.1 * ent.sum() if entropy_grad else 0)
+        loss.backward()
+        out[how] = (lp.detach(), ent.detach(), logits.grad)
+    for a, b in zip(out["whole"], out["chunked"]):
+        assert torch.equal(a, b)

@@ -71,6 +71,50 @@ def log_probs_all(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     return torch.log_softmax(core.truncate_logits(x, top_k, top_p, keep), dim=-1)
 
 
+#: positions per chunk of :func:`response_logp`: B × 16 × V floats of log-softmax at a time
+LOGP_CHUNK = 16
+
+
+def response_logp(logits: Tensor, tokens: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  entropy: bool = False, entropy_grad: bool = False, chunk: int = LOGP_CHUNK):
+    """Log-probs of ``tokens`` ``[B, L]`` under ``logits`` ``[B, L, V]`` at temperature T (top-k/top-p
+    truncated, the scored token kept: :func:`log_probs_all`), and the entropy at each position (None unless
+    ``entropy``; detached unless ``entropy_grad``), both in float32.
+
+    Memory: the float32 log-softmax over the vocabulary is computed ``chunk`` positions at a time and, when a
+    gradient is needed, each chunk runs under activation checkpointing — backward recomputes it from the
+    logits — so no ``[B, L, V]`` float32 tensor exists besides the logits themselves (a plain log-softmax keeps
+    one for backward, and its entropy a second). The values are those of the whole-tensor computation
+    (log-softmax is row-wise)."""
+    from torch.utils.checkpoint import checkpoint
+
+    truncated = top_k > 0 or top_p < 1.0
+
+    def piece(lg: Tensor, tok: Tensor, with_entropy: bool):
+        lp = log_probs_all(lg, temperature, top_k, top_p, keep=tok)
+        out = lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return out, out.new_zeros(())
+        lp0 = lp.masked_fill(torch.isinf(lp), 0.0) if truncated else lp  # 0·log 0 = 0 outside the support
+        return out, -(lp0.exp() * lp0).sum(-1)
+
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    logps, ents = [], []
+    for i in range(0, logits.shape[1], chunk):
+        lg, tok = logits[:, i:i + chunk], tokens[:, i:i + chunk]
+        if grad:
+            lp, ent = checkpoint(piece, lg, tok, entropy and entropy_grad, use_reentrant=False)
+            if entropy and not entropy_grad:
+                with torch.no_grad():
+                    ent = piece(lg.detach(), tok, True)[1]
+        else:
+            lp, ent = piece(lg, tok, entropy)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps, 1)
+    return logp, (torch.cat(ents, 1) if entropy else None)
+
+
 def token_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """``log_softmax(logits / T)`` at ``tokens``: ``[B, T, V]``, ``[B, T]`` → ``[B, T]``."""
     return log_probs_all(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -167,16 +211,9 @@ class LMPolicy(nn.Module):
         # zero-fills a [B, R+1, V] gradient for a slice of the logits
         logits, h = self._fwd(self.lm, ids, mask, n_resp + 1, hidden=shared)
         resp = torch.nn.functional.pad(ids[:, -n_resp:], (0, 1))
-        # float32 even under autocast; with top-k/top-p, of the truncated distribution (the scored token kept)
-        logp_all = log_probs_all(logits, temperature, self.top_k, self.top_p, keep=resp)
-        logp = logp_all.gather(-1, resp.unsqueeze(-1)).squeeze(-1)[:, :-1]
-        ent = None
-        if entropy:  # from the same log-softmax (one normalisation of the logits, not two)
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                lp = logp_all if entropy_grad else logp_all.detach()
-                if self.top_k or self.top_p < 1.0:  # truncated: 0·log 0 = 0 outside the support
-                    lp = lp.masked_fill(torch.isinf(lp), 0.0)
-                ent = -(lp.exp() * lp).sum(-1)[:, :-1]
+        logp, ent = response_logp(logits, resp, temperature, self.top_k, self.top_p, entropy, entropy_grad)
+        logp = logp[:, :-1]
+        ent = ent[:, :-1] if ent is not None else None
         v = None
         if values:
             if h is None:

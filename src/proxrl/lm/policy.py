@@ -100,8 +100,9 @@ def response_logp(logits: Tensor, tokens: Tensor, temperature: float, top_k: int
 
     grad = torch.is_grad_enabled() and logits.requires_grad
     logps, ents = [], []
-    for i in range(0, logits.shape[1], chunk):
-        lg, tok = logits[:, i:i + chunk], tokens[:, i:i + chunk]
+    # split, not slicing: backward joins the chunks' gradients once (a slice's backward zero-fills a whole
+    # [B, L, V] gradient for every chunk)
+    for lg, tok in zip(logits.split(chunk, dim=1), tokens.split(chunk, dim=1)):
         if grad:
             lp, ent = checkpoint(piece, lg, tok, entropy and entropy_grad, use_reentrant=False)
             if entropy and not entropy_grad:

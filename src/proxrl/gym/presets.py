@@ -8,6 +8,8 @@ num_minibatches = num_envs·num_steps / batch_size, ``n_epochs``→update_epochs
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -77,8 +79,6 @@ def find_preset(preset: str, env: str, algo: str) -> tuple[Optional[str], Option
                           "use auto, none, or one of: " + ", ".join(sorted(PRESETS)))
     p_env, p_algo = preset.rsplit("/", 1)
     if (p_env, p_algo) != (env, algo):  # allowed (a starting point), never silently
-        import sys
-
         print(f"warning: preset: {preset} was tuned for {p_env} with {p_algo}; applying it to {env} with {algo}",
               file=sys.stderr)
     return preset, dict(PRESETS[preset])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -372,7 +373,7 @@ class TokenRollouts:
         cfg = self.cfg
         # clone: inference-mode tensors cannot be saved for backward
         logp_old, values, logp_ref = (t.clone() for t in self.forward(rollout))
-        off_policy = rollout.logp_behaviour is not None or getattr(cfg, "rollout_lag", 0) > 0
+        off_policy = rollout.logp_behaviour is not None or cfg.rollout_lag > 0
         logp_mu = (rollout.logp_behaviour.to(logp_old.device, logp_old.dtype) if rollout.logp_behaviour is not None
                    else logp_old)  # μ = π_old: the first update of a lagged run
         rollout, (logp_old, values, logp_ref, scores, logp_mu) = self.gather(
@@ -400,19 +401,16 @@ class TokenRollouts:
         off_stats = {}
         if off_policy:  # rung 4, truly off-policy: the sampler was μ, not π_old
             check_finite("behaviour log-probs", logp_mu, update, mask=mask)
-            weight, kept = core.behaviour_correction(logp_old, logp_mu, mask, getattr(cfg, "is_correction", "truncate"),
-                                                     getattr(cfg, "is_cap", 2.0))
+            weight, kept = core.behaviour_correction(logp_old, logp_mu, mask, cfg.is_correction, cfg.is_cap)
             batch = batch.replace(adv=adv * weight, mask=kept)
             log_w = (logp_old - logp_mu) * mask
             var, ess = core.importance_weight_stats(log_w, mask)
             seq_mask = (mask.sum(-1) > 0).to(dtype)
             _, ess_seq = core.importance_weight_stats(log_w.sum(-1), seq_mask)
-            w = torch.exp(log_w.clamp(-20, 20))
-            cap = getattr(cfg, "is_cap", 2.0)
             off_stats = {"behaviour_weight_var": float(var), "behaviour_ess": float(ess),
                          "behaviour_ess_seq": float(ess_seq),
                          "behaviour_kl": float(core.masked_mean(core.kl_k3(logp_mu, logp_old), mask)),
-                         "behaviour_capped_fraction": float(core.masked_mean((w > cap).to(dtype), mask))}
+                         "behaviour_capped_fraction": float(core.masked_mean((log_w > math.log(cfg.is_cap)).to(dtype), mask))}
         for name, x in (("log-probs of the sampled tokens", logp_old), ("reference log-probs", logp_ref),
                         ("values", values), ("rewards (score − β·kl_ref)", rewards), ("returns", batch.ret),
                         ("advantages", adv)):

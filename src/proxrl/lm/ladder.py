@@ -57,12 +57,16 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
     write_json_atomic(out / "ladder.json", {"config": {**cfg.__dict__, "algos": list(cfg.algos)}, "wall_time": total,
                                             "rungs": table, "runs": [{k: v for k, v in r.items() if k != "metrics"}
                                                                      for r in results]})
-    draw(out / "ladder.png", results, cfg)
+    draw(out / "ladder.png", results, table, cfg)
     return out
 
 
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _values(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [float(r[key]) for r in rows if _real(r.get(key))]
 
 
 def _mean(xs: list[float]) -> Optional[float]:
@@ -79,7 +83,7 @@ def summarise(results: list[dict], algos) -> list[dict]:
         firsts = [_mean(_values(r["metrics"][:3], "reward_mean")) for r in rs]
         lasts = [_mean(_values(r["metrics"][-3:], "reward_mean")) for r in rs]
         parts = ("generate_time", "score_time", "update_time")
-        per_update = [sum(m[k] for k in parts) for r in rs for m in r["metrics"] if all(_values([m], k) for k in parts)]
+        per_update = [sum(m[k] for k in parts) for r in rs for m in r["metrics"] if all(_real(m.get(k)) for k in parts)]
         per_ktok = [1000 / m["tokens_per_s"] for r in rs for m in r["metrics"] if (m.get("tokens_per_s") or 0) > 0]
         isvar = [v for r in rs for v in _values(r["metrics"], "is_weight_var") + _values(r["metrics"], "behaviour_weight_var")]
         table.append({
@@ -116,7 +120,7 @@ def markdown(cfg: LMLadderConfig, table: list[dict], total: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw(path: Path, results: list[dict], cfg: LMLadderConfig) -> None:
+def draw(path: Path, results: list[dict], table: list[dict], cfg: LMLadderConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +151,6 @@ def draw(path: Path, results: list[dict], cfg: LMLadderConfig) -> None:
         ax.title.set_fontsize(10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    table = summarise(results, cfg.algos)
     x = np.arange(len(table))
     axes[3].bar(x - 0.2, [r["s_per_update"] or 0 for r in table], 0.4, label="s / update")
     axes[3].bar(x + 0.2, [r["s_per_1k_tokens"] or 0 for r in table], 0.4, label="s / 1k tokens")

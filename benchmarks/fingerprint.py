@@ -44,6 +44,22 @@ def _tensors_digest(run: Path) -> str:
     return h.hexdigest()
 
 
+def _values_digest(run: Path) -> str:
+    """The final checkpoint's policy tensors by name and its optimizer tensors as a set of values, whatever
+    their key names: unchanged when only the layout is renamed (gym layout 3 merged two optimizers into one)."""
+    from safetensors.torch import load_file
+
+    torch = __import__("torch")
+    tensors = load_file(str(sorted((run / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors"))
+    raw = lambda t: t.contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()  # noqa: E731
+    h = hashlib.sha256()
+    for k in sorted(k for k in tensors if k.startswith("policy/")):
+        h.update(k.encode() + raw(tensors[k]))
+    opt = sorted(hashlib.sha256(raw(v)).hexdigest() for k, v in tensors.items() if "opt" in k.split("/")[0])
+    h.update("".join(opt).encode())
+    return h.hexdigest()
+
+
 def _metrics_digest(run: Path) -> str:
     rows = [_strip(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
@@ -62,7 +78,8 @@ def gym(algo: str, tmp: Path) -> dict:
     proxrl.train(env=env, algo=algo, steps=2048, num_envs=4, num_steps=128, seed=3, out=str(run), progress="off",
                  preset="none")
     ev = proxrl.evaluate(run, episodes=3, seed=7)
-    return {"metrics": _metrics_digest(run), "weights": _tensors_digest(run), "eval": _digest(ev)}
+    return {"metrics": _metrics_digest(run), "weights": _tensors_digest(run), "values": _values_digest(run),
+            "eval": _digest(ev)}
 
 
 def lm(stage: str, tmp: Path) -> dict:

@@ -61,6 +61,62 @@ def test_v1_gym_checkpoint_loads_and_evaluates(tmp_path):
     assert proxrl.evaluate(run, episodes=3, seed=7)["mean_return"] == pytest.approx(63.0)
 
 
+def test_v1_gym_checkpoint_resumes_and_continues_the_same_run(tmp_path):
+    """A checkpoint of the two-optimizer layout (actor_opt + critic_opt, versions ≤ 2) resumes into the one
+    optimizer of layout 3 and continues exactly as the code that wrote it did (figures of that code, resumed
+    from this fixture to 2048 steps before the layout changed)."""
+    import proxrl
+
+    run = tmp_path / "gym"
+    shutil.copytree(FIXTURES / "gym-cartpole", run)
+    lines = proxrl.train(resume=str(run), steps=2048, progress="off").metrics
+    got = {m["update"]: (m["policy_loss"], m["value_loss"], m["approx_kl"], m["episode_return"]) for m in lines}
+    assert got[3] == pytest.approx((29.71735191345215, 58.18339157104492, 0.003469965187832713, 35.6), rel=1e-5)
+    assert got[4] == pytest.approx((29.865407943725586, 59.035770416259766, 0.0001992585603147745, 37.45454545454545),
+                                   rel=1e-5)
+    assert proxrl.evaluate(run, episodes=3, seed=7)["mean_return"] == pytest.approx(101.0)
+
+
+def test_layout_2_gym_checkpoint_resumes_identically_to_layout_3(tmp_path):
+    """The same checkpoint written in both layouts (the one optimizer split back into actor_opt + critic_opt,
+    version 2) resumes to the same weights and metrics, bit for bit."""
+    import json
+
+    import proxrl
+    from safetensors.torch import load_file, save_file
+
+    first = tmp_path / "new"
+    proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=1024, num_envs=4, num_steps=128, seed=5, preset="none",
+                 critic_lr=3e-4, out=str(first), progress="off")
+    old = tmp_path / "old"
+    shutil.copytree(first, old)
+    (ckpt,) = sorted((old / "checkpoints").glob("ckpt-*"))
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(str(ckpt / "tensors.safetensors"))
+    meta = state["optimizers"].pop("optimizer")
+    n_actor = len(meta["param_groups"][0]["params"])
+    for name, group in (("actor_opt", meta["param_groups"][0]), ("critic_opt", meta["param_groups"][1])):
+        ids = group["params"]
+        state["optimizers"][name] = {
+            "param_groups": [{**{k: v for k, v in group.items() if k != "name"}, "params": [i - ids[0] for i in ids]}],
+            "keys": {str(i - ids[0]): meta["keys"][str(i)] for i in ids if str(i) in meta["keys"]}}
+        for i in ids:
+            for k in meta["keys"].get(str(i), []):
+                tensors[f"{name}/{i - ids[0]}/{k}"] = tensors[f"optimizer/{i}/{k}"]
+    assert n_actor == len(state["optimizers"]["actor_opt"]["param_groups"][0]["params"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
+    state["version"] = 2
+    save_file(tensors, str(ckpt / "tensors.safetensors"))
+    (ckpt / "state.json").write_text(json.dumps(state))
+    a = proxrl.train(resume=str(first), steps=2048, progress="off").metrics
+    b = proxrl.train(resume=str(old), steps=2048, progress="off").metrics
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "sps")} for m in ms]  # noqa: E731
+    assert strip(a) == strip(b) and a[-1]["update"] == 4
+    wa = proxrl.load(first).policy.state_dict()
+    wb = proxrl.load(old).policy.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_v1_lm_checkpoint_loads_into_the_trainer(tmp_path):
     from proxrl.lm import PPOTrainer
     from proxrl.lm.config import PPOConfig

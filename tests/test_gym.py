@@ -18,7 +18,7 @@ from proxrl.objective import estimate_advantages
 from proxrl.gym.policy import ActorCritic
 from proxrl.gym.rollout import Runner
 from proxrl.rungs import RUNGS
-from proxrl.gym.update import post_update_diagnostics, sgd_update, trust_region_update
+from proxrl.gym.update import make_optimizer, post_update_diagnostics, sgd_update, trust_region_update
 
 torch.set_num_threads(1)
 
@@ -118,9 +118,8 @@ def _flat_batch(cfg: TrainConfig, env="CartPole-v1"):
 def test_ratio_is_exactly_one_on_first_minibatch(algo):
     cfg, _ = resolve({"algo": algo, "num_envs": 4, "num_steps": 32, "preset": "none", "steps": 128})
     policy, flat, rung = _flat_batch(cfg)
-    actor_opt = torch.optim.Adam(policy.actor_parameters(), lr=1e-3)
-    critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3) if policy.critic is not None else None
-    stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, cfg.beta_init, 1, policy.snapshot(flat.obs[:, 0]))
+    stats = sgd_update(policy, make_optimizer(policy, 1e-3), flat, rung, cfg, cfg.beta_init, 1,
+                       policy.snapshot(flat.obs[:, 0]))
     assert stats["ratio_first_dev"] == 0.0
 
 
@@ -129,10 +128,9 @@ def test_trust_region_step_respects_kl(algo, env):
     cfg, _ = resolve({"algo": algo, "env": env, "num_envs": 2, "num_steps": 256, "preset": "none", "steps": 512,
                       "max_kl": 0.01})
     policy, flat, rung = _flat_batch(cfg, env)
-    critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=1e-3)
     old = policy.snapshot(flat.obs[:, 0])
     theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
-    stats = trust_region_update(policy, critic_opt, flat, rung, cfg, 1, old)
+    stats = trust_region_update(policy, make_optimizer(policy, 1e-3), flat, rung, cfg, 1, old)
     diag = post_update_diagnostics(policy, flat, old)
     moved = not torch.equal(theta0, torch.nn.utils.parameters_to_vector(policy.actor_parameters()))
     assert stats["ls_accepted"] and moved

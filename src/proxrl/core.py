@@ -51,9 +51,7 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
 
 def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
     """Variance over the masked entries (Bessel-corrected when ``unbiased``); 0 for fewer than 2."""
-    if mask is None:
-        mask = torch.ones_like(x)
-    count = mask.sum()
+    count = mask.sum() if mask is not None else torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
     mean = masked_mean(x, mask)
     sq = masked_sum((x - mean) ** 2, mask)
     denom = (count - 1) if unbiased else count
@@ -67,20 +65,18 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     (DETAILS LM-10). With fewer than 2 entries there is no variance to divide by: ``x`` is returned
     unchanged (only centred when ``shift_mean``) instead of NaN. Masked-out entries keep their value.
     """
-    if mask is None:
-        mask = torch.ones_like(x)
     mean = masked_mean(x, mask)
-    if mask.sum() < 2:
+    if (mask.sum() if mask is not None else x.numel()) < 2:
         out = x - mean if shift_mean else x
     else:
         var = masked_var(x, mask)
         out = (x - mean) * torch.rsqrt(var + eps)
         if not shift_mean:
             out = out + mean
-    return torch.where(mask.bool(), out, x)
+    return torch.where(mask.bool(), out, x) if mask is not None else out
 
 
-def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", length: int | None = None) -> Tensor:
+def aggregate(x: Tensor, mask: Tensor | None, mode: str = "token-mean", length: int | None = None) -> Tensor:
     """Reduce a ``[B, T]`` per-step loss to a scalar.
 
     ``token-mean`` averages over all real steps (long responses weigh more); ``seq-mean`` averages
@@ -88,12 +84,15 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", length: int | N
     of DETAILS LM-15; ``constant`` is Dr.GRPO's constant normaliser (Liu et al. 2025): the sum over real
     steps divided by B × ``length`` (the maximum response length, a constant of the run; None = T), so
     neither a sequence's length nor the batch's token count rescales its tokens' gradient. For the gym
-    path (``T`` = 1 after flattening) all three agree.
+    path (``T`` = 1 after flattening) all three agree. ``mask`` None: every step is real (the same values as
+    an all-ones mask, bit for bit, without building and multiplying one — the gym's minibatches).
     """
     if mode == "token-mean":
         return masked_mean(x, mask)
     if mode == "seq-mean":
         per_seq = masked_mean(x, mask, dim=-1)  # [B]
+        if mask is None:
+            return per_seq.mean()
         has = (mask.sum(-1) > 0).to(x.dtype)
         return (per_seq * has).sum() / has.sum().clamp(min=1)
     if mode == "constant":
@@ -181,7 +180,6 @@ def vanilla_pg_loss(logp: Tensor, weights: Tensor, mask: Tensor | None = None, a
                     agg_len: int | None = None) -> Tensor:
     """Rungs 1–3: −E[Φ_t · log π(a_t|s_t)]; Φ_t is R(τ), R(τ)−b, or an advantage (no gradient through it).
     ``agg_len``: the ``length`` of :func:`aggregate`'s ``constant`` mode (every loss below takes it)."""
-    mask = torch.ones_like(logp) if mask is None else mask
     return -aggregate(logp * weights.detach(), mask, agg, agg_len)
 
 
@@ -191,7 +189,6 @@ def importance_sampled_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, mask: T
 
     The log-ratio is clamped before ``exp`` (DETAILS LM-16) so one far-off sample cannot give inf.
     """
-    mask = torch.ones_like(logp) if mask is None else mask
     ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
     return -aggregate(ratio * adv.detach(), mask, agg, agg_len)
 
@@ -199,7 +196,6 @@ def importance_sampled_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, mask: T
 def kl_penalty_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, kl: Tensor, beta: float,
                     mask: Tensor | None = None, agg: str = "token-mean", agg_len: int | None = None) -> Tensor:
     """Rung 5 (PPO1): −(E[ratio·A] − β·KL(π_old, π_θ)); ``kl`` is per step (exact or an estimator)."""
-    mask = torch.ones_like(logp) if mask is None else mask
     return (importance_sampled_loss(logp, logp_old, adv, mask, agg, agg_len=agg_len)
             + beta * aggregate(kl, mask, agg, agg_len))
 
@@ -212,7 +208,6 @@ def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, 
     ε = ∞ recovers the importance-sampled loss exactly (tested). ``clip_coef_high`` (DAPO's clip-higher)
     makes the range asymmetric, [1 − clip_coef, 1 + clip_coef_high]; None = symmetric.
     """
-    mask = torch.ones_like(logp) if mask is None else mask
     ratio = torch.exp((logp - logp_old.detach()).clamp(-max_log_ratio, max_log_ratio))
     adv = adv.detach()
     unclipped = ratio * adv
@@ -230,7 +225,6 @@ def clipped_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_coef: float, 
 def value_loss(values: Tensor, ret: Tensor, values_old: Tensor | None = None, clip_coef: float | None = None,
                mask: Tensor | None = None, agg: str = "token-mean", agg_len: int | None = None) -> Tensor:
     """0.5·(V − R)², or the clipped form 0.5·max((V−R)², (V_old + clip(V−V_old, ±ε) − R)²) (DETAILS 5, LM-11)."""
-    mask = torch.ones_like(values) if mask is None else mask
     sq = (values - ret) ** 2
     if clip_coef is not None and values_old is not None:
         v_clipped = values_old + torch.clamp(values - values_old, -clip_coef, clip_coef)
@@ -292,7 +286,6 @@ def kl_ref_loss(logp: Tensor, logp_ref: Tensor, estimator: str, mask: Tensor | N
 
     Samples from π_old ≠ π_θ (a later epoch or minibatch) shift these expectations by the ratio π_θ/π_old.
     """
-    mask = torch.ones_like(logp) if mask is None else mask
     return aggregate(kl_estimate(estimator, logp, logp_ref.detach()), mask, agg, agg_len)
 
 

@@ -58,20 +58,21 @@ def sequence_advantages(returns: Tensor, baseline: str, k: int = 1, scale_by_std
     raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
 
 
-def normalize_advantages(adv: Tensor, mask: Tensor, mode: str) -> Tensor:
+def normalize_advantages(adv: Tensor, mask: Optional[Tensor], mode: str) -> Tensor:
     """``off`` | ``scale`` (divide by the std, keep the mean: rung 1 keeps its all-positive weights)
-    | ``whiten`` (zero mean, unit std)."""
+    | ``whiten`` (zero mean, unit std). ``mask`` None: every entry is real."""
     if mode == "off":
         return adv
     if mode == "scale":
-        std = torch.sqrt(core.masked_var(adv, mask) + 1e-8) if mask.sum() >= 2 else torch.ones((), dtype=adv.dtype)
+        count = mask.sum() if mask is not None else adv.numel()
+        std = torch.sqrt(core.masked_var(adv, mask) + 1e-8) if count >= 2 else torch.ones((), dtype=adv.dtype)
         return adv / std
     if mode == "whiten":
         return core.masked_whiten(adv, mask, shift_mean=True)
     raise ValueError(f"norm_adv must be off, scale or whiten, got {mode!r}")
 
 
-def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, *,
+def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Optional[Tensor], *,
                    clip_coef: float = 0.2, beta: float = 0.0, kl: Optional[Tensor] = None,
                    agg: str = "token-mean", ratio_stats: bool = True,
                    clip_coef_high: Optional[float] = None, agg_len: Optional[int] = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -103,9 +104,12 @@ def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, 
         stats = {"approx_kl": core.masked_mean(core.kl_k3(logp_old, logp), mask)}
         if ratio_stats:  # ``ratio_stats=False`` (gym minibatch loop, which discards them) skips ratio_mean/max
             ratio = torch.exp(log_ratio.clamp(-20, 20))
-            m = mask.bool()
             stats["ratio_mean"] = core.masked_mean(ratio, mask)
-            stats["ratio_max"] = ratio[m].max() if m.any() else torch.tensor(1.0)
+            if mask is None:
+                stats["ratio_max"] = ratio.max() if ratio.numel() else torch.tensor(1.0)
+            else:
+                m = mask.bool()
+                stats["ratio_max"] = ratio[m].max() if m.any() else torch.tensor(1.0)
         if clip_fraction is not None:
             stats["clip_fraction"] = clip_fraction
     return loss, stats

@@ -102,6 +102,32 @@ class ActionMap:
         return np.clip(a, self.low, self.high).astype(np.float32)
 
 
+class _ContainsOnce:
+    """A space's ``contains`` that runs the real check until one action passes, then answers True."""
+
+    def __init__(self, contains):
+        self.contains, self.passed = contains, False
+
+    def __call__(self, x) -> bool:
+        if self.passed:
+            return True
+        self.passed = bool(self.contains(x))
+        return self.passed
+
+
+def validate_actions_once(vec) -> None:
+    """Let a vector env check the runner's actions against its action space once, not at every step.
+
+    Gymnasium's numpy-vectorised envs assert ``action_space.contains(action)`` in every ``step`` (a quarter of
+    CartPole's vector step). The runner's actions are valid by construction — categorical draws lie in
+    [0, n), Box actions are clipped to the bounds (:class:`ActionMap`) — with the same dtype and shape every
+    step, so the first one is checked by the env's own code and later ones are not re-checked. Only the
+    rollout's env is changed; evaluation and users' envs keep their checks."""
+    space = getattr(vec, "action_space", None)
+    if space is not None and not isinstance(getattr(space, "contains", None), _ContainsOnce):
+        space.contains = _ContainsOnce(space.contains)
+
+
 def make_vec_env(env: EnvSpec, num_envs: int, vectorization: str = "auto", env_kwargs: Optional[dict] = None):
     """A Gymnasium vector env with NEXT_STEP autoreset (Gymnasium ≥ 1.0's default).
 

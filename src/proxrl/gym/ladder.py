@@ -96,6 +96,24 @@ def _check(cfg: LadderConfig, jobs: list[tuple]) -> None:
                                   "replace them with --overwrite or choose another --out")
 
 
+def _cost(env: str, algo: str, steps: int) -> float:
+    """A run's relative cost, for ordering only (results never depend on it): env steps per env (one policy
+    forward per vector step) plus optimizer steps and Fisher-vector products, each worth ~6 vector steps."""
+    from .config import resolve
+
+    c = resolve({"env": env, "algo": algo, "seed": 1, "steps": steps})[0]
+    rung = RUNGS[algo]
+    updates = steps / (c.num_envs * c.num_steps)
+    critic = c.critic_epochs * c.critic_minibatches if rung.critic else 0
+    if rung.update == "trust-region":
+        per_update = critic + 2 * c.cg_iters
+    elif rung.surrogate == "vanilla":
+        per_update = c.update_epochs * c.num_minibatches + critic
+    else:  # the critic trains in the same steps
+        per_update = c.update_epochs * c.num_minibatches
+    return steps / c.num_envs + 6 * updates * per_update
+
+
 def _steps_to(metrics: list[dict], threshold: Optional[float], window: int = 3) -> Optional[int]:
     """First env step at which the mean of the last ``window`` logged training returns reaches the threshold."""
     if threshold is None:
@@ -134,9 +152,11 @@ def run_ladder(cfg: LadderConfig) -> Path:
     t0 = time.perf_counter()
     if workers == 1:
         results = [_one(*j) for j in jobs]
-    else:
+    else:  # the costliest runs first, so that no worker is left alone with a long run at the end
+        order = sorted(range(len(jobs)), key=lambda i: -_cost(cfg.env, jobs[i][1], cfg.steps))
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_one, *zip(*jobs)))
+            done = list(pool.map(_one, *zip(*[jobs[i] for i in order])))
+        results = [r for _, r in sorted(zip(order, done), key=lambda p: p[0])]  # back in ladder order
     failed = [r for r in results if "error" in r]
     if failed:
         from ..errors import ProxrlError

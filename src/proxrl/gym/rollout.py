@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from .envs import ActionMap, ObsNormalizer, RewardScaler
+from .envs import ActionMap, ObsNormalizer, RewardScaler, validate_actions_once
 from ..errors import NumericsError
 from .policy import ActorCritic, sample_rows
 
@@ -36,6 +36,7 @@ class Runner:
         from ..run.dist import Dist
 
         self.envs, self.policy, self.device = envs, policy, torch.device(device)
+        validate_actions_once(envs)  # the runner's actions are valid by construction (no per-step re-check)
         self.num_envs = envs.num_envs
         # several processes: this rank steps envs [rows] of the run's envs (seeded by their global index)
         self.dist = dist if dist is not None else Dist()

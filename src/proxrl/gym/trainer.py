@@ -19,7 +19,6 @@ from .envs import make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError
 from ..objective import estimate_advantages
-from ..run.optim import make_adam
 from .policy import ActorCritic
 from .rollout import Runner
 from ..rungs import RUNGS
@@ -27,9 +26,9 @@ from ..run.guards import Backup, check_parameters
 from ..run.progress import Progress, tensorboard
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
-from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
-                         set_rng_state)
-from .update import post_update_diagnostics, sgd_update, trust_region_update
+from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, load_optimizer_states_merged, optimizer_state,
+                         rng_state, seed_everything, set_rng_state)
+from .update import make_optimizer, post_update_diagnostics, sgd_update, trust_region_update
 
 #: Every metrics.jsonl line has these keys (null where a rung has no such quantity).
 METRICS = {
@@ -208,9 +207,9 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
             raise
         d.barrier()
     policy = build_policy(envs, cfg).to(device)
-    actor_opt = make_adam(policy.actor_parameters(), cfg.lr, eps=1e-5)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    critic_opt = make_adam(policy.critic.parameters(), critic_lr, eps=1e-5) if rung.critic else None
+    opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam: groups actor and critic
+    base_lr = {"actor": cfg.lr, "critic": critic_lr}
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
                     cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs,
                     action_rescale=cfg.action_rescale)
@@ -218,7 +217,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []
     if resumed is not None:
-        beta, first_update, time_offset = _restore(run_dir, resumed, policy, actor_opt, critic_opt, runner)
+        beta, first_update, time_offset = _restore(run_dir, resumed, policy, opt, runner)
         writer, metrics = (RunWriter.resume(run_dir, "update", first_update - 1, fsync_each=False) if d.main
                            else (NullWriter(), []))
     tb = tensorboard(run_dir, cfg.tensorboard and d.main)
@@ -230,22 +229,20 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
         with StopSignals() as stop:
             for update in range(first_update, cfg.num_updates + 1):
                 frac = 1.0 - (update - 1) / cfg.num_updates if cfg.anneal_lr else 1.0
-                for opt, base in ((actor_opt, cfg.lr), (critic_opt, critic_lr)):
-                    if opt is not None:
-                        for group in opt.param_groups:
-                            group["lr"] = frac * base
+                for group in opt.param_groups:
+                    group["lr"] = frac * base_lr[group["name"]]
 
                 batch, episodes = runner.collect(cfg.num_steps)
                 batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
                 flat = batch.flatten_valid()  # [N, 1]: independent samples, autoreset steps dropped
                 old = policy.snapshot(flat.obs[:, 0])  # π_old, taken once: penalty, trust region and diagnostics
-                backup = Backup(policy, (actor_opt, critic_opt)) if cfg.on_nonfinite == "skip" else None
+                backup = Backup(policy, (opt,)) if cfg.on_nonfinite == "skip" else None
                 line = {k: None for k in METRICS}
                 try:
                     if rung.update == "trust-region":
-                        stats = trust_region_update(policy, critic_opt, flat, rung, cfg, update, old)
+                        stats = trust_region_update(policy, opt, flat, rung, cfg, update, old)
                     else:
-                        stats = sgd_update(policy, actor_opt, critic_opt, flat, rung, cfg, beta or 0.0, update, old, d)
+                        stats = sgd_update(policy, opt, flat, rung, cfg, beta or 0.0, update, old, d)
                     diag = post_update_diagnostics(policy, flat, old)
                     check_parameters(policy.named_parameters(), update)
                 except NumericsError as e:
@@ -266,7 +263,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 line.update(update=update, step=runner.global_step,
                             episode_return=float(np.mean(episodes.returns)) if episodes.returns else None,
                             episode_length=float(np.mean(episodes.lengths)) if episodes.lengths else None,
-                            lr=actor_opt.param_groups[0]["lr"], sps=runner.global_step / elapsed, time=elapsed)
+                            lr=opt.param_groups[0]["lr"], sps=runner.global_step / elapsed, time=elapsed)
                 line = {k: _nan_to_none(v) for k, v in line.items()}
                 writer.metrics(line)
                 metrics.append(line)
@@ -279,7 +276,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 stopping = d.any(stop.signum is not None)
                 if last or stopping or (cfg.checkpoint_every and update % cfg.checkpoint_every == 0):
                     writer.sync()
-                    save_run(run_dir, runner, policy, cfg, update, actor_opt, critic_opt, beta, elapsed)
+                    save_run(run_dir, runner, policy, cfg, update, opt, beta, elapsed)
                 if stopping and not last:
                     import signal as _signal
 
@@ -303,18 +300,19 @@ def _live_agent(policy: ActorCritic, cfg: TrainConfig, runner: Runner, envs) -> 
 
 # ---------------------------------------------------------------------------- checkpoint state
 def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int,
-             actor_opt=None, critic_opt=None, beta=None, elapsed: float = 0.0) -> Path:
-    """Everything that decides the future of the run: weights, optimizers, normalisers, env state, β, RNGs."""
+             opt=None, beta=None, elapsed: float = 0.0) -> Path:
+    """Everything that decides the future of the run: weights, the optimizer, normalisers, env state, β, RNGs.
+    Layout version 3 (``CHECKPOINT_VERSION``): one optimizer ``optimizer`` (groups actor, critic); versions
+    ≤ 2 held ``actor_opt`` and ``critic_opt`` and still load (:func:`_restore` merges them)."""
     from . import envstate
 
     tensors = {f"policy/{k}": v for k, v in policy.state_dict().items()}
     tensors.update(runner.state_tensors())
     opt_meta = {}
-    for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
-        if opt is not None:
-            t, m = optimizer_state(opt, name)
-            tensors.update(t)
-            opt_meta[name] = m
+    if opt is not None:
+        t, m = optimizer_state(opt, "optimizer")
+        tensors.update(t)
+        opt_meta["optimizer"] = m
     env_tensors, env_meta = envstate.get_state(runner.envs)
     d = runner.dist
     if d.on:  # each rank's envs and carried state, gathered by rank 0 under rank<r>/
@@ -406,7 +404,7 @@ def _registry_bounds(cfg: TrainConfig) -> Optional[ActionBounds]:
         return None
 
 
-def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runner):
+def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
     from . import envstate
 
     tensors, state = resumed
@@ -417,9 +415,12 @@ def _restore(run_dir: Path, resumed, policy, actor_opt, critic_opt, runner: Runn
         env_state = env_state["ranks"][runner.dist.rank]
     try:
         policy.load_state_dict({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")})
-        for name, opt in (("actor_opt", actor_opt), ("critic_opt", critic_opt)):
-            if opt is not None:
-                load_optimizer_state(opt, name, tensors, state["optimizers"][name])
+        saved = state["optimizers"]
+        if "optimizer" in saved:
+            load_optimizer_state(opt, "optimizer", tensors, saved["optimizer"])
+        else:  # layout ≤ 2: one Adam per group, merged into the groups of the one optimizer (same state)
+            load_optimizer_states_merged(opt, [(name, saved[name]) for name in ("actor_opt", "critic_opt")
+                                               if name in saved], tensors)
         runner.load_state(tensors, state["runner"])
         envstate.set_state(runner.envs, tensors, env_state)
         set_rng_state(tensors, state["rng"])

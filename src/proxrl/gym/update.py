@@ -1,7 +1,10 @@
 """Update rules: SGD epochs over minibatches (rungs 1–6) and the trust-region step (rung 7, NPG).
 
 Both take the flattened batch of valid steps (``[N, 1]`` tensors) and return detached diagnostics.
-The policy loss of every rung comes from :func:`proxrl.objective.surrogate_loss`.
+The policy loss of every rung comes from :func:`proxrl.objective.surrogate_loss`. One Adam holds the
+actor and the critic as two parameter groups (:func:`make_optimizer`): one optimizer step per minibatch
+whether the critic trains in the same loss (rungs 4–6) or on its own (rungs 1–3 and 7, whose steps leave
+the other group's gradients unset, so Adam does not touch it).
 """
 
 from __future__ import annotations
@@ -16,9 +19,20 @@ from .. import core
 from ..batch import Batch
 from ..objective import normalize_advantages, surrogate_loss
 from ..run.guards import check_finite
+from ..run.optim import make_adam
 from ..run.sgd import minibatches, sgd_epochs
 from ..rungs import Rung
 from .policy import ActorCritic
+
+
+def make_optimizer(policy: ActorCritic, lr: float, critic_lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """One Adam (eps 1e-5, DETAILS 3) over the actor (group ``actor``, ``lr``) and the critic when the policy
+    has one (group ``critic``, ``critic_lr``, default ``lr``)."""
+    groups = [{"params": policy.actor_parameters(), "lr": lr, "name": "actor"}]
+    if policy.critic is not None:
+        groups.append({"params": list(policy.critic.parameters()), "lr": lr if critic_lr is None else critic_lr,
+                       "name": "critic"})
+    return make_adam(groups, lr, eps=1e-5)
 
 
 def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, epochs: int,
@@ -38,8 +52,8 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
     return float(torch.stack([st["value_loss"] for st in res.stats[-num_minibatches:]]).mean())
 
 
-def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt: Optional[torch.optim.Optimizer],
-               flat: Batch, rung: Rung, cfg, beta: float, update: int, old, dist=None) -> dict[str, float]:
+def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, rung: Rung, cfg, beta: float,
+               update: int, old, dist=None) -> dict[str, float]:
     """``update_epochs`` × ``num_minibatches`` optimizer steps of the rung's surrogate. ``old`` is
     ``policy.snapshot(obs)`` taken before the update (π_old, for the exact KL of the penalty).
 
@@ -59,26 +73,22 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     old_out, old_log_std = old
     actor_params = policy.actor_parameters()
     params = actor_params + (list(policy.critic.parameters()) if joint_critic else [])
-    ones_by_len: dict[int, Tensor] = {}  # the all-ones mask of each minibatch size, built once
     first_dev: list[float] = []
 
     def step(idx: Tensor, where: str) -> dict:
-        ones = ones_by_len.get(len(idx))
-        if ones is None:
-            ones = ones_by_len[len(idx)] = torch.ones(len(idx), device=adv.device)
-        mb_adv = normalize_advantages(adv[idx], ones, cfg.norm_adv)  # over the whole minibatch
+        # every step of the flattened batch is real: the losses take no mask (core's mask=None)
+        mb_adv = normalize_advantages(adv[idx], None, cfg.norm_adv)  # over the whole minibatch
         if split:  # this rank's rows of the minibatch, weighted by their share of it
             part = dist.shard(len(idx))
             idx, mb_adv, share = idx[part], mb_adv[part], (part.stop - part.start) / len(idx)
             if len(idx) == 0:
                 return {"policy_loss": torch.zeros(()), "approx_kl": torch.zeros(()), "clip_fraction": torch.zeros(()),
                         **({"value_loss": torch.zeros(())} if joint_critic else {})}
-            ones = torch.ones(len(idx), device=adv.device)
         mb_obs = obs[idx]  # gathered once for the actor and the critic
         dist_ = policy.dist(mb_obs)
         logp = dist_.log_prob(act[idx])
         kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist_) if need_kl else None
-        loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, ones, clip_coef=cfg.clip_coef,
+        loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, None, clip_coef=cfg.clip_coef,
                                   beta=beta, kl=kl, ratio_stats=False)
         if not first_dev:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
             first_dev.append(float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max()))
@@ -97,9 +107,8 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
         st["policy_loss"] = loss.detach()
         return st
 
-    optimizers = [actor_opt] + ([critic_opt] if joint_critic else [])
     stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None
-    res = sgd_epochs(optimizers, params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
+    res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
                      cfg.max_grad_norm, update, step, stop_after_epoch=stop, dist=dist, reduce_stats=split)
     policy_losses = [st["policy_loss"] for st in res.stats]
     clip_fracs = [st["clip_fraction"] for st in res.stats if "clip_fraction" in st]
@@ -113,19 +122,18 @@ def sgd_update(policy: ActorCritic, actor_opt: torch.optim.Optimizer, critic_opt
     if joint_critic:
         out["value_loss"] = float(torch.stack(value_losses[-cfg.num_minibatches:]).mean())
     elif policy.critic is not None:
-        out["value_loss"] = train_critic(policy, critic_opt, flat, cfg.critic_epochs, cfg.critic_minibatches,
+        out["value_loss"] = train_critic(policy, optimizer, flat, cfg.critic_epochs, cfg.critic_minibatches,
                                          cfg.max_grad_norm, None, update)
     return out
 
 
-def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, flat: Batch, rung: Rung, cfg,
+def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, rung: Rung, cfg,
                         update: int, old) -> dict[str, float]:
     """TRPO (Schulman et al. 2015, arXiv:1502.05477, App. C): s = F⁻¹g by conjugate gradient on
     Fisher-vector products, scaled so ½sᵀFs = δ, then a backtracking line search accepting only a step
     with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG)."""
     obs, act, logp_old = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0]
-    ones = torch.ones(len(obs), device=obs.device)
-    adv = normalize_advantages(flat.adv[:, 0], ones, cfg.norm_adv)
+    adv = normalize_advantages(flat.adv[:, 0], None, cfg.norm_adv)
     params = policy.actor_parameters()
     old_dist = policy.distribution(*old)  # π_old: ``old`` = policy.snapshot(obs) taken before the update
 
@@ -165,7 +173,7 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
             out.update(ls_accepted=True, ls_backtracks=0, ls_step_fraction=1.0)
         with torch.no_grad():
             out["policy_loss"] = -float(surrogate())
-    out["value_loss"] = train_critic(policy, critic_opt, flat, cfg.critic_epochs, cfg.critic_minibatches,
+    out["value_loss"] = train_critic(policy, optimizer, flat, cfg.critic_epochs, cfg.critic_minibatches,
                                      cfg.max_grad_norm, None, update)
     return out
 

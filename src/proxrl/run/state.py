@@ -32,6 +32,28 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def load_optimizer_states_merged(opt: torch.optim.Optimizer, parts: list[tuple[str, dict]], tensors: dict) -> None:
+    """Load the states of several single-group optimizers (``(prefix, meta)`` as :func:`optimizer_state` wrote
+    them) into the groups of one optimizer, part i into group i, in order: the state an older checkpoint
+    layout kept in one optimizer per group. A group's own keys that the old one lacks (e.g. ``name``) stay."""
+    if len(parts) != len(opt.param_groups):
+        raise ValueError(f"{len(parts)} saved optimizers for {len(opt.param_groups)} parameter groups")
+    state, groups, offset = {}, [], 0
+    for (prefix, meta), group in zip(parts, opt.param_groups):
+        (saved,) = meta["param_groups"]  # one group each
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{prefix}: {len(saved['params'])} saved parameters, the group has {len(group['params'])}")
+        for i, keys in meta["keys"].items():
+            state[offset + int(i)] = {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys}
+        merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
+        merged["params"] = [offset + int(i) for i in saved["params"]]
+        if "betas" in merged:
+            merged["betas"] = tuple(merged["betas"])
+        groups.append(merged)
+        offset += len(group["params"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 def rng_state(prefix: str = "rng") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The global RNGs: torch CPU (and CUDA when initialised) as tensors, numpy and Python as JSON."""
     tensors = {f"{prefix}/torch": torch.get_rng_state()}
@@ -58,8 +80,10 @@ def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str 
 
 
 #: Version of the checkpoint layout written by this proxrl (``state.json`` key ``version``). 1: no key
-#: (proxrl ≤ 0.1, read as before); 2: the run layer (same tensors and keys, plus ``version``).
-CHECKPOINT_VERSION = 2
+#: (proxrl ≤ 0.1, read as before); 2: the run layer (same tensors and keys, plus ``version``); 3: gym runs keep
+#: one optimizer ``optimizer`` (parameter groups actor, critic) instead of ``actor_opt`` + ``critic_opt``
+#: (older gym checkpoints load, their two optimizers merged; the LM layout is unchanged).
+CHECKPOINT_VERSION = 3
 
 
 def seed_everything(seed: int) -> None:

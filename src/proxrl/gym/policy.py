@@ -46,6 +46,11 @@ class _Categorical(Categorical):
     def log_prob(self, value: Tensor) -> Tensor:
         return self.logits.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
 
+    def entropy(self) -> Tensor:
+        """−Σ p·log p from the normalised log-probs (torch's version clamps them and builds a second softmax,
+        three more kernels and their backward per minibatch; an MLP's log-probs are finite, so no clamp)."""
+        return -(self.logits.exp() * self.logits).sum(-1)
+
     def sample(self, sample_shape=torch.Size()) -> Tensor:
         if sample_shape:
             return super().sample(sample_shape)
@@ -112,6 +117,13 @@ class MultiCategorical:
     @property
     def mode(self) -> Tensor:
         return torch.stack([d.probs.argmax(-1) for d in self.dists], dim=-1)
+
+
+@torch.distributions.kl.register_kl(_Categorical, _Categorical)  # type: ignore[misc]
+def _kl_categorical(p: _Categorical, q: _Categorical) -> Tensor:  # pragma: no cover - registry
+    """Σ p·(log p − log q) from the normalised log-probs (core.categorical_kl; torch's version adds a softmax
+    and two masked assignments for zero probabilities, which finite MLP log-probs never have)."""
+    return core.categorical_kl(p.logits, q.logits)
 
 
 @torch.distributions.kl.register_kl(MultiCategorical, MultiCategorical)  # type: ignore[misc]

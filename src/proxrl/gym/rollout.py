@@ -9,6 +9,7 @@ exactly the truncation bootstrap V(final obs) (DETAILS 2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,7 +71,7 @@ class Runner:
                                 f"at step {self.global_step} ({str(e).splitlines()[0]})") from None
         if raw.shape[1] != self.obs_dim:
             raise NumericsError(f"observation: env returned shape {raw.shape[1:]}, its space says {self.obs_dim}")
-        if not np.isfinite(raw).all():
+        if not math.isfinite(raw.sum()) and not np.isfinite(raw).all():  # the sum first: one call, not two
             raise NumericsError(f"observation: NaN or inf from the environment at step {self.global_step}")
         return raw
 
@@ -108,21 +109,23 @@ class Runner:
             except (TypeError, ValueError) as e:  # wrong shapes or types from a custom env
                 raise NumericsError(f"environment step: {str(e).splitlines()[0]} at step {self.global_step}") from None
             self.global_step += self.num_envs_global
-            if not np.isfinite(reward).all():
+            if not math.isfinite(reward.sum()) and not np.isfinite(reward).all():  # NaN/inf make the sum non-finite
                 raise NumericsError(f"reward: NaN or inf from the environment at step {self.global_step}")
             valid = ~self.pending_reset
             terminated = np.asarray(terminated, bool) & valid
             truncated = np.asarray(truncated, bool) & valid
             ended = terminated | truncated
-            reward = np.where(valid, reward, 0.0)
+            if self.pending_reset.any():
+                reward = np.where(valid, reward, 0.0)
             self.ep_return += reward
             self.ep_length += valid
-            for i in np.flatnonzero(ended):
-                stats.returns.append(float(self.ep_return[i]))
-                stats.lengths.append(int(self.ep_length[i]))
-                order.append((t, self.rows.start + int(i)))
-            self.ep_return[ended] = 0.0
-            self.ep_length[ended] = 0
+            if ended.any():  # most steps end no episode: no per-step index work then
+                for i in np.flatnonzero(ended):
+                    stats.returns.append(float(self.ep_return[i]))
+                    stats.lengths.append(int(self.ep_length[i]))
+                    order.append((t, self.rows.start + int(i)))
+                self.ep_return[ended] = 0.0
+                self.ep_length[ended] = 0
             if self.reward_scaler is not None:
                 reward = self.reward_scaler(reward, valid, ended)
             rew[t], term[t], trunc[t], mask[t] = reward, terminated, truncated, valid

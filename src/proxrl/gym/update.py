@@ -48,7 +48,7 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
         return {"value_loss": loss.detach()}
 
     res = sgd_epochs([optimizer], list(policy.critic.parameters()), epochs,
-                     lambda: minibatches(len(ret), num_minibatches), max_grad_norm, update, step)
+                     lambda: minibatches(len(ret), num_minibatches), max_grad_norm, update, step, flat_grads=True)
     return float(torch.stack([st["value_loss"] for st in res.stats[-num_minibatches:]]).mean())
 
 
@@ -109,7 +109,8 @@ def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batc
 
     stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None
     res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
-                     cfg.max_grad_norm, update, step, stop_after_epoch=stop, dist=dist, reduce_stats=split)
+                     cfg.max_grad_norm, update, step, stop_after_epoch=stop, dist=dist, reduce_stats=split,
+                     flat_grads=True)  # every parameter in ``params`` is in every minibatch's loss
     policy_losses = [st["policy_loss"] for st in res.stats]
     clip_fracs = [st["clip_fraction"] for st in res.stats if "clip_fraction" in st]
     value_losses = [st["value_loss"] for st in res.stats if "value_loss" in st]

@@ -51,6 +51,39 @@ def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Opt
     return norm
 
 
+class FlatGrads:
+    """The gradients of ``params`` as views of one flat buffer, so that zeroing, the global norm and the clip
+    are one kernel each instead of one per tensor (on a small gym network the per-tensor norms alone are a
+    tenth of a minibatch step). Backward accumulates into the views in place. For loops in which every
+    parameter in ``params`` gets a gradient from each loss (the gym's minibatch steps): a parameter left
+    without one would hold a zero gradient instead of none, and Adam would move it by its momentum."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = list(params)
+        first = self.params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
+            raise ValueError("FlatGrads needs parameters of one dtype on one device")
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
+        self.views, off = [], 0
+        for p in self.params:
+            self.views.append(self.flat[off:off + p.numel()].view_as(p))
+            off += p.numel()
+
+    def attach(self) -> None:
+        """Zero the buffer and make it every parameter's gradient (call after the optimizer's zero_grad)."""
+        self.flat.zero_()
+        for p, v in zip(self.params, self.views):
+            p.grad = v
+
+    def clip(self, max_grad_norm: float, update: Optional[int], where: str = "") -> Tensor:
+        """:func:`clip_grad_norm` of the buffer: the norm before clipping, checked finite."""
+        norm = torch.linalg.vector_norm(self.flat)
+        check_finite("gradient norm", norm, update, where)
+        if max_grad_norm > 0:
+            self.flat.mul_(torch.clamp(float(max_grad_norm) / (norm + 1e-6), max=1.0))
+        return norm
+
+
 class Backup:
     """A copy of a module's state and its optimizers' state taken before an update, to undo it
     (``on_nonfinite='skip'``). ``state_dict``/``load`` default to the module's own; the LM side passes its

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .guards import clip_grad_norm
+from .guards import FlatGrads, clip_grad_norm
 
 
 def minibatches(n: int, num_minibatches: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
@@ -36,7 +36,7 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
                after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None,
-               reduce_stats: bool = False) -> SGDResult:
+               reduce_stats: bool = False, flat_grads: bool = False) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
@@ -48,8 +48,12 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     indices and computes this rank's share of the loss (weighted by its share of the minibatch); an error
     on any rank is agreed on before the gradients are summed over ranks, so every rank takes the same step
     or raises the same error. ``reduce_stats``: the tensor statistics ``minibatch_step`` returns are this
-    rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's."""
+    rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's.
+    ``flat_grads``: the gradients of ``params`` live in one flat buffer (:class:`FlatGrads`; every parameter
+    must get a gradient from each minibatch's loss) — the gym's small networks, where per-tensor kernels
+    dominate."""
     out = SGDResult()
+    buf = FlatGrads(params) if flat_grads else None
     for epoch in range(epochs):
         st: dict = {}
         for j, idx in enumerate(order()):
@@ -57,6 +61,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                 f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            if buf is not None:
+                buf.attach()
             if dist is not None and dist.on:
                 err = None
                 try:
@@ -64,7 +70,10 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                 except Exception as e:  # noqa: BLE001 - agreed on by all ranks, then re-raised
                     err = e
                 dist.agree(err)
-                dist.all_reduce_grads(params)
+                if buf is not None:
+                    dist.all_reduce_(buf.flat)  # in place: the parameters' gradients are its views
+                else:
+                    dist.all_reduce_grads(params)
                 if reduce_stats:
                     keys = sorted(k for k, v in st.items() if isinstance(v, Tensor))
                     if keys:
@@ -72,7 +81,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                         st = {**st, **{k: flat[i] for i, k in enumerate(keys)}}
             else:
                 st = minibatch_step(idx, where)
-            norm = float(clip_grad_norm(params, max_grad_norm, update, where))
+            norm = float(buf.clip(max_grad_norm, update, where) if buf is not None
+                         else clip_grad_norm(params, max_grad_norm, update, where))
             for opt in optimizers:
                 opt.step()
             out.stats.append(st)

@@ -122,7 +122,9 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
                         update: int, old) -> dict[str, float]:
     """TRPO (Schulman et al. 2015, arXiv:1502.05477, App. C): s = F⁻¹g by conjugate gradient on
     Fisher-vector products, scaled so ½sᵀFs = δ, then a backtracking line search accepting only a step
-    with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG)."""
+    with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG).
+    The KL (bounded by δ = ``max_kl``, and whose Hessian F is) is ``cfg.trust_region_kl``'s: the joint KL of
+    the action distribution, or its mean per action dimension (sb3-contrib's units, :func:`core.exact_kl`)."""
     obs, act, logp_old = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0]
     ones = torch.ones(len(obs), device=obs.device)
     adv = normalize_advantages(flat.adv[:, 0], ones, cfg.norm_adv)
@@ -134,7 +136,7 @@ def trust_region_update(policy: ActorCritic, critic_opt: torch.optim.Optimizer, 
         return (torch.exp(logp - logp_old) * adv).mean()
 
     def mean_kl() -> Tensor:
-        return core.exact_kl(old_dist, policy.dist(obs)).mean()
+        return core.exact_kl(old_dist, policy.dist(obs), cfg.trust_region_kl).mean()
 
     j0 = surrogate()
     g = core.flat_grad(j0, params)

@@ -439,6 +439,22 @@ def test_exact_kl_diagonal_normal_hand_formula():
     assert got.item() == pytest.approx(want, rel=1e-12)
 
 
+def test_exact_kl_per_dim_is_the_mean_of_the_per_dimension_kls():
+    """``per-dim`` is the joint KL / number of action dims: the mean over the dims of plain ``Normal`` KLs
+    (sb3-contrib TRPO's quantity for Box actions); a Categorical has one dimension, so both agree."""
+    m1, s1 = torch.randn(4, 6, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64) + 0.5
+    m2, s2 = torch.randn(4, 6, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64) + 0.5
+    p, q = Independent(Normal(m1, s1), 1), Independent(Normal(m2, s2), 1)
+    per_dim = torch.distributions.kl_divergence(Normal(m1, s1), Normal(m2, s2))  # [4, 6]
+    assert torch.allclose(core.exact_kl(p, q, "per-dim"), per_dim.mean(-1), rtol=1e-12)
+    assert torch.allclose(core.exact_kl(p, q, "joint"), per_dim.sum(-1), rtol=1e-12)
+    assert core.exact_kl(p, q, "per-dim").mean().item() == pytest.approx(per_dim.mean().item(), rel=1e-12)
+    c1, c2 = Categorical(logits=torch.randn(3, 5)), Categorical(logits=torch.randn(3, 5))
+    assert torch.equal(core.exact_kl(c1, c2, "per-dim"), core.exact_kl(c1, c2))
+    with pytest.raises(ValueError, match="per-dim"):
+        core.exact_kl(p, q, "mean")
+
+
 # --------------------------------------------------------------------------- KL controllers
 def test_ppo_beta_update():
     t = 0.01

@@ -11,6 +11,7 @@ import torch
 
 import proxrl
 from proxrl import core
+from proxrl.batch import Batch
 from proxrl.gym.config import TrainConfig, resolve
 from proxrl.gym.envs import make_vec_env
 from proxrl.errors import ConfigError
@@ -138,6 +139,36 @@ def test_trust_region_step_respects_kl(algo, env):
         assert diag["kl_old_exact"] <= cfg.max_kl
     else:  # the full natural step targets ½sᵀFs = δ: KL close to δ to second order
         assert 0.1 * cfg.max_kl < diag["kl_old_exact"] < 3 * cfg.max_kl
+
+
+def test_per_dim_trust_region_is_the_joint_one_scaled_by_the_action_dims():
+    """trust_region_kl='per-dim' with (δ, λ) takes the step of 'joint' with (n·δ, n·λ), n = action dims: the
+    per-dim KL is joint/n, so its Hessian is F/n, CG solves (F/n + λ)s = g, and the step scales to match
+    (how sb3-contrib's target_kl and cg_damping translate to the joint KL)."""
+    steps = {}
+    torch.manual_seed(0)  # a 3-dim Gaussian policy on a synthetic batch (with 1 dim both modes are the same)
+    obs = torch.randn(256, 4)
+    act = torch.randn(256, 3)
+    adv = torch.randn(256)
+    for mode, max_kl, damping in (("per-dim", 0.01, 0.1), ("joint", 0.03, 0.3)):
+        cfg, _ = resolve({"algo": "trpo", "env": "Pendulum-v1", "preset": "none", "trust_region_kl": mode,
+                          "max_kl": max_kl, "cg_damping": damping, "critic_epochs": 1, "critic_minibatches": 1,
+                          "num_envs": 1, "num_steps": 256, "steps": 256, "cg_iters": 10})
+        torch.manual_seed(1)
+        policy = ActorCritic(4, "continuous", 3)
+        with torch.no_grad():
+            logp = policy.dist(obs).log_prob(act)
+            values = policy.value(obs)
+        col = lambda x: x[:, None]  # noqa: E731  [N] -> [N, 1]
+        flat = Batch(obs=obs[:, None], actions=act[:, None], logp_old=col(logp), rewards=col(adv),
+                     terminated=col(torch.zeros(256)), truncated=col(torch.zeros(256)), mask=col(torch.ones(256)),
+                     values=col(values), next_values=col(values), adv=col(adv), ret=col(values + adv))
+        theta0 = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).clone()
+        stats = trust_region_update(policy, torch.optim.Adam(policy.critic.parameters()), flat, RUNGS["trpo"], cfg,
+                                    1, policy.snapshot(obs))
+        assert stats["ls_accepted"]
+        steps[mode] = torch.nn.utils.parameters_to_vector(policy.actor_parameters()).detach() - theta0
+    assert torch.allclose(steps["per-dim"], steps["joint"], rtol=1e-4, atol=1e-6)
 
 
 def test_rejected_line_search_restores_parameters(monkeypatch):

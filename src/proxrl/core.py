@@ -252,9 +252,20 @@ def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
     return torch.expm1(-delta) + delta
 
 
-def exact_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> Tensor:
-    """KL(p‖q) per state, summed over independent action dimensions when the distribution has them."""
-    return torch.distributions.kl_divergence(p, q)
+def exact_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution, reduce: str = "joint") -> Tensor:
+    """KL(p‖q) per state. ``joint``: the KL of the whole action distribution, i.e. summed over its independent
+    action dimensions when it has them (an ``Independent`` Gaussian's event dims, a multi-categorical's
+    sub-actions). ``per-dim``: that sum divided by the number of those dimensions, the mean KL per action
+    dimension (what sb3-contrib's TRPO bounds for Box actions: SB3's diagonal Gaussian is a plain ``Normal``
+    whose per-dimension KL it averages with the batch). One dimension (a Categorical): both agree."""
+    kl = torch.distributions.kl_divergence(p, q)
+    if reduce == "joint":
+        return kl
+    if reduce == "per-dim":
+        dists = getattr(p, "dists", None)  # MultiCategorical: independent sub-actions
+        n = len(dists) if dists is not None else math.prod(p.event_shape)
+        return kl / max(n, 1)
+    raise ValueError(f"exact_kl reduce must be 'joint' or 'per-dim', got {reduce!r}")
 
 
 def categorical_kl(logp_all: Tensor, logq_all: Tensor) -> Tensor:

@@ -68,7 +68,9 @@ class TrainConfig:
     beta_init: float = 1.0
     """ppo-kl: initial penalty coefficient β."""
     max_kl: float = 0.01
-    """trpo/npg: trust-region size δ on the mean KL(π_old‖π)."""
+    """trpo/npg: trust-region size δ on the mean KL(π_old‖π) (in the units of trust_region_kl)."""
+    trust_region_kl: Literal["joint", "per-dim"] = "joint"
+    """trpo/npg: the KL that max_kl bounds and whose Hessian CG inverts: joint = KL of the whole action distribution (summed over independent action dimensions, the TRPO paper's); per-dim = that divided by the number of action dimensions (sb3-contrib TRPO's convention for Box actions, so its target_kl and cg_damping are per dimension: a 6-dim action gets a 6x larger joint trust region and 6x the relative damping)."""
     cg_iters: int = 10
     """trpo/npg: conjugate-gradient iterations."""
     cg_damping: float = 0.1
@@ -140,7 +142,7 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 
 #: Fields added after runs were first saved, with the value that reproduces such an older run.
-OLDER_RUN_DEFAULTS = {"action_rescale": False}
+OLDER_RUN_DEFAULTS = {"action_rescale": False, "trust_region_kl": "joint"}
 
 
 def saved_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -60,9 +60,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                                     max_grad_norm=0.8, vf_coef=0.58096, log_std_init=-2.0, activation="relu",
                                     hidden=(256, 256), obs_norm=True, reward_norm=True),
     # zoo (sb3-contrib) trpo.yml HalfCheetah: normalize, 2 envs × 1024, γ 0.99, λ 0.95, 20 critic updates of
-    # minibatch 128, 25 CG steps, damping 0.1, target KL 0.04
+    # minibatch 128, 25 CG steps, damping 0.1, target KL 0.04, critic LR 1e-3 constant (not annealed), line
+    # search of 10 tries (the full step + 9 backtracks). sb3-contrib's target_kl and cg_damping are in units of
+    # the KL *per action dimension* (its diagonal Gaussian's KL is averaged over the 6 dims with the batch):
+    # trust_region_kl='per-dim' takes them as they are (issue 15: with the joint KL the same numbers gave a 6x
+    # smaller trust region, a step of KL 0.027 where sb3-contrib's was 0.137 on the same batch, and a median
+    # return of 1708 vs 3731 at 1M; benchmarks/trpo_compare.py)
     "HalfCheetah-v5/trpo": dict(num_envs=2, num_steps=1024, critic_minibatches=16, gamma=0.99, gae_lambda=0.95,
-                                lr=1e-3, critic_epochs=20, max_kl=0.04, cg_iters=25, cg_damping=0.1,
+                                lr=1e-3, anneal_lr=False, critic_epochs=20, max_kl=0.04, cg_iters=25,
+                                cg_damping=0.1, trust_region_kl="per-dim", backtrack_iters=9,
                                 obs_norm=True, reward_norm=True),
 }
 

@@ -132,7 +132,9 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
                         update: int, old) -> dict[str, float]:
     """TRPO (Schulman et al. 2015, arXiv:1502.05477, App. C): s = F⁻¹g by conjugate gradient on
     Fisher-vector products, scaled so ½sᵀFs = δ, then a backtracking line search accepting only a step
-    with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG)."""
+    with KL ≤ δ and a positive surrogate improvement. ``line_search=False`` takes the scaled step (NPG).
+    The KL (bounded by δ = ``max_kl``, and whose Hessian F is) is ``cfg.trust_region_kl``'s: the joint KL of
+    the action distribution, or its mean per action dimension (sb3-contrib's units, :func:`core.exact_kl`)."""
     obs, act, logp_old = flat.obs[:, 0], flat.actions[:, 0], flat.logp_old[:, 0]
     adv = normalize_advantages(flat.adv[:, 0], None, cfg.norm_adv)
     params = policy.actor_parameters()
@@ -143,7 +145,7 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
         return (torch.exp(logp - logp_old) * adv).mean()
 
     def mean_kl() -> Tensor:
-        return core.exact_kl(old_dist, policy.dist(obs)).mean()
+        return core.exact_kl(old_dist, policy.dist(obs), cfg.trust_region_kl).mean()
 
     j0 = surrogate()
     g = core.flat_grad(j0, params)

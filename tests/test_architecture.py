@@ -77,7 +77,8 @@ def test_v1_gym_checkpoint_resumes_and_continues_the_same_run(tmp_path):
     assert proxrl.evaluate(run, episodes=3, seed=7)["mean_return"] == pytest.approx(101.0)
 
 
-def test_layout_2_gym_checkpoint_resumes_identically_to_layout_3(tmp_path):
+@pytest.mark.parametrize("critic_lr", [None, 1e-4])  # one parameter group, and two
+def test_layout_2_gym_checkpoint_resumes_identically_to_layout_3(tmp_path, critic_lr):
     """The same checkpoint written in both layouts (the one optimizer split back into actor_opt + critic_opt,
     version 2) resumes to the same weights and metrics, bit for bit."""
     import json
@@ -87,23 +88,24 @@ def test_layout_2_gym_checkpoint_resumes_identically_to_layout_3(tmp_path):
 
     first = tmp_path / "new"
     proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=1024, num_envs=4, num_steps=128, seed=5, preset="none",
-                 critic_lr=3e-4, out=str(first), progress="off")
+                 critic_lr=critic_lr, out=str(first), progress="off")
+    n_actor = len(proxrl.load(first).policy.actor_parameters())
     old = tmp_path / "old"
     shutil.copytree(first, old)
     (ckpt,) = sorted((old / "checkpoints").glob("ckpt-*"))
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "tensors.safetensors"))
     meta = state["optimizers"].pop("optimizer")
-    n_actor = len(meta["param_groups"][0]["params"])
-    for name, group in (("actor_opt", meta["param_groups"][0]), ("critic_opt", meta["param_groups"][1])):
-        ids = group["params"]
-        state["optimizers"][name] = {
-            "param_groups": [{**{k: v for k, v in group.items() if k != "name"}, "params": [i - ids[0] for i in ids]}],
-            "keys": {str(i - ids[0]): meta["keys"][str(i)] for i in ids if str(i) in meta["keys"]}}
+    assert len(meta["param_groups"]) == (1 if critic_lr is None else 2)
+    group_of = {i: g for g in meta["param_groups"] for i in g["params"]}
+    n_all = len(group_of)
+    for name, ids in (("actor_opt", range(n_actor)), ("critic_opt", range(n_actor, n_all))):
+        group = {k: v for k, v in group_of[ids[0]].items() if k != "name"}
+        state["optimizers"][name] = {"param_groups": [{**group, "params": [i - ids[0] for i in ids]}],
+                                     "keys": {str(i - ids[0]): meta["keys"][str(i)] for i in ids if str(i) in meta["keys"]}}
         for i in ids:
             for k in meta["keys"].get(str(i), []):
                 tensors[f"{name}/{i - ids[0]}/{k}"] = tensors[f"optimizer/{i}/{k}"]
-    assert n_actor == len(state["optimizers"]["actor_opt"]["param_groups"][0]["params"])
     tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
     state["version"] = 2
     save_file(tensors, str(ckpt / "tensors.safetensors"))

@@ -208,8 +208,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
         d.barrier()
     policy = build_policy(envs, cfg).to(device)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam: groups actor and critic
-    base_lr = {"actor": cfg.lr, "critic": critic_lr}
+    opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam over actor and critic
+    base_lr = {"actor": cfg.lr, "actor+critic": cfg.lr, "critic": critic_lr}
     runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
                     cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs,
                     action_rescale=cfg.action_rescale)
@@ -302,7 +302,7 @@ def _live_agent(policy: ActorCritic, cfg: TrainConfig, runner: Runner, envs) -> 
 def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int,
              opt=None, beta=None, elapsed: float = 0.0) -> Path:
     """Everything that decides the future of the run: weights, the optimizer, normalisers, env state, β, RNGs.
-    Layout version 3 (``CHECKPOINT_VERSION``): one optimizer ``optimizer`` (groups actor, critic); versions
+    Layout version 3 (``CHECKPOINT_VERSION``): one optimizer ``optimizer`` over actor and critic; versions
     ≤ 2 held ``actor_opt`` and ``critic_opt`` and still load (:func:`_restore` merges them)."""
     from . import envstate
 

@@ -2,9 +2,9 @@
 
 Both take the flattened batch of valid steps (``[N, 1]`` tensors) and return detached diagnostics.
 The policy loss of every rung comes from :func:`proxrl.objective.surrogate_loss`. One Adam holds the
-actor and the critic as two parameter groups (:func:`make_optimizer`): one optimizer step per minibatch
-whether the critic trains in the same loss (rungs 4–6) or on its own (rungs 1–3 and 7, whose steps leave
-the other group's gradients unset, so Adam does not touch it).
+actor and the critic (:func:`make_optimizer`): one optimizer step per minibatch whether the critic trains
+in the same loss (rungs 4–6) or on its own (rungs 1–3 and 7, whose steps leave the other network's
+gradients unset, so Adam does not touch it).
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ from .policy import ActorCritic
 
 
 def make_optimizer(policy: ActorCritic, lr: float, critic_lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """One Adam (eps 1e-5, DETAILS 3) over the actor (group ``actor``, ``lr``) and the critic when the policy
-    has one (group ``critic``, ``critic_lr``, default ``lr``)."""
-    groups = [{"params": policy.actor_parameters(), "lr": lr, "name": "actor"}]
-    if policy.critic is not None:
-        groups.append({"params": list(policy.critic.parameters()), "lr": lr if critic_lr is None else critic_lr,
-                       "name": "critic"})
-    return make_adam(groups, lr, eps=1e-5)
+    """One Adam (eps 1e-5, DETAILS 3) over the actor and the critic when the policy has one: a single
+    parameter group (``name`` 'actor+critic', actor parameters first) when both learn at ``lr``, else two
+    (``actor`` at ``lr``, ``critic`` at ``critic_lr``) — each group costs the optimizer step its own pass."""
+    actor = policy.actor_parameters()
+    if policy.critic is None:
+        return make_adam([{"params": actor, "lr": lr, "name": "actor"}], lr, eps=1e-5)
+    critic = list(policy.critic.parameters())
+    if critic_lr is None or critic_lr == lr:
+        return make_adam([{"params": actor + critic, "lr": lr, "name": "actor+critic"}], lr, eps=1e-5)
+    return make_adam([{"params": actor, "lr": lr, "name": "actor"},
+                      {"params": critic, "lr": critic_lr, "name": "critic"}], lr, eps=1e-5)
 
 
 def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, epochs: int,

@@ -34,23 +34,28 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
 
 def load_optimizer_states_merged(opt: torch.optim.Optimizer, parts: list[tuple[str, dict]], tensors: dict) -> None:
     """Load the states of several single-group optimizers (``(prefix, meta)`` as :func:`optimizer_state` wrote
-    them) into the groups of one optimizer, part i into group i, in order: the state an older checkpoint
-    layout kept in one optimizer per group. A group's own keys that the old one lacks (e.g. ``name``) stay."""
-    if len(parts) != len(opt.param_groups):
-        raise ValueError(f"{len(parts)} saved optimizers for {len(opt.param_groups)} parameter groups")
-    state, groups, offset = {}, [], 0
-    for (prefix, meta), group in zip(parts, opt.param_groups):
+    them, in order) into one optimizer whose parameters are theirs concatenated in that order — the state an
+    older checkpoint layout kept in one optimizer per network. Each of ``opt``'s groups takes the saved
+    hyperparameters of the part its first parameter came from (the same settings when parts share a group);
+    a group's own keys that the old ones lack (e.g. ``name``) stay."""
+    state, saved_groups, offset = {}, [], 0
+    for prefix, meta in parts:
         (saved,) = meta["param_groups"]  # one group each
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(f"{prefix}: {len(saved['params'])} saved parameters, the group has {len(group['params'])}")
         for i, keys in meta["keys"].items():
             state[offset + int(i)] = {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys}
+        saved_groups.append((offset, saved))
+        offset += len(saved["params"])
+    if offset != sum(len(g["params"]) for g in opt.param_groups):
+        raise ValueError(f"{offset} saved parameters, the optimizer has {sum(len(g['params']) for g in opt.param_groups)}")
+    groups, start = [], 0
+    for group in opt.param_groups:
+        saved = [s for off, s in saved_groups if off <= start][-1]
         merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
-        merged["params"] = [offset + int(i) for i in saved["params"]]
+        merged["params"] = list(range(start, start + len(group["params"])))
         if "betas" in merged:
             merged["betas"] = tuple(merged["betas"])
         groups.append(merged)
-        offset += len(group["params"])
+        start += len(group["params"])
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -81,7 +86,7 @@ def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str 
 
 #: Version of the checkpoint layout written by this proxrl (``state.json`` key ``version``). 1: no key
 #: (proxrl ≤ 0.1, read as before); 2: the run layer (same tensors and keys, plus ``version``); 3: gym runs keep
-#: one optimizer ``optimizer`` (parameter groups actor, critic) instead of ``actor_opt`` + ``critic_opt``
+#: one optimizer ``optimizer`` over actor and critic instead of ``actor_opt`` + ``critic_opt``
 #: (older gym checkpoints load, their two optimizers merged; the LM layout is unchanged).
 CHECKPOINT_VERSION = 3
 

@@ -89,23 +89,28 @@ def test_layout_2_gym_checkpoint_resumes_identically_to_layout_3(tmp_path, criti
     first = tmp_path / "new"
     proxrl.train(env="CartPole-v1", algo="ppo-clip", steps=1024, num_envs=4, num_steps=128, seed=5, preset="none",
                  critic_lr=critic_lr, out=str(first), progress="off")
-    n_actor = len(proxrl.load(first).policy.actor_parameters())
+    pol = proxrl.load(first).policy
+    nets = [("actor_opt", [p.shape for p in pol.actor_parameters()]), ("critic_opt", [p.shape for p in pol.critic.parameters()])]
     old = tmp_path / "old"
     shutil.copytree(first, old)
     (ckpt,) = sorted((old / "checkpoints").glob("ckpt-*"))
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "tensors.safetensors"))
-    meta = state["optimizers"].pop("optimizer")
+    meta = state["optimizers"].pop("optimizer")  # layout 3: one state per network (leaf 0 actor, 1 critic)
     assert len(meta["param_groups"]) == (1 if critic_lr is None else 2)
     group_of = {i: g for g in meta["param_groups"] for i in g["params"]}
-    n_all = len(group_of)
-    for name, ids in (("actor_opt", range(n_actor)), ("critic_opt", range(n_actor, n_all))):
-        group = {k: v for k, v in group_of[ids[0]].items() if k != "name"}
-        state["optimizers"][name] = {"param_groups": [{**group, "params": [i - ids[0] for i in ids]}],
-                                     "keys": {str(i - ids[0]): meta["keys"][str(i)] for i in ids if str(i) in meta["keys"]}}
-        for i in ids:
-            for k in meta["keys"].get(str(i), []):
-                tensors[f"{name}/{i - ids[0]}/{k}"] = tensors[f"optimizer/{i}/{k}"]
+    for leaf, (name, shapes) in enumerate(nets):  # layout 2: one optimizer per network, one state per layer
+        group = {k: v for k, v in group_of[leaf].items() if k != "name"}
+        keys = meta["keys"][str(leaf)]
+        state["optimizers"][name] = {"param_groups": [{**group, "params": list(range(len(shapes)))}],
+                                     "keys": {str(j): keys for j in range(len(shapes))}}
+        off = 0
+        for j, shape in enumerate(shapes):
+            n = int(torch.Size(shape).numel())
+            tensors[f"{name}/{j}/step"] = tensors[f"optimizer/{leaf}/step"].clone()
+            for k in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{name}/{j}/{k}"] = tensors[f"optimizer/{leaf}/{k}"][off:off + n].reshape(shape).clone()
+            off += n
     tensors = {k: v for k, v in tensors.items() if not k.startswith("optimizer/")}
     state["version"] = 2
     save_file(tensors, str(ckpt / "tensors.safetensors"))

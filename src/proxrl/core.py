@@ -28,7 +28,7 @@ __all__ = [
     "vanilla_pg_loss", "importance_sampled_loss", "kl_penalty_loss", "clipped_loss", "value_loss",
     "kl_k1", "kl_k2", "kl_k3", "exact_kl", "KL_ESTIMATORS", "kl_estimate", "kl_ref_loss", "categorical_kl",
     "ppo_beta_update", "ziegler_beta_update",
-    "conjugate_gradient", "flat_grad", "fisher_vector_product", "backtracking_line_search",
+    "conjugate_gradient", "flat_grad", "assign_flat", "fisher_vector_product", "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
     "rloo_baseline", "group_normalize", "importance_weight_stats", "behaviour_correction", "truncate_logits",
 ]
@@ -341,6 +341,19 @@ def conjugate_gradient(Avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
 def flat_grad(y: Tensor, params: Sequence[Tensor], **kwargs) -> Tensor:
     grads = torch.autograd.grad(y, params, **kwargs)
     return torch.cat([g.reshape(-1) for g in grads])
+
+
+@torch.no_grad()
+def assign_flat(params: Sequence[Tensor], vec: Tensor) -> None:
+    """Write the flat vector ``vec`` into ``params`` in place, in order (``vector_to_parameters`` rebinds each
+    parameter's ``.data`` instead, which cuts parameters that are views of shared storage off from it)."""
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.copy_(vec[off:off + n].view_as(p))
+        off += n
+    if off != vec.numel():
+        raise ValueError(f"assign_flat: {vec.numel()} values for {off} parameter entries")
 
 
 def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor], v: Tensor, damping: float = 0.1) -> Tensor:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.distributions import Categorical, Independent, Normal
 
 from .. import core
+from ..run.guards import ContiguousParams, FlatGrads
 
 
 def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
@@ -143,6 +144,22 @@ class ActorCritic(nn.Module):
         self.critic = mlp(obs_dim, hidden, 1, activation, out_gain=1.0) if critic else None
         if kind == "continuous":
             self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
+        self.store: Optional[ContiguousParams] = None  # set by make_contiguous (training)
+
+    def make_contiguous(self) -> ContiguousParams:
+        """Move the parameters onto contiguous storage, network 0 the actor (with ``log_std``), network 1 the
+        critic (:class:`~proxrl.run.guards.ContiguousParams`): the optimizer steps one tensor per network.
+        Call after ``.to(device)`` and before building the optimizer; the values and ``state_dict`` are
+        unchanged."""
+        nets = [self.actor_parameters()] + ([list(self.critic.parameters())] if self.critic is not None else [])
+        self.store = ContiguousParams(nets)
+        return self.store
+
+    def flat_grads(self, actor: bool, critic: bool) -> Optional[FlatGrads]:
+        """The gradients of the actor and/or critic as one flat range (None without contiguous storage)."""
+        if self.store is None:
+            return None
+        return self.store.grads([i for i, on in ((0, actor), (1, critic and self.critic is not None)) if on])
 
     @classmethod
     def for_spaces(cls, obs_space, act_space, **kw) -> "ActorCritic":

@@ -26,7 +26,7 @@ from ..run.guards import Backup, check_parameters
 from ..run.progress import Progress, tensorboard
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
-from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, load_optimizer_states_merged, optimizer_state,
+from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, load_optimizer_states_flattened, optimizer_state,
                          rng_state, seed_everything, set_rng_state)
 from .update import make_optimizer, post_update_diagnostics, sgd_update, trust_region_update
 
@@ -302,8 +302,9 @@ def _live_agent(policy: ActorCritic, cfg: TrainConfig, runner: Runner, envs) -> 
 def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfig, update: int,
              opt=None, beta=None, elapsed: float = 0.0) -> Path:
     """Everything that decides the future of the run: weights, the optimizer, normalisers, env state, β, RNGs.
-    Layout version 3 (``CHECKPOINT_VERSION``): one optimizer ``optimizer`` over actor and critic; versions
-    ≤ 2 held ``actor_opt`` and ``critic_opt`` and still load (:func:`_restore` merges them)."""
+    Layout version 3 (``CHECKPOINT_VERSION``): one optimizer ``optimizer`` over the actor and the critic, one
+    contiguous tensor each; versions ≤ 2 held ``actor_opt`` and ``critic_opt`` with one state per layer and
+    still load (:func:`_restore` concatenates them)."""
     from . import envstate
 
     tensors = {f"policy/{k}": v for k, v in policy.state_dict().items()}
@@ -418,9 +419,9 @@ def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
         saved = state["optimizers"]
         if "optimizer" in saved:
             load_optimizer_state(opt, "optimizer", tensors, saved["optimizer"])
-        else:  # layout ≤ 2: one Adam per group, merged into the groups of the one optimizer (same state)
-            load_optimizer_states_merged(opt, [(name, saved[name]) for name in ("actor_opt", "critic_opt")
-                                               if name in saved], tensors)
+        else:  # layout ≤ 2: one Adam per network, one state per layer: concatenated into the leaves
+            load_optimizer_states_flattened(opt, [(name, saved[name]) for name in ("actor_opt", "critic_opt")
+                                                  if name in saved], tensors, [len(m) for m in policy.store.members])
         runner.load_state(tensors, state["runner"])
         envstate.set_state(runner.envs, tensors, env_state)
         set_rng_state(tensors, state["rng"])

@@ -26,17 +26,16 @@ from .policy import ActorCritic
 
 
 def make_optimizer(policy: ActorCritic, lr: float, critic_lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """One Adam (eps 1e-5, DETAILS 3) over the actor and the critic when the policy has one: a single
-    parameter group (``name`` 'actor+critic', actor parameters first) when both learn at ``lr``, else two
-    (``actor`` at ``lr``, ``critic`` at ``critic_lr``) — each group costs the optimizer step its own pass."""
-    actor = policy.actor_parameters()
-    if policy.critic is None:
-        return make_adam([{"params": actor, "lr": lr, "name": "actor"}], lr, eps=1e-5)
-    critic = list(policy.critic.parameters())
+    """One Adam (eps 1e-5, DETAILS 3) over the actor and the critic, each one contiguous tensor
+    (:meth:`ActorCritic.make_contiguous`): a single parameter group (``name`` 'actor+critic') when both learn
+    at ``lr``, else two (``actor`` at ``lr``, ``critic`` at ``critic_lr``)."""
+    leaves = policy.make_contiguous().leaves
+    if len(leaves) == 1:
+        return make_adam([{"params": leaves, "lr": lr, "name": "actor"}], lr, eps=1e-5)
     if critic_lr is None or critic_lr == lr:
-        return make_adam([{"params": actor + critic, "lr": lr, "name": "actor+critic"}], lr, eps=1e-5)
-    return make_adam([{"params": actor, "lr": lr, "name": "actor"},
-                      {"params": critic, "lr": critic_lr, "name": "critic"}], lr, eps=1e-5)
+        return make_adam([{"params": leaves, "lr": lr, "name": "actor+critic"}], lr, eps=1e-5)
+    return make_adam([{"params": leaves[:1], "lr": lr, "name": "actor"},
+                      {"params": leaves[1:], "lr": critic_lr, "name": "critic"}], lr, eps=1e-5)
 
 
 def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batch, epochs: int,
@@ -52,7 +51,8 @@ def train_critic(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Ba
         return {"value_loss": loss.detach()}
 
     res = sgd_epochs([optimizer], list(policy.critic.parameters()), epochs,
-                     lambda: minibatches(len(ret), num_minibatches), max_grad_norm, update, step, flat_grads=True)
+                     lambda: minibatches(len(ret), num_minibatches), max_grad_norm, update, step,
+                     flat_grads=policy.flat_grads(actor=False, critic=True))
     return float(torch.stack([st["value_loss"] for st in res.stats[-num_minibatches:]]).mean())
 
 
@@ -114,7 +114,7 @@ def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batc
     stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None
     res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(n, cfg.num_minibatches),
                      cfg.max_grad_norm, update, step, stop_after_epoch=stop, dist=dist, reduce_stats=split,
-                     flat_grads=True)  # every parameter in ``params`` is in every minibatch's loss
+                     flat_grads=policy.flat_grads(actor=True, critic=joint_critic))  # all in every loss
     policy_losses = [st["policy_loss"] for st in res.stats]
     clip_fracs = [st["clip_fraction"] for st in res.stats if "clip_fraction" in st]
     value_losses = [st["value_loss"] for st in res.stats if "value_loss" in st]
@@ -158,7 +158,7 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
     fvp = lambda v: core.fisher_vector_product(mean_kl, params, v, cfg.cg_damping)
     stepdir = core.conjugate_gradient(fvp, g, cfg.cg_iters)
     shs = float(0.5 * (stepdir @ fvp(stepdir)))
-    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()  # assigned back in place below
     out = {"policy_loss": -j0, "ls_accepted": False, "ls_backtracks": None, "ls_step_fraction": 0.0}
     if not math.isfinite(shs) or shs <= 0:
         out["ls_rejected_reason"] = "non-positive curvature"
@@ -166,7 +166,7 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
         full_step = stepdir * math.sqrt(cfg.max_kl / shs)
 
         def evaluate(frac: float) -> tuple[float, float]:
-            torch.nn.utils.vector_to_parameters(theta_old + frac * full_step, params)
+            core.assign_flat(params, theta_old + frac * full_step)
             with torch.no_grad():
                 return float(surrogate()) - j0, float(mean_kl())
 
@@ -174,7 +174,7 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
             res = core.backtracking_line_search(evaluate, cfg.max_kl, cfg.backtrack_coef, cfg.backtrack_iters)
             out.update(ls_accepted=res.accepted, ls_backtracks=res.backtracks, ls_step_fraction=res.step_fraction)
             if not res.accepted:  # logged, never silent (DETAILS LM-16)
-                torch.nn.utils.vector_to_parameters(theta_old, params)
+                core.assign_flat(params, theta_old)
         else:
             improvement, kl = evaluate(1.0)
             out.update(ls_accepted=True, ls_backtracks=0, ls_step_fraction=1.0)

@@ -51,32 +51,69 @@ def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Opt
     return norm
 
 
-class FlatGrads:
-    """The gradients of ``params`` as views of one flat buffer, so that zeroing, the global norm and the clip
-    are one kernel each instead of one per tensor (on a small gym network the per-tensor norms alone are a
-    tenth of a minibatch step). Backward accumulates into the views in place. For loops in which every
-    parameter in ``params`` gets a gradient from each loss (the gym's minibatch steps): a parameter left
-    without one would hold a zero gradient instead of none, and Adam would move it by its momentum."""
+class ContiguousParams:
+    """The parameters of several networks moved onto contiguous storage, for small networks whose optimizer
+    step, zeroing, gradient norm and clip are dominated by one kernel (and its Python) per tensor.
 
-    def __init__(self, params: list[nn.Parameter]):
-        self.params = list(params)
-        first = self.params[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
-            raise ValueError("FlatGrads needs parameters of one dtype on one device")
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
-        self.views, off = [], 0
-        for p in self.params:
-            self.views.append(self.flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
+    Network ``i``'s parameters become views of ``leaves[i]``, a leaf tensor the optimizer steps (one tensor
+    per network instead of one per layer: Adam's per-parameter bookkeeping happens once), and every gradient
+    becomes a view of one buffer laid out the same way, into which backward accumulates in place. The
+    modules, their ``state_dict`` and ``load_state_dict`` (an in-place copy) are unchanged; code that
+    *rebinds* a parameter's ``.data`` would cut it off — assign in place (:func:`proxrl.core.assign_flat`).
+    :meth:`grads` gives the :class:`FlatGrads` of the networks one SGD loop trains."""
+
+    def __init__(self, networks: list[list[nn.Parameter]]):
+        first = networks[0][0]
+        if any(p.dtype != first.dtype or p.device != first.device for ps in networks for p in ps):
+            raise ValueError("ContiguousParams needs parameters of one dtype on one device")
+        sizes = [sum(p.numel() for p in ps) for ps in networks]
+        self.grad = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
+        self.leaves: list[nn.Parameter] = []
+        self.members = [list(ps) for ps in networks]
+        self._spans, self._views, off = [], [], 0
+        for ps, n in zip(self.members, sizes):
+            leaf = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in ps]))
+            views, o = [], 0
+            for p in ps:
+                p.data = leaf.data[o:o + p.numel()].view_as(p)
+                views.append(self.grad[off + o:off + o + p.numel()].view_as(p))
+                o += p.numel()
+            self.leaves.append(leaf)
+            self._spans.append((off, off + n))
+            self._views.append(views)
+            off += n
+
+    def grads(self, networks: list[int]) -> "FlatGrads":
+        """The gradients of networks ``networks`` (consecutive indices) as one flat range."""
+        if networks != list(range(networks[0], networks[-1] + 1)):
+            raise ValueError("FlatGrads covers consecutive networks")
+        return FlatGrads(self, networks)
+
+
+class FlatGrads:
+    """The gradients of some networks of a :class:`ContiguousParams` as one flat range of its buffer, so that
+    zeroing, the global norm and the clip are one kernel each. Every parameter of those networks must get a
+    gradient from each loss (the gym's minibatch steps): one left without would hold a zero gradient instead
+    of none, and Adam would move it by its momentum."""
+
+    def __init__(self, store: ContiguousParams, networks: list[int]):
+        self.store, self.networks = store, networks
+        self.flat = store.grad[store._spans[networks[0]][0]:store._spans[networks[-1]][1]]
 
     def attach(self) -> None:
-        """Zero the buffer and make it every parameter's gradient (call after the optimizer's zero_grad)."""
+        """Zero the range and make it the gradient of those networks' leaves and parameters (call after the
+        optimizer's zero_grad, which unsets the leaves' gradients: the other networks' leaves stay unset, so
+        the optimizer does not step them)."""
         self.flat.zero_()
-        for p, v in zip(self.params, self.views):
-            p.grad = v
+        st = self.store
+        for i in self.networks:
+            lo, hi = st._spans[i]
+            st.leaves[i].grad = st.grad[lo:hi]
+            for p, v in zip(st.members[i], st._views[i]):
+                p.grad = v
 
     def clip(self, max_grad_norm: float, update: Optional[int], where: str = "") -> Tensor:
-        """:func:`clip_grad_norm` of the buffer: the norm before clipping, checked finite."""
+        """:func:`clip_grad_norm` of the range: the norm before clipping, checked finite."""
         norm = torch.linalg.vector_norm(self.flat)
         check_finite("gradient norm", norm, update, where)
         if max_grad_norm > 0:

@@ -36,7 +36,7 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
                after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None,
-               reduce_stats: bool = False, flat_grads: bool = False) -> SGDResult:
+               reduce_stats: bool = False, flat_grads: Optional[FlatGrads] = None) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
@@ -49,11 +49,11 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     on any rank is agreed on before the gradients are summed over ranks, so every rank takes the same step
     or raises the same error. ``reduce_stats``: the tensor statistics ``minibatch_step`` returns are this
     rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's.
-    ``flat_grads``: the gradients of ``params`` live in one flat buffer (:class:`FlatGrads`; every parameter
-    must get a gradient from each minibatch's loss) — the gym's small networks, where per-tensor kernels
-    dominate."""
+    ``flat_grads``: the gradients of ``params`` as one flat range (:class:`~proxrl.run.guards.FlatGrads` of
+    contiguous parameters; every parameter must get a gradient from each minibatch's loss) — the gym's small
+    networks, where per-tensor kernels dominate."""
     out = SGDResult()
-    buf = FlatGrads(params) if flat_grads else None
+    buf = flat_grads
     for epoch in range(epochs):
         st: dict = {}
         for j, idx in enumerate(order()):

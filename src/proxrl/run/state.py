@@ -32,30 +32,45 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def load_optimizer_states_merged(opt: torch.optim.Optimizer, parts: list[tuple[str, dict]], tensors: dict) -> None:
-    """Load the states of several single-group optimizers (``(prefix, meta)`` as :func:`optimizer_state` wrote
-    them, in order) into one optimizer whose parameters are theirs concatenated in that order — the state an
-    older checkpoint layout kept in one optimizer per network. Each of ``opt``'s groups takes the saved
-    hyperparameters of the part its first parameter came from (the same settings when parts share a group);
-    a group's own keys that the old ones lack (e.g. ``name``) stay."""
-    state, saved_groups, offset = {}, [], 0
+def load_optimizer_states_flattened(opt: torch.optim.Optimizer, parts: list[tuple[str, dict]], tensors: dict,
+                                    members: list[int]) -> None:
+    """Load per-layer Adam states into an optimizer over contiguous leaves — the state an older checkpoint
+    layout kept with one Adam per network and one entry per layer. ``parts``: the old single-group
+    optimizers ``(prefix, meta)`` as :func:`optimizer_state` wrote them, in order; their layers, in that
+    order, are the leaves' members, ``members[i]`` of them in leaf ``i`` (the leaves in ``opt``'s order).
+    A leaf's ``exp_avg``/``exp_avg_sq`` are its layers' concatenated, its ``step`` their common step. Each
+    group keeps its own keys (e.g. ``name``) and takes the saved hyperparameters of its first layer's part."""
+    layers, group_of = [], []  # per old layer: its state (dict of tensors), its saved group
     for prefix, meta in parts:
         (saved,) = meta["param_groups"]  # one group each
-        for i, keys in meta["keys"].items():
-            state[offset + int(i)] = {k: tensors[f"{prefix}/{i}/{k}"].clone() for k in keys}
-        saved_groups.append((offset, saved))
-        offset += len(saved["params"])
-    if offset != sum(len(g["params"]) for g in opt.param_groups):
-        raise ValueError(f"{offset} saved parameters, the optimizer has {sum(len(g['params']) for g in opt.param_groups)}")
-    groups, start = [], 0
+        for i in saved["params"]:
+            keys = meta["keys"].get(str(i), [])
+            layers.append({k: tensors[f"{prefix}/{i}/{k}"] for k in keys})
+            group_of.append(saved)
+    if sum(members) != len(layers):
+        raise ValueError(f"{len(layers)} saved parameters, the optimizer's leaves hold {sum(members)}")
+    state, first_layer, start = {}, [], 0
+    for leaf, n in enumerate(members):
+        mine = layers[start:start + n]
+        first_layer.append(start)
+        start += n
+        if not any(mine):
+            continue
+        if not all(mine) or len({float(st["step"]) for st in mine}) != 1:
+            raise ValueError(f"the layers of leaf {leaf} were not stepped together")
+        state[leaf] = {"step": mine[0]["step"].clone()}
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if k in mine[0]:
+                state[leaf][k] = torch.cat([st[k].reshape(-1) for st in mine])
+    groups, leaf = [], 0
     for group in opt.param_groups:
-        saved = [s for off, s in saved_groups if off <= start][-1]
-        merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
-        merged["params"] = list(range(start, start + len(group["params"])))
+        saved = group_of[first_layer[leaf]]
+        merged = {**{k: v for k, v in group.items() if k != "params"}, **{k: v for k, v in saved.items() if k != "params"}}
+        merged["params"] = list(range(leaf, leaf + len(group["params"])))
         if "betas" in merged:
             merged["betas"] = tuple(merged["betas"])
         groups.append(merged)
-        start += len(group["params"])
+        leaf += len(group["params"])
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -86,8 +101,9 @@ def set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str 
 
 #: Version of the checkpoint layout written by this proxrl (``state.json`` key ``version``). 1: no key
 #: (proxrl ≤ 0.1, read as before); 2: the run layer (same tensors and keys, plus ``version``); 3: gym runs keep
-#: one optimizer ``optimizer`` over actor and critic instead of ``actor_opt`` + ``critic_opt``
-#: (older gym checkpoints load, their two optimizers merged; the LM layout is unchanged).
+#: one optimizer ``optimizer`` over the actor and the critic, one contiguous tensor each, instead of
+#: ``actor_opt`` + ``critic_opt`` with one entry per layer (older gym checkpoints load, their states
+#: concatenated; the LM layout is unchanged).
 CHECKPOINT_VERSION = 3
 
 

@@ -101,14 +101,16 @@ class FlatGrads:
         self.flat = store.grad[store._spans[networks[0]][0]:store._spans[networks[-1]][1]]
 
     def attach(self) -> None:
-        """Zero the range and make it the gradient of those networks' leaves and parameters (call after the
-        optimizer's zero_grad, which unsets the leaves' gradients: the other networks' leaves stay unset, so
-        the optimizer does not step them)."""
+        """Zero the range and make it the gradient of those networks' leaves and parameters; the other
+        networks' leaves get none, so the optimizer does not step them (this replaces its zero_grad)."""
         self.flat.zero_()
         st = self.store
-        for i in self.networks:
+        for i, leaf in enumerate(st.leaves):
+            if i not in self.networks:
+                leaf.grad = None
+                continue
             lo, hi = st._spans[i]
-            st.leaves[i].grad = st.grad[lo:hi]
+            leaf.grad = st.grad[lo:hi]
             for p, v in zip(st.members[i], st._views[i]):
                 p.grad = v
 

@@ -59,10 +59,11 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
         for j, idx in enumerate(order()):
             where = f" (epoch {epoch + 1}, minibatch {j + 1})" if update is not None else \
                 f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
             if buf is not None:
-                buf.attach()
+                buf.attach()  # zeroes and sets every gradient the optimizers see
+            else:
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
             if dist is not None and dist.on:
                 err = None
                 try:

@@ -60,8 +60,8 @@ class ModelOptions:
     """storage dtype of the frozen weights (the reference, a frozen trunk under LoRA); trained weights, their
     Adam state and the value/reward heads are always float32 master copies (float64 with float64)"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (log-softmax, KL
-    and heads stay float32); 'auto' = bf16 when dtype is bfloat16, else fp32"""
+    """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (the LM head,
+    log-softmax, KL and value/reward heads stay float32); 'auto' = bf16 when dtype is bfloat16, else fp32"""
     gradient_checkpointing: bool = False
     """recompute each transformer block's activations in backward instead of keeping them (activation memory of
     about one block instead of all, for about one more forward per training step); the result is unchanged"""

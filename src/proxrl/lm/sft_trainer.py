@@ -26,7 +26,7 @@ from .config import SFTConfig, check_new_out
 from .data import read_records
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
                       load_tokenizer, stop_token_ids, use_chat_template)
-from .policy import autocast, forward, to_master
+from .policy import autocast, float32_head, forward, to_master
 
 
 def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):
@@ -60,7 +60,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     tok = load_tokenizer(cfg.model)
     pad = ensure_pad_token(tok, base)
     eos = stop_token_ids(tok, base, field="model")[0] if tok.eos_token_id is None else tok.eos_token_id
-    freeze(base)
+    freeze(float32_head(base))  # the logits in float32 under autocast
     model = to_master(apply_finetune(base, cfg)).to(cfg.device)  # float32 master weights of what trains
     chat = use_chat_template(tok, cfg.chat_template)
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)

@@ -175,10 +175,26 @@ def to_master(model: nn.Module) -> nn.Module:
 
 
 def autocast(device: str, amp: Optional[torch.dtype]):
-    """``torch.autocast`` of the model forwards in ``amp`` (bf16) on ``device``; a no-op when ``amp`` is None."""
+    """``torch.autocast`` of the model forwards in ``amp`` (bf16 or fp16) on ``device``; a no-op when ``amp`` is None."""
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=amp)
+
+
+def grad_scaler(device: str, amp: Optional[torch.dtype]):
+    """A :class:`torch.amp.GradScaler` for fp16 compute on ``device`` (its default initial scale 2¹⁶, ×2 every
+    2000 steps without overflow, ×½ at an overflow); None for fp32 and bf16, whose gradients need no scaling."""
+    if amp != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def scaler_state(scaler) -> Optional[dict]:
+    """The scaler's state as JSON numbers (the scale and its growth counter), for checkpoints; None without one."""
+    if scaler is None:
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v) if isinstance(v, int) else v)
+            for k, v in scaler.state_dict().items()}
 
 
 def make_head(d: int, dtype: torch.dtype) -> nn.Linear:

@@ -31,14 +31,17 @@ def check_parameters(named: Iterable[tuple[str, Tensor]], update: int) -> None:
             check_finite(f"weight {name} after the optimizer step", p.detach(), update)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Optional[int], where: str = "") -> Tensor:
-    """Clip the global gradient norm to ``max_grad_norm`` (0 disables clipping) and check it is finite;
-    returns the norm before clipping."""
+def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Optional[int], where: str = "",
+                   check: bool = True) -> Tensor:
+    """Clip the global gradient norm to ``max_grad_norm`` (0 disables clipping) and check it is finite
+    (``check``; off under a gradient scaler, which skips a step with inf/NaN gradients itself); returns the
+    norm before clipping."""
     if max_grad_norm > 0:
         norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    check_finite("gradient norm", norm, update, where)
+    if check:
+        check_finite("gradient norm", norm, update, where)
     return norm
 
 

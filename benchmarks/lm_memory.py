@@ -3,8 +3,12 @@
 * peak memory of one PPO update of SmolLM2-135M (all weights, and LoRA) against a plain Hugging Face
   forward+backward of the same shapes (micro-batch × (prompt + response) tokens, cross-entropy on the
   response positions) — the peak resident size above the size after loading;
-* tokens/s of proxrl's sampling loop against ``model.generate(do_sample=True, top_k=0)`` for the same
-  prompts and length.
+* tokens/s of proxrl's sampling loop (:func:`proxrl.lm.sampling.sample`) against
+  ``model.generate(do_sample=True, top_k=0)`` for the same prompt ids and length: both in one process,
+  interleaved pair by pair (alternating which goes first), each timed from token ids to token ids; the ratio is
+  the median of the pairs' ratios. ``PPOTrainer.generate`` (which also tokenises, truncates at the stop token
+  and decodes) is reported on its own line. (Before: the two samplers ran in separate processes, and the
+  proxrl side timed ``PPOTrainer.generate`` with its decoding against bare ``generate``.)
 
     python benchmarks/lm_memory.py [--tiny] [--reps 3]     → results/lm_memory.{json,md}
 """
@@ -38,19 +42,32 @@ torch.manual_seed(0)
 vocab = tr.policy.lm.get_output_embeddings().weight.shape[0]
 prompts = [" ".join(["movie"] * (P - 1))] * B
 out = {}
-if task["mode"] == "sample-proxrl":
-    tr.generate(prompts[:2]); t0 = time.perf_counter(); ro = tr.generate(prompts, seed=1)
-    out["tokens_per_s"] = float(ro.response_mask.sum()) / (time.perf_counter() - t0)
-elif task["mode"] == "sample-generate":
+if task["mode"] == "sample":
+    # fair: both samplers in this one process on the same prompt ids, interleaved pair by pair (alternating
+    # which goes first), each timed from ids to ids — no tokenising or decoding on either side; the whole
+    # PPOTrainer.generate (encode, sample, truncate, decode) is reported separately
     from proxrl.lm.loading import left_pad
-    q, m = left_pad(tr.encode(prompts), tr.pad_id)
-    g = lambda n: tr.policy.lm.generate(input_ids=q[:n], attention_mask=m[:n], do_sample=True, top_k=0, top_p=1.0,
-                                        temperature=1.0, max_new_tokens=R, pad_token_id=tr.pad_id, eos_token_id=tr.stop_ids)
-    with torch.inference_mode():
-        g(2); t0 = time.perf_counter(); o = g(B); dt = time.perf_counter() - t0
     from proxrl.lm.rollout import truncate_at_stop
-    _, mask, _ = truncate_at_stop(o[:, q.shape[1]:], tr.stop_ids, tr.pad_id)
-    out["tokens_per_s"] = float(mask.sum()) / dt
+    from proxrl.lm.sampling import sample
+    q, m = left_pad(tr.encode(prompts), tr.pad_id)
+    lm = tr.policy.lm
+    gen = lambda n, s: lm.generate(input_ids=q[:n], attention_mask=m[:n], do_sample=True, top_k=0, top_p=1.0,
+                                   temperature=1.0, max_new_tokens=R, pad_token_id=tr.pad_id,
+                                   eos_token_id=tr.stop_ids)[:, q.shape[1]:]
+    own = lambda n, s: sample(lm, q[:n], m[:n], R, 1.0, tr.stop_ids, tr.pad_id, torch.Generator().manual_seed(s))
+    def timed(fn, n, s):
+        torch.manual_seed(s)
+        t0 = time.perf_counter(); o = fn(n, s); dt = time.perf_counter() - t0
+        return float(truncate_at_stop(o, tr.stop_ids, tr.pad_id)[1].sum()) / dt
+    with torch.inference_mode():
+        timed(own, 2, 0); timed(gen, 2, 0)
+        runs = {"proxrl": [], "generate": []}
+        for i in range(task["pairs"]):
+            for name in (("proxrl", "generate") if i % 2 == 0 else ("generate", "proxrl")):
+                runs[name].append(timed(own if name == "proxrl" else gen, B, i + 1))
+    tr.generate(prompts[:2]); t0 = time.perf_counter(); ro = tr.generate(prompts, seed=1)
+    out = {"runs": runs, "pair_ratios": [a / b for a, b in zip(runs["proxrl"], runs["generate"])],
+           "trainer_generate_tokens_per_s": float(ro.response_mask.sum()) / (time.perf_counter() - t0)}
 else:
     ids = torch.randint(3, vocab, (B, P + R))
     mask = torch.ones_like(ids)
@@ -86,6 +103,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=4, help="interleaved proxrl/generate sampling pairs per repetition")
     ap.add_argument("--out", default=str(RESULTS / "lm_memory"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -107,23 +125,28 @@ def main() -> int:
                 r = measure({**shapes, "finetune": finetune, "mode": mode}, model, args.threads)
                 rows.setdefault(f"{finetune}/{mode}", []).append(r["peak_mib"])
                 print(f"rep {rep} {finetune} {mode}: peak +{r['peak_mib']:.0f} MiB", file=sys.stderr)
-        for mode in ("sample-proxrl", "sample-generate"):
-            r = measure({**shapes, "finetune": "lora", "mode": mode}, model, args.threads)
-            rows.setdefault(mode, []).append(r["tokens_per_s"])
-            print(f"rep {rep} {mode}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        r = measure({**shapes, "finetune": "lora", "mode": "sample", "pairs": args.pairs}, model, args.threads)
+        for name in ("proxrl", "generate"):
+            rows.setdefault(f"sample-{name}", []).extend(r["runs"][name])
+        rows.setdefault("sample-ratio", []).extend(r["pair_ratios"])
+        rows.setdefault("sample-trainer", []).append(r["trainer_generate_tokens_per_s"])
+        print(f"rep {rep} sampling tokens/s: proxrl {r['runs']['proxrl']}, generate {r['runs']['generate']}, "
+              f"PPOTrainer.generate {r['trainer_generate_tokens_per_s']:.1f}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rows.items()}
     summary = {"model": "tiny llama" if args.tiny else "SmolLM2-135M-Instruct", "machine": machine(None),
                "shapes": shapes, "threads": args.threads, "reps": rows, "median": med,
                "peak_ratio_full": med["full/update"] / med["full/plain"],
                "peak_ratio_lora": med["lora/update"] / med["lora/plain"],
-               "sampling_ratio": med["sample-proxrl"] / med["sample-generate"]}
+               "sampling_ratio": med["sample-ratio"],  # median of the in-process interleaved pairs' ratios
+               "trainer_generate_vs_generate": med["sample-trainer"] / med["sample-generate"]}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# LM memory and sampling ({summary['model']}, {args.threads} threads, medians of {args.reps})", "",
           f"shapes: batch {shapes['batch']}, micro-batch {shapes['micro']}, prompt {shapes['prompt']} + response "
           f"{shapes['response']} tokens", "", "| quantity | proxrl | plain HF | ratio |", "|---|---|---|---|",
           f"| peak memory of an update, all weights (MiB above loaded) | {med['full/update']:.0f} | {med['full/plain']:.0f} | {summary['peak_ratio_full']:.2f} |",
           f"| peak memory of an update, LoRA (MiB above loaded) | {med['lora/update']:.0f} | {med['lora/plain']:.0f} | {summary['peak_ratio_lora']:.2f} |",
-          f"| sampling tokens/s (proxrl loop vs generate) | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |"]
+          f"| sampling tokens/s (proxrl's loop vs generate, ids to ids, interleaved in one process; ratio: median of the pairs') | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |",
+          f"| PPOTrainer.generate (encode + loop + truncate + decode) vs generate | {med['sample-trainer']:.1f} | {med['sample-generate']:.1f} | {summary['trainer_generate_vs_generate']:.2f} |"]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps({k: summary[k] for k in ("peak_ratio_full", "peak_ratio_lora", "sampling_ratio")}))
     return 0

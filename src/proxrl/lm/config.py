@@ -59,9 +59,11 @@ class ModelOptions:
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     """storage dtype of the frozen weights (the reference, a frozen trunk under LoRA); trained weights, their
     Adam state and the value/reward heads are always float32 master copies (float64 with float64)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (log-softmax, KL
-    and heads stay float32); 'auto' = bf16 when dtype is bfloat16, else fp32"""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """compute precision: 'bf16' runs the model forwards under torch.autocast in bfloat16 (the LM head,
+    log-softmax, KL and value/reward heads stay float32); 'fp16' the same in float16 with a gradient scaler
+    (the loss scaled before backward, a step whose gradients overflow skipped and logged, the scale lowered);
+    'auto' = bf16 when dtype is bfloat16, else fp32"""
     gradient_checkpointing: bool = False
     """recompute each transformer block's activations in backward instead of keeping them (activation memory of
     about one block instead of all, for about one more forward per training step); the result is unchanged"""
@@ -85,6 +87,10 @@ class ModelOptions:
         check(self.max_prompt_length >= 1, "max_prompt_length", f"must be ≥ 1, got {self.max_prompt_length}")
         check(not (self.precision == "fp32" and self.dtype == "bfloat16"), "precision",
               "fp32 compute with bfloat16 weights mixes dtypes in every layer", "use --precision bf16 or auto")
+        check(not (self.precision == "fp16" and self.dtype != "float32"), "precision",
+              f"fp16 compute needs float32 weights, got --dtype {self.dtype} (bf16 frozen weights would meet fp16 "
+              "activations in every layer; float64 is for exactness checks)",
+              "use --dtype float32 with --precision fp16, or --precision bf16")
 
     @property
     def amp(self):
@@ -92,7 +98,7 @@ class ModelOptions:
         import torch
 
         mode = self.precision if self.precision != "auto" else ("bf16" if self.dtype == "bfloat16" else "fp32")
-        return torch.bfloat16 if mode == "bf16" else None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,6 +315,9 @@ class PPOConfig(ModelOptions):
               "top-k/top-p sampling with an exact KL(π_old‖π_θ) (ppo-kl's β, trpo's trust region): the truncated "
               "supports of π_old and π_θ can differ, which makes that KL infinite",
               "use a clipped or importance-sampled rung (ppo-clip, grpo, is-pg), or sample without truncation")
+        check(not (self.precision == "fp16" and self.update_rule == "trust-region"), "precision",
+              "fp16 needs a gradient scaler, and the trust-region update (trpo) takes no optimizer step to scale",
+              "use --precision bf16 or fp32 with trpo")
         check(self.target_kl_ref > 0, "target_kl_ref", f"must be > 0, got {self.target_kl_ref}")
         check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")

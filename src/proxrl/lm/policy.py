@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -61,12 +62,41 @@ def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidde
     return logits, h
 
 
+def _float32_linear(self: nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` that, under autocast, runs in float32 (input, weight and bias cast up; the
+    result float32) instead of autocast's half-precision matmul; unchanged outside autocast."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return nn.Linear.forward(self, x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bias = self.bias.float() if self.bias is not None else None
+        return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def float32_head(model: nn.Module) -> nn.Module:
+    """The output projection (LM head) of ``model`` computed in float32 under autocast, so that logits are
+    never rounded to bf16/fp16 before the float32 log-softmax: every log-prob the sampler draws from, the
+    ratios and the KL use carries float32 logits of the half-precision trunk's last hidden state (a bf16
+    logit of magnitude 4–8 is rounded by up to 2⁻⁶–2⁻⁵, an error of that size in every log-prob; fp16 logits
+    can also overflow). The standard practice of mixed-precision LM training (e.g. MiniMax-M1's float32 LM
+    head for RL). Costs a float32 instead of a half ``[B, L, V]`` logits tensor and a float32 head matmul.
+
+    Done by binding :func:`_float32_linear` as the head's ``forward`` (a bound method: ``copy.deepcopy`` of
+    the model binds it to the copy's head); the parameters, their names and tied embeddings are untouched.
+    Only a plain ``nn.Linear`` head is changed (any other is left as it is); idempotent. Returns ``model``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if type(head) is nn.Linear and not getattr(head, "proxrl_float32", False):
+        head.forward = types.MethodType(_float32_linear, head)
+        head.proxrl_float32 = True
+    return model
+
+
 def log_probs_all(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   keep: Optional[Tensor] = None) -> Tensor:
-    """``log_softmax(logits / T)`` over the vocabulary (bfloat16 logits are normalised in float32); with
+    """``log_softmax(logits / T)`` over the vocabulary (half-precision logits are normalised in float32); with
     ``top_k``/``top_p`` of the truncated distribution the sampler draws from (:func:`proxrl.core.truncate_logits`,
     ``keep`` the scored tokens), −inf outside it."""
-    x = logits.float() if logits.dtype == torch.bfloat16 else logits
+    x = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
     x = x / temperature if temperature != 1.0 else x
     return torch.log_softmax(core.truncate_logits(x, top_k, top_p, keep), dim=-1)
 
@@ -145,10 +175,26 @@ def to_master(model: nn.Module) -> nn.Module:
 
 
 def autocast(device: str, amp: Optional[torch.dtype]):
-    """``torch.autocast`` of the model forwards in ``amp`` (bf16) on ``device``; a no-op when ``amp`` is None."""
+    """``torch.autocast`` of the model forwards in ``amp`` (bf16 or fp16) on ``device``; a no-op when ``amp`` is None."""
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=amp)
+
+
+def grad_scaler(device: str, amp: Optional[torch.dtype]):
+    """A :class:`torch.amp.GradScaler` for fp16 compute on ``device`` (its default initial scale 2¹⁶, ×2 every
+    2000 steps without overflow, ×½ at an overflow); None for fp32 and bf16, whose gradients need no scaling."""
+    if amp != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def scaler_state(scaler) -> Optional[dict]:
+    """The scaler's state as JSON numbers (the scale and its growth counter), for checkpoints; None without one."""
+    if scaler is None:
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v) if isinstance(v, int) else v)
+            for k, v in scaler.state_dict().items()}
 
 
 def make_head(d: int, dtype: torch.dtype) -> nn.Linear:
@@ -180,7 +226,7 @@ class LMPolicy(nn.Module):
         self.amp, self.device_name = opts.amp, opts.device
         # top-k / top-p sampling (PPO's options; none for SFT/RM): log-probs are of the truncated distribution
         self.top_k, self.top_p = int(getattr(opts, "top_k", 0)), float(getattr(opts, "top_p", 1.0))
-        freeze(base)
+        freeze(float32_head(base))  # float32 logits under autocast (and in every copy below)
         self.is_lora = opts.finetune == "lora"
         # the reference: the base itself (adapter disabled) with LoRA, else a frozen copy (LM-14)
         self.ref_lm = None if self.is_lora else freeze(copy.deepcopy(base))
@@ -273,7 +319,7 @@ class RewardModel(nn.Module):
         self.amp, self.device_name = opts.amp, opts.device
         # top-k / top-p sampling (PPO's options; none for SFT/RM): log-probs are of the truncated distribution
         self.top_k, self.top_p = int(getattr(opts, "top_k", 0)), float(getattr(opts, "top_p", 1.0))
-        freeze(base)
+        freeze(float32_head(base))
         self.lm = to_master(apply_finetune(base, opts))
         self.head = make_head(hidden_size(base), dtype)
         self.register_buffer("score_mean", torch.zeros((), dtype=dtype))

@@ -44,7 +44,7 @@ from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_sta
 from .common import keep_freed_memory
 from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
 from .data import read_records
-from .policy import LMPolicy, RewardModel, build_policy
+from .policy import LMPolicy, RewardModel, build_policy, grad_scaler, scaler_state
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
                       token_batch, token_rewards, truncate_at_stop)
 from .update import accumulate, exact_kl_to_old, importance_weights_after, micro_weight, sgd_update  # noqa: F401
@@ -82,6 +82,7 @@ class PPOTrainer:
         self.scorer = Scorer(reward if reward is not None else cfg.reward, policy, self.rollouts.chat,
                              cfg.max_prompt_length, cfg.forward_batch_size)
         self.optimizer = make_adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+        self.scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only: loss scaling, overflowing steps skipped
         self.kl_coef = cfg.kl_coef
         self.penalty_beta = cfg.penalty_beta
         self.step_count = 0
@@ -148,7 +149,7 @@ class PPOTrainer:
     def accumulate(self, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor) -> dict[str, float]:
         """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step)."""
         return accumulate(self.policy, self.cfg, batch, ids, mask, rows, self.penalty_beta, self.step_count + 1, "",
-                          kl_coef=self.kl_coef)
+                          kl_coef=self.kl_coef, scaler=self.scaler)
 
     def step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:
         """One PPO update on a scored rollout; returns its metrics.
@@ -163,13 +164,16 @@ class PPOTrainer:
         backup = None
         if self.cfg.on_nonfinite == "skip":
             backup = Backup(self.policy, [self.optimizer], state_dict=self.policy.trainable_state,
-                            load=self.policy.load_trainable, extra=(self.penalty_beta, self.kl_coef))
+                            load=self.policy.load_trainable,
+                            extra=(self.penalty_beta, self.kl_coef, scaler_state(self.scaler)))
         try:
             return self._step(rollout, scores)
         except NumericsError as e:
             if backup is None:
                 raise
-            self.penalty_beta, self.kl_coef = backup.restore()
+            self.penalty_beta, self.kl_coef, scaler_st = backup.restore()
+            if scaler_st is not None:
+                self.scaler.load_state_dict(scaler_st)
             self.step_count += 1
             print(f"warning: update {self.step_count} skipped: {e}", file=sys.stderr)
             return {"step": self.step_count, "beta": self.kl_coef, "beta_next": self.kl_coef,
@@ -194,7 +198,7 @@ class PPOTrainer:
             metrics = trust_region_update(self.policy, cfg, batch, ids, mask, update, self.kl_coef)
         else:
             metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle,
-                                 update, self.dist, self.kl_coef)
+                                 update, self.dist, self.kl_coef, self.scaler)
         check_parameters(self.policy.named_parameters(), update)
         if penalty:  # once per update, on the exact KL after it, as on the gym side (DETAILS 9)
             metrics["kl_old_exact"] = exact_kl_to_old(self.policy, params, theta_old, ids, mask, batch.mask,
@@ -265,7 +269,8 @@ class PPOTrainer:
         """Everything of the trainer that decides the rest of a run: trainable weights (``policy.*``: LoRA
         adapters or trained weights, value head), Adam state (``optimizer/*`` + JSON param groups — the
         learning rate is constant, so they are the whole schedule), the minibatch/prompt shuffle generator
-        (``rng/shuffle``), both β and the update counter. The sampling seed of update u is derived from
+        (``rng/shuffle``), both β, the update counter and, with fp16, the gradient scaler's state (``grad_scaler``:
+        its scale and growth counter). The sampling seed of update u is derived from
         ``seed`` and u, so nothing more is needed for generation."""
         tensors = {f"policy.{k}": v for k, v in self.policy.trainable_state().items()}
         opt_t, opt_meta = optimizer_state(self.optimizer, "optimizer")
@@ -273,7 +278,8 @@ class PPOTrainer:
         tensors["rng/shuffle"] = self.shuffle.get_state()
         for i, snap in enumerate(self.lagged if self.cfg.rollout_lag else ()):
             tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})
-        return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self.rollouts.warned_negative_kl}
+        return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self.rollouts.warned_negative_kl,
+                         "grad_scaler": scaler_state(self.scaler)}
 
     def load_checkpoint_state(self, tensors: dict[str, Tensor], state: dict) -> None:
         """Inverse of :meth:`checkpoint_state` (the trainer must be built from the same config)."""
@@ -285,6 +291,10 @@ class PPOTrainer:
         self.policy.load_trainable(own)
         load_optimizer_state(self.optimizer, "optimizer", tensors, state["optimizer"])
         self.shuffle.set_state(tensors["rng/shuffle"])
+        if self.scaler is not None:  # fp16: the loss scale and its growth counter continue
+            if not isinstance(state.get("grad_scaler"), dict):
+                raise CheckpointError("checkpoint: an fp16 run's checkpoint without the gradient scaler's state")
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.lagged.clear()
         i = 0
         while self.cfg.rollout_lag and any(k.startswith(f"lagged/{i}/") for k in tensors):
@@ -549,6 +559,9 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             if m["skipped"]:
                 log(f"update {m['step']:>3}/{cfg.updates}  SKIPPED: {m['skipped']}")
             else:
+                if m.get("steps_skipped"):
+                    log(f"update {m['step']:>3}/{cfg.updates}  fp16: {m['steps_skipped']} optimizer step(s) skipped "
+                        f"(gradients overflowed), loss scale now {m['loss_scale']:g}")
                 log(f"update {m['step']:>3}/{cfg.updates}  reward {m['reward_mean']:+.4f}  kl_ref {m['kl_ref']:.3f}  "
                     f"beta {m['beta']:.4f}  approx_kl {m['approx_kl']:.4f}  clip {m['clip_fraction']:.3f}  "
                     f"len {m['response_length']:.1f}  eos {m['eos_rate']:.2f}  {dt:.1f}s  "

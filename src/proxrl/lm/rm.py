@@ -22,13 +22,13 @@ from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..errors import ConfigError
 from ..run.rundir import open_lm_run
-from ..run.sgd import chunks, sgd_epochs
+from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
 from .config import RMConfig, check_new_out
 from .data import read_records
 from .loading import encode_prompt, left_pad, use_chat_template
-from .policy import build_reward_model
+from .policy import build_reward_model, grad_scaler
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
@@ -95,6 +95,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     train_pairs = [pairs[i] for i in order[n_eval:]]
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
+    scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only
     # several processes: each takes its pairs of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
     d, writer, log = open_lm_run("rm", cfg, cfg.model, overwrite, log)
@@ -111,7 +112,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
             w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
             loss = bradley_terry_loss(rc, rr)
             check_finite("loss", loss.detach(), None, where)
-            (loss * w).backward()
+            backward(loss * w, scaler)
             loss_total += w * float(loss.detach())
             acc_total += w * float(pairwise_accuracy(rc.detach(), rr.detach()))
         return {"loss": loss_total, "accuracy": acc_total}
@@ -121,11 +122,15 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         step += 1
         both = d.all_reduce_(torch.tensor([st["loss"], st["accuracy"]], dtype=torch.float64)).tolist()
         st = {"loss": both[0], "accuracy": both[1]}
-        writer.metrics({"step": step, "epoch": epoch, **st, "grad_norm": grad_norm, "skipped": 0, "time": timer()})
-        log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}")
+        skipped = not math.isfinite(grad_norm)  # only the gradient scaler skips a step (fp16 overflow)
+        writer.metrics({"step": step, "epoch": epoch, **st, "grad_norm": None if skipped else grad_norm,
+                        "skipped": int(skipped), **({"loss_scale": scaler.get_scale()} if scaler is not None else {}),
+                        "time": timer()})
+        log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}" + (
+            f"  SKIPPED: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}" if skipped else ""))
 
-    sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged, dist=d)
+    res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
+               None, minibatch, after_step=logged, dist=d, scaler=scaler)
     with torch.inference_mode():
         def scores(ps):
             out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
@@ -145,6 +150,8 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
                "score_std": float(rm.score_std), "wall_time": timer()}
+    if scaler is not None:  # fp16: optimizer steps the gradient scaler skipped (gradients overflowed)
+        summary.update(steps_skipped=res.steps_skipped, loss_scale=scaler.get_scale())
     # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     writer.metrics({"step": step, "final": True, **summary})

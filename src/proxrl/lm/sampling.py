@@ -31,7 +31,9 @@ class InverseCDFSampler:
         ``shard`` of a batch of ``n`` — one uniform is drawn for each of the n rows (the stream belongs to
         the data, not to the process) and the shard's are used, so any split of a batch over processes
         samples what one process samples."""
-        probs = torch.softmax(core.truncate_logits(logits.float() / self.temperature, self.top_k, self.top_p), dim=-1)
+        x = logits.float()
+        x = x / self.temperature if self.temperature != 1.0 else x  # x / 1.0 == x: one [B, V] pass saved
+        probs = torch.softmax(core.truncate_logits(x, self.top_k, self.top_p), dim=-1)
         cdf = probs.cumsum(-1, dtype=torch.float64)                  # [B, V], cdf[:, -1] ≈ 1
         n = rows[1] if rows is not None else cdf.shape[0]
         u = torch.rand(n, 1, dtype=torch.float64, device=cdf.device, generator=self.generator)

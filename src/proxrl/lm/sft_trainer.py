@@ -19,14 +19,14 @@ from ..run import checkpoint
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..run.rundir import open_lm_run
-from ..run.sgd import chunks, sgd_epochs
+from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory
 from .config import SFTConfig, check_new_out
 from .data import read_records
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
                       load_tokenizer, stop_token_ids, use_chat_template)
-from .policy import autocast, forward, to_master
+from .policy import autocast, float32_head, forward, grad_scaler, to_master
 
 
 def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, max_response: int, eos: int):
@@ -60,12 +60,13 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     tok = load_tokenizer(cfg.model)
     pad = ensure_pad_token(tok, base)
     eos = stop_token_ids(tok, base, field="model")[0] if tok.eos_token_id is None else tok.eos_token_id
-    freeze(base)
+    freeze(float32_head(base))  # the logits in float32 under autocast
     model = to_master(apply_finetune(base, cfg)).to(cfg.device)  # float32 master weights of what trains
     chat = use_chat_template(tok, cfg.chat_template)
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
+    scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only
     # several processes: each takes its rows of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
     d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log)
@@ -86,24 +87,27 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
             with autocast(cfg.device, cfg.amp):
                 loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
             check_finite("loss", loss.detach(), None, where)
-            loss.backward()
+            backward(loss, scaler)
             loss_sum += float(loss.detach())
         return {"loss": loss_sum, "tokens": n_tok}
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
         nonlocal step, total, warned
         step, total = step + 1, float(d.all_reduce_(torch.tensor([st["loss"]], dtype=torch.float64)))
-        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], "grad_norm": grad_norm,
-                        "skipped": 0, "time": timer()})
-        log(f"sft step {step}  loss {total:.4f}")
-        if not warned and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
+        skipped = not math.isfinite(grad_norm)  # only the gradient scaler skips a step (fp16 overflow)
+        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"],
+                        "grad_norm": None if skipped else grad_norm, "skipped": int(skipped),
+                        **({"loss_scale": scaler.get_scale()} if scaler is not None else {}), "time": timer()})
+        log(f"sft step {step}  loss {total:.4f}" + (f"  SKIPPED: fp16 gradients overflowed, loss scale now "
+                                                    f"{scaler.get_scale():g}" if skipped else ""))
+        if not warned and not skipped and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
             warned = True  # a diverged model predicts ~uniformly with saturated, zero-gradient logits
             print(f"warning: lr: SFT loss {total:.3f} is at ln(vocab) = {uniform:.3f} with gradient norm "
                   f"{grad_norm:.1e} after {step} steps: the model learns nothing; the learning rate {cfg.lr:g} is "
                   "probably far too large (try --lr 1e-4)", file=sys.stderr)
 
-    sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged, dist=d)
+    res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
+               None, minibatch, after_step=logged, dist=d, scaler=scaler)
     tensors = {f"policy.lm.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
     summary = {"steps": step, "final_loss": total, "wall_time": timer()}
     d.barrier()
@@ -119,5 +123,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
             items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
         writer.samples("after SFT (greedy, training prompts)", items)
     summary = {"steps": step, "final_loss": total, "wall_time": timer()}
+    if scaler is not None:  # fp16: optimizer steps the gradient scaler skipped (gradients overflowed)
+        summary.update(steps_skipped=res.steps_skipped, loss_scale=scaler.get_scale())
     checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import core, objective
 from ..batch import Batch
 from ..run.guards import check_finite
-from ..run.sgd import minibatches, sgd_epochs
+from ..run.sgd import backward, minibatches, sgd_epochs
 from .policy import LMPolicy
 
 
@@ -31,12 +31,13 @@ def micro_weight(micro_mask: Tensor, minibatch_mask: Tensor, agg: str) -> Tensor
 
 
 def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, rows: Tensor, penalty_beta: float,
-               update: int, where: str, dist=None, kl_coef: float = 0.0) -> dict[str, float]:
+               update: int, where: str, dist=None, kl_coef: float = 0.0, scaler=None) -> dict[str, float]:
     """Backward of one minibatch ``rows``, micro-batch by micro-batch (no optimizer step); returns the
     minibatch's statistics (weighted means; ``ratio_max`` a max). On several processes (``dist``) this
     rank takes its part of ``rows``; each micro loss keeps its weight in the *global* minibatch, so the
     gradients summed over ranks are the single-process gradient, and so are the statistics summed. With
-    ``cfg.kl_in == 'loss'`` the loss gets ``kl_coef``·:func:`proxrl.core.kl_ref_loss` (GRPO's placement)."""
+    ``cfg.kl_in == 'loss'`` the loss gets ``kl_coef``·:func:`proxrl.core.kl_ref_loss` (GRPO's placement).
+    ``scaler`` (fp16): each micro loss is multiplied by the gradient scaler's scale before backward."""
     R = batch.shape[1]
     agg_len = cfg.response_length if cfg.loss_agg == "constant" else None
     kl_in_loss = getattr(cfg, "kl_in", "reward") == "loss"
@@ -66,7 +67,7 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
             loss = pg_loss - cfg.ent_coef * ent_mean
         for name, x in (("policy loss", pg_loss), ("value loss", v_loss), ("entropy", ent_mean)):
             check_finite(name, x.detach(), update, where)
-        (loss * w).backward()
+        backward(loss * w, scaler)
         wf = float(w)
         for k, val in {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": ent_mean, **st}.items():
             if k == "ratio_max":
@@ -78,17 +79,19 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
 
 def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: Batch, ids: Tensor, mask: Tensor,
                penalty_beta: float, shuffle: torch.Generator, update: int, dist=None,
-               kl_coef: float = 0.0) -> dict[str, float]:
+               kl_coef: float = 0.0, scaler=None) -> dict[str, float]:
     """``update_epochs`` × ``num_minibatches`` optimizer steps on the batch; returns the mean of each
     minibatch statistic over the steps (``ratio_max``: the max) and the mean gradient norm. With ``dist``
-    every minibatch of the one global permutation is split over the ranks (gradients summed)."""
+    every minibatch of the one global permutation is split over the ranks (gradients summed). With a
+    gradient ``scaler`` (fp16) also ``steps_skipped`` (steps whose gradients overflowed, skipped by the
+    scaler; the mean gradient norm is over the others) and ``loss_scale`` (the scale after the update)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     B = ids.shape[0]
     res = sgd_epochs([optimizer], params, cfg.update_epochs, lambda: minibatches(B, cfg.num_minibatches, shuffle),
                      cfg.max_grad_norm, update,
                      lambda rows, where: accumulate(policy, cfg, batch, ids, mask, rows, penalty_beta, update, where,
-                                                    dist, kl_coef),
-                     dist=dist)
+                                                    dist, kl_coef, scaler),
+                     dist=dist, scaler=scaler)
     totals: dict[str, float] = {}
     for sums in res.stats:
         for k, v in sums.items():
@@ -101,7 +104,11 @@ def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: B
             totals["ratio_max"] = float(dist.all_reduce_(torch.tensor([totals["ratio_max"]], dtype=torch.float64), "max"))
     n = max(len(res.stats), 1)
     out = {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}
-    out["grad_norm"] = sum(res.grad_norms) / n
+    norms = [g for g, skipped in zip(res.grad_norms, res.skipped) if not skipped]
+    out["grad_norm"] = sum(norms) / len(norms) if norms else None  # None: every step skipped by the scaler
+    if scaler is not None:
+        out["steps_skipped"] = res.steps_skipped
+        out["loss_scale"] = float(scaler.get_scale())
     return out
 
 

@@ -9,6 +9,7 @@ clip and its finite check, the step, and early stopping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,12 +24,23 @@ def minibatches(n: int, num_minibatches: int, generator: Optional[torch.Generato
     return list(torch.randperm(n, generator=generator).tensor_split(num_minibatches))
 
 
+def backward(loss: Tensor, scaler=None) -> None:
+    """``loss.backward()``, the loss multiplied by the gradient scaler's scale first when there is one
+    (:class:`torch.amp.GradScaler`: fp16 gradients that would underflow are kept representable)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 @dataclass
 class SGDResult:
     stats: list[dict] = field(default_factory=list)   # one dict per optimizer step, as minibatch_step returned
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # NaN for a step the gradient scaler skipped
     epochs_done: int = 0
     stopped_early: bool = False
+    skipped: list[bool] = field(default_factory=list)  # per step: the scaler found inf/NaN gradients and skipped it
+
+    @property
+    def steps_skipped(self) -> int:
+        return sum(self.skipped)
 
 
 def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Parameter], epochs: int,
@@ -36,7 +48,7 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
                after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None,
-               reduce_stats: bool = False, flat_grads: Optional[FlatGrads] = None) -> SGDResult:
+               reduce_stats: bool = False, flat_grads: Optional[FlatGrads] = None, scaler=None) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
@@ -51,7 +63,16 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's.
     ``flat_grads``: the gradients of ``params`` as one flat range (:class:`~proxrl.run.guards.FlatGrads` of
     contiguous parameters; every parameter must get a gradient from each minibatch's loss) — the gym's small
-    networks, where per-tensor kernels dominate."""
+    networks, where per-tensor kernels dominate.
+
+    ``scaler`` (a :class:`torch.amp.GradScaler`, fp16; ``minibatch_step`` then backpropagates
+    ``scaler.scale(loss)``, :func:`backward`): the gradients are unscaled before the clip; when they hold
+    inf/NaN the scaler skips the step and lowers its scale instead of the finite-gradient guard raising — the
+    step is recorded in ``SGDResult.skipped`` and ``after_step`` gets a NaN gradient norm for it. The loss
+    itself is still the caller's to check. On several processes the gradients are summed before the
+    unscale, so every rank skips the same steps."""
+    if flat_grads is not None and scaler is not None:
+        raise ValueError("sgd_epochs: flat_grads and a gradient scaler are not combined")
     out = SGDResult()
     buf = flat_grads
     for epoch in range(epochs):
@@ -82,12 +103,25 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                         st = {**st, **{k: flat[i] for i, k in enumerate(keys)}}
             else:
                 st = minibatch_step(idx, where)
-            norm = float(buf.clip(max_grad_norm, update, where) if buf is not None
-                         else clip_grad_norm(params, max_grad_norm, update, where))
-            for opt in optimizers:
-                opt.step()
+            if scaler is None:
+                norm = float(buf.clip(max_grad_norm, update, where) if buf is not None
+                             else clip_grad_norm(params, max_grad_norm, update, where))
+                for opt in optimizers:
+                    opt.step()
+                skipped = False
+            else:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                norm = float(clip_grad_norm(params, max_grad_norm, update, where, check=False))
+                scale = scaler.get_scale()
+                for opt in optimizers:
+                    scaler.step(opt)  # skipped by the scaler when its gradients held inf/NaN
+                scaler.update()
+                skipped = scaler.get_scale() < scale  # the scale is lowered exactly when inf/NaN was found
+                norm = math.nan if skipped else norm
             out.stats.append(st)
             out.grad_norms.append(norm)
+            out.skipped.append(skipped)
             if after_step is not None:
                 after_step(epoch, st, norm)
         out.epochs_done = epoch + 1

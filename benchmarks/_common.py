@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -89,8 +91,42 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+_ABS_PATH = re.compile(r"(?<![\w.:<~])/(?:[\w.+@-]+/)*[\w.+@-]+")
+
+
+def portable(obj):
+    """``obj`` with the paths of this machine replaced, so that committed results name no local directory:
+    a path in the repository becomes relative to it, a peer's interpreter ``PEER_VENV/bin/python``, a
+    temporary directory ``<tmp>/…``, anything else ``<local>/<last part>``."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(v) for v in obj)
+    if not isinstance(obj, str):
+        return obj
+
+    def repl(m: "re.Match") -> str:
+        path = m.group(0)
+        root = str(ROOT)
+        if path == root or path.startswith(root + "/"):
+            return os.path.relpath(path, root)
+        if path.endswith("/bin/python") or "/bin/python3" in path:
+            return "PEER_VENV/bin/" + path.rsplit("/", 1)[1]
+        tmp = tempfile.gettempdir()
+        if path.startswith(tmp + "/"):
+            return "<tmp>/" + path[len(tmp) + 1:].split("/", 1)[-1]
+        return "<local>/" + path.rstrip("/").rsplit("/", 1)[-1]
+
+    return _ABS_PATH.sub(repl, obj)
+
+
+def command_line(script: str, argv) -> str:
+    """How a result was produced, as committed: ``python benchmarks/<script> <args>`` without local paths."""
+    return portable(" ".join([f"python benchmarks/{script}"] + list(argv)))
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name
-    p.write_text(json.dumps(data, indent=1) + "\n")
+    p.write_text(json.dumps(portable(data), indent=1) + "\n")
     return p

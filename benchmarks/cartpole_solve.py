@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import add_peer_args, machine, median, peer_python, run_worker, write_json, RESULTS
+from _common import command_line, add_peer_args, machine, median, peer_python, run_worker, write_json, RESULTS
 
 SB3_ZOO = dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
                learning_rate="lin_1e-3", clip_range="lin_0.2")
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                                            / summary["sb3"]["median_time_with_eval"])
         summary["target_met"] = summary["ratio_time"] <= 0.25
     tag = f"-{args.tag}" if args.tag else ""
-    data = {"command": " ".join(["python benchmarks/cartpole_solve.py"] + (argv or sys.argv[1:])), "machine": info,
+    data = {"command": command_line("cartpole_solve.py", argv or sys.argv[1:]), "machine": info,
             "settings": vars(args) | {"sb3": SB3_ZOO}, "runs": runs, "summary": summary}
     write_json(f"cartpole_solve{tag}.json", data)
     write_md(RESULTS / f"cartpole_solve{tag}.md", data)

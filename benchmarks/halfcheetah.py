@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import add_peer_args, machine, median, peer_python, run_worker, write_json, RESULTS
+from _common import command_line, add_peer_args, machine, median, peer_python, run_worker, write_json, RESULTS
 
 # rl-baselines3-zoo hyperparams/ppo.yml and trpo.yml, HalfCheetah-v4 (the v5 env has the same dynamics)
 SB3_ZOO = {
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     info = machine(peer)
     runs: dict[str, list] = {}
     lock = threading.Lock()
-    command = " ".join(["python benchmarks/halfcheetah.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line("halfcheetah.py", argv if argv is not None else sys.argv[1:])
     commands = [command]
     old = RESULTS / f"halfcheetah{tag}.json"
     if args.resume and old.exists():

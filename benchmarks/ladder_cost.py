@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from _common import RESULTS, machine, median, write_json
+from _common import command_line, RESULTS, machine, median, write_json
 
 LADDER = ["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo", "npg"]
 SAME_BATCH = dict(preset="none", num_envs=8, num_steps=128)  # the rung's own epochs/minibatches/critic defaults
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 m["env_step_vs_ppo_clip"] = m["us_per_env_step"] / ref["us_per_env_step"]
     tag = f"-{args.tag}" if args.tag else ""
     env_tag = "" if args.env == "CartPole-v1" else "-" + args.env.split("-")[0].lower()
-    data = {"command": " ".join(["python benchmarks/ladder_cost.py"] + (argv or sys.argv[1:])), "machine": info,
+    data = {"command": command_line("ladder_cost.py", argv or sys.argv[1:]), "machine": info,
             "settings": vars(args), "runs": runs, "summary": summary}
     write_json(f"ladder_cost{env_tag}{tag}.json", data)
     lines = [f"command: `{data['command']}`  ", f"machine: {info}", ""]

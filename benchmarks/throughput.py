@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS, add_peer_args, machine, median, peer_python, run_worker, write_json
+from _common import command_line, RESULTS, add_peer_args, machine, median, peer_python, run_worker, write_json
 
 CLEANRL = dict(num_envs=4, num_steps=128, update_epochs=4, num_minibatches=4, lr=2.5e-4, anneal_lr=True,
                gamma=0.99, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True, ent_coef=0.01, vf_coef=0.5,
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if "ratio_vs_sb3" in summary:
         summary["target_met"] = summary["ratio_vs_sb3"] >= 2.0
     tag = f"-{args.tag}" if args.tag else ""
-    data = {"command": " ".join(["python benchmarks/throughput.py"] + (argv or sys.argv[1:])), "machine": info,
+    data = {"command": command_line("throughput.py", argv or sys.argv[1:]), "machine": info,
             "settings": vars(args) | {"proxrl": CLEANRL, "sb3": SB3_SAME}, "runs": runs, "summary": summary}
     write_json(f"throughput{tag}.json", data)
     lines = [f"command: `{data['command']}`  ", f"machine: {info}", "",

@@ -6,7 +6,7 @@ The reward is checkable: the share of ASCII lower-case letters in the response. 
 mean reward of the last 4 updates minus that of the first 4; per seed the paired difference is
 gain(precision) − gain(fp32), summarised by its mean and standard error over seeds.
 
-    python benchmarks/bf16_parity.py [--seeds 1 … 20] [--precisions fp32 bf16] [--tag T]
+    python benchmarks/bf16_parity.py [--seeds 1 … 20] [--precisions fp32 bf16 fp16] [--tag T]
         → results/bf16_parity[-T].{json,md}
 
 ``run_one`` is also the budget of the slow test ``test_bf16_autocast_learns_like_float32``.
@@ -119,7 +119,7 @@ def markdown(data: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 21)))
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--updates", type=int, default=UPDATES)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")

@@ -5,10 +5,11 @@
   response positions) — the peak resident size above the size after loading;
 * tokens/s of proxrl's sampling loop (:func:`proxrl.lm.sampling.sample`) against
   ``model.generate(do_sample=True, top_k=0)`` for the same prompt ids and length: both in one process,
-  interleaved pair by pair (alternating which goes first), each timed from token ids to token ids; the ratio is
-  the median of the pairs' ratios. ``PPOTrainer.generate`` (which also tokenises, truncates at the stop token
+  interleaved pair by pair (alternating which goes first), each timed from token ids to token ids and drawing
+  exactly ``response`` tokens per row (no stop token); the ratio is the median of the pairs' ratios. ``PPOTrainer.generate`` (which also tokenises, truncates at the stop token
   and decodes) is reported on its own line. (Before: the two samplers ran in separate processes, and the
-  proxrl side timed ``PPOTrainer.generate`` with its decoding against bare ``generate``.)
+  proxrl side timed ``PPOTrainer.generate`` with its decoding against bare ``generate``, and tokens/s counted
+  the tokens before each row's stop token, which depends on the two samplers' different draws.)
 
     python benchmarks/lm_memory.py [--tiny] [--reps 3]     → results/lm_memory.{json,md}
 """
@@ -44,21 +45,23 @@ prompts = [" ".join(["movie"] * (P - 1))] * B
 out = {}
 if task["mode"] == "sample":
     # fair: both samplers in this one process on the same prompt ids, interleaved pair by pair (alternating
-    # which goes first), each timed from ids to ids — no tokenising or decoding on either side; the whole
-    # PPOTrainer.generate (encode, sample, truncate, decode) is reported separately
+    # which goes first), each timed from ids to ids — no tokenising or decoding on either side — and each
+    # drawing exactly R tokens per row (no stop token on either side: tokens/s is not confounded by how long
+    # the two samplers' different draws happen to run before every row stops); the whole
+    # PPOTrainer.generate (encode, sample with stops, truncate, decode) is reported separately
     from proxrl.lm.loading import left_pad
-    from proxrl.lm.rollout import truncate_at_stop
     from proxrl.lm.sampling import sample
     q, m = left_pad(tr.encode(prompts), tr.pad_id)
     lm = tr.policy.lm
     gen = lambda n, s: lm.generate(input_ids=q[:n], attention_mask=m[:n], do_sample=True, top_k=0, top_p=1.0,
                                    temperature=1.0, max_new_tokens=R, pad_token_id=tr.pad_id,
-                                   eos_token_id=tr.stop_ids)[:, q.shape[1]:]
-    own = lambda n, s: sample(lm, q[:n], m[:n], R, 1.0, tr.stop_ids, tr.pad_id, torch.Generator().manual_seed(s))
+                                   eos_token_id=None)[:, q.shape[1]:]  # None: no stopping, R tokens
+    own = lambda n, s: sample(lm, q[:n], m[:n], R, 1.0, [-1], tr.pad_id, torch.Generator().manual_seed(s))
     def timed(fn, n, s):
         torch.manual_seed(s)
         t0 = time.perf_counter(); o = fn(n, s); dt = time.perf_counter() - t0
-        return float(truncate_at_stop(o, tr.stop_ids, tr.pad_id)[1].sum()) / dt
+        assert o.shape == (n, R), o.shape
+        return o.numel() / dt
     with torch.inference_mode():
         timed(own, 2, 0); timed(gen, 2, 0)
         runs = {"proxrl": [], "generate": []}
@@ -145,7 +148,7 @@ def main() -> int:
           f"{shapes['response']} tokens", "", "| quantity | proxrl | plain HF | ratio |", "|---|---|---|---|",
           f"| peak memory of an update, all weights (MiB above loaded) | {med['full/update']:.0f} | {med['full/plain']:.0f} | {summary['peak_ratio_full']:.2f} |",
           f"| peak memory of an update, LoRA (MiB above loaded) | {med['lora/update']:.0f} | {med['lora/plain']:.0f} | {summary['peak_ratio_lora']:.2f} |",
-          f"| sampling tokens/s (proxrl's loop vs generate, ids to ids, interleaved in one process; ratio: median of the pairs') | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |",
+          f"| sampling tokens/s (proxrl's loop vs generate, ids to ids, R tokens per row, interleaved in one process; ratio: median of the pairs') | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |",
           f"| PPOTrainer.generate (encode + loop + truncate + decode) vs generate | {med['sample-trainer']:.1f} | {med['sample-generate']:.1f} | {summary['trainer_generate_vs_generate']:.2f} |"]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps({k: summary[k] for k in ("peak_ratio_full", "peak_ratio_lora", "sampling_ratio")}))

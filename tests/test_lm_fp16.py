@@ -136,6 +136,27 @@ def test_fp16_ppo_every_step_overflowing_is_no_error_and_the_weights_stay(tiny, 
     assert all(torch.equal(p.detach(), before[n]) for n, p in tr.policy.named_parameters() if p.requires_grad)
 
 
+def test_fp16_an_update_undone_by_on_nonfinite_skip_restores_the_scale_too(tiny, monkeypatch):
+    """``on_nonfinite='skip'`` puts weights, Adam and the gradient scaler back as they were before the update:
+    an update whose overflow halved the scale and which then fails its weight check leaves the scale as before."""
+    from proxrl.lm import ppo_trainer
+
+    tr = trainer(tiny, on_nonfinite="skip")
+    ro = tr.generate([f"p{i}" for i in range(8)])
+    assert tr.step(ro, tr.score(ro))["loss_scale"] == 2.0 ** 16
+    overflow_at(monkeypatch, lm_update, {1})
+
+    def bad(named, update):
+        raise NumericsError(f"weight x after the optimizer step: NaN at update {update}")
+
+    monkeypatch.setattr(ppo_trainer, "check_parameters", bad)
+    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters() if p.requires_grad}
+    ro = tr.generate([f"p{i}" for i in range(8)])
+    m = tr.step(ro, tr.score(ro))
+    assert m["skipped"].startswith("weight x") and tr.scaler.get_scale() == 2.0 ** 16
+    assert all(torch.equal(p.detach(), before[n]) for n, p in tr.policy.named_parameters() if p.requires_grad)
+
+
 def ppo_run(tiny, tmp_path, name, updates, **kw):
     from proxrl.lm.ppo_trainer import ppo
 

@@ -8,8 +8,8 @@ clip and its finite check, the step, and early stopping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -70,7 +70,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     inf/NaN the scaler skips the step and lowers its scale instead of the finite-gradient guard raising — the
     step is recorded in ``SGDResult.skipped`` and ``after_step`` gets a NaN gradient norm for it. The loss
     itself is still the caller's to check. On several processes the gradients are summed before the
-    unscale, so every rank skips the same steps."""
+    unscale, so every rank skips the same steps. (With several optimizers the scaler skips each one whose
+    gradients overflowed; the step counts as skipped when any did. Every LM stage has one.)"""
     if flat_grads is not None and scaler is not None:
         raise ValueError("sgd_epochs: flat_grads and a gradient scaler are not combined")
     out = SGDResult()

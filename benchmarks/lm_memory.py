@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=4, help="interleaved proxrl/generate sampling pairs per repetition")
+    ap.add_argument("--parts", nargs="+", default=["memory", "sampling"], choices=["memory", "sampling"],
+                    help="what to measure (e.g. --parts sampling --out benchmarks/results/lm_sampling)")
     ap.add_argument("--out", default=str(RESULTS / "lm_memory"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -123,11 +125,13 @@ def main() -> int:
     shapes = dict(batch=args.batch, prompt=16, response=32, micro=max(args.batch // 2, 1))
     rows = {}
     for rep in range(args.reps):
-        for finetune in ("full", "lora"):
+        for finetune in ("full", "lora") if "memory" in args.parts else ():
             for mode in ("update", "plain"):
                 r = measure({**shapes, "finetune": finetune, "mode": mode}, model, args.threads)
                 rows.setdefault(f"{finetune}/{mode}", []).append(r["peak_mib"])
                 print(f"rep {rep} {finetune} {mode}: peak +{r['peak_mib']:.0f} MiB", file=sys.stderr)
+        if "sampling" not in args.parts:
+            continue
         r = measure({**shapes, "finetune": "lora", "mode": "sample", "pairs": args.pairs}, model, args.threads)
         for name in ("proxrl", "generate"):
             rows.setdefault(f"sample-{name}", []).extend(r["runs"][name])
@@ -138,16 +142,22 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in rows.items()}
     summary = {"model": "tiny llama" if args.tiny else "SmolLM2-135M-Instruct", "machine": machine(None),
                "shapes": shapes, "threads": args.threads, "reps": rows, "median": med,
-               "peak_ratio_full": med["full/update"] / med["full/plain"],
-               "peak_ratio_lora": med["lora/update"] / med["lora/plain"],
-               "sampling_ratio": med["sample-ratio"],  # median of the in-process interleaved pairs' ratios
-               "trainer_generate_vs_generate": med["sample-trainer"] / med["sample-generate"]}
+               "peak_ratio_full": med["full/update"] / med["full/plain"] if "memory" in args.parts else None,
+               "peak_ratio_lora": med["lora/update"] / med["lora/plain"] if "memory" in args.parts else None,
+               # median of the in-process interleaved pairs' ratios
+               "sampling_ratio": med["sample-ratio"] if "sampling" in args.parts else None,
+               "trainer_generate_vs_generate": (med["sample-trainer"] / med["sample-generate"]
+                                                if "sampling" in args.parts else None)}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# LM memory and sampling ({summary['model']}, {args.threads} threads, medians of {args.reps})", "",
           f"shapes: batch {shapes['batch']}, micro-batch {shapes['micro']}, prompt {shapes['prompt']} + response "
-          f"{shapes['response']} tokens", "", "| quantity | proxrl | plain HF | ratio |", "|---|---|---|---|",
+          f"{shapes['response']} tokens", "", "| quantity | proxrl | plain HF | ratio |", "|---|---|---|---|"]
+    if "memory" in args.parts:
+        md += [
           f"| peak memory of an update, all weights (MiB above loaded) | {med['full/update']:.0f} | {med['full/plain']:.0f} | {summary['peak_ratio_full']:.2f} |",
-          f"| peak memory of an update, LoRA (MiB above loaded) | {med['lora/update']:.0f} | {med['lora/plain']:.0f} | {summary['peak_ratio_lora']:.2f} |",
+          f"| peak memory of an update, LoRA (MiB above loaded) | {med['lora/update']:.0f} | {med['lora/plain']:.0f} | {summary['peak_ratio_lora']:.2f} |"]
+    if "sampling" in args.parts:
+        md += [
           f"| sampling tokens/s (proxrl's loop vs generate, ids to ids, R tokens per row, interleaved in one process; ratio: median of the pairs') | {med['sample-proxrl']:.1f} | {med['sample-generate']:.1f} | {summary['sampling_ratio']:.2f} |",
           f"| PPOTrainer.generate (encode + loop + truncate + decode) vs generate | {med['sample-trainer']:.1f} | {med['sample-generate']:.1f} | {summary['trainer_generate_vs_generate']:.2f} |"]
     Path(args.out + ".md").write_text("\n".join(md) + "\n")

@@ -74,12 +74,13 @@ def normalize_advantages(adv: Tensor, mask: Optional[Tensor], mode: str) -> Tens
 
 def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Optional[Tensor], *,
                    clip_coef: float = 0.2, beta: float = 0.0, kl: Optional[Tensor] = None,
-                   agg: str = "token-mean", ratio_stats: bool = True,
+                   agg: str = "token-mean", ratio_stats: bool = True, kl_stats: bool = True,
                    clip_coef_high: Optional[float] = None, agg_len: Optional[int] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of a rung plus its diagnostics (all detached scalars).
 
     ``kl`` is the per-step KL(π_old‖π_θ) used by the penalty (exact on the gym path, k3 on tokens).
-    Diagnostics: ``approx_kl`` (k3 of old vs new), ``ratio_mean``, ``ratio_max``, ``clip_fraction``.
+    Diagnostics: ``approx_kl`` (k3 of old vs new; ``kl_stats=False`` skips it), ``ratio_mean``, ``ratio_max``,
+    ``clip_fraction``.
     ``clip_coef_high`` (clip only): the upper bound of an asymmetric range [1 − clip_coef, 1 + clip_coef_high].
     ``agg_len``: the constant length of ``agg='constant'`` (:func:`proxrl.core.aggregate`).
     """
@@ -101,7 +102,7 @@ def surrogate_loss(surrogate: str, logp: Tensor, logp_old: Tensor, adv: Tensor, 
     else:
         raise ValueError(f"unknown surrogate {surrogate!r}; choose one of {SURROGATES}")
     with torch.no_grad():
-        stats = {"approx_kl": core.masked_mean(core.kl_k3(logp_old, logp), mask)}
+        stats = {"approx_kl": core.masked_mean(core.kl_k3(logp_old, logp), mask)} if kl_stats else {}
         if ratio_stats:  # ``ratio_stats=False`` (gym minibatch loop, which discards them) skips ratio_mean/max
             ratio = torch.exp(log_ratio.clamp(-20, 20))
             stats["ratio_mean"] = core.masked_mean(ratio, mask)

@@ -83,8 +83,8 @@ class Runner:
     def collect(self, num_steps: int) -> tuple[Batch, EpisodeStats]:
         N, T, dev = self.num_envs, num_steps, self.device
         has_critic = self.policy.critic is not None
-        obs_buf = torch.empty((T, N, self.obs_dim), device=dev)
-        act_buf: Optional[torch.Tensor] = None
+        obs_buf = torch.empty((T, N, self.obs_dim), device=dev)  # copied in: an env may reuse its arrays
+        act_steps: list[torch.Tensor] = []  # fresh tensors of the sampler: stacked once after the loop
         rew = np.empty((T, N), np.float32)
         term = np.empty((T, N), bool)
         trunc = np.empty((T, N), bool)
@@ -97,10 +97,8 @@ class Runner:
             obs = self._policy_obs(self.raw_obs, update=True)
             action = self._sample(self.policy.dist(obs))
             obs_buf[t] = obs
-            if act_buf is None:
-                act_buf = torch.empty((T, *action.shape), dtype=action.dtype, device=dev)
-            act_buf[t] = action
-            env_action = action.cpu().numpy()
+            act_steps.append(action)
+            env_action = action.numpy() if action.device.type == "cpu" else action.cpu().numpy()
             if self.continuous:  # map/clip what the env sees, keep the sample (DETAILS 7)
                 env_action = self.action_map(env_action.reshape(N, -1)).reshape(N, *self.act_shape)
             try:
@@ -133,7 +131,7 @@ class Runner:
             self.raw_obs = self._check_obs(raw)
         last_obs = self._policy_obs(self.raw_obs, update=False)
         obs_nt = obs_buf.transpose(0, 1).contiguous()         # [N, T, obs_dim]
-        act_nt = act_buf.transpose(0, 1).contiguous()         # [N, T, ...]
+        act_nt = torch.stack(act_steps, 1)                    # [N, T, ...]
         logp_old = self.policy.dist(obs_nt).log_prob(act_nt)  # [N, T]
         next_values = None
         values = None

@@ -86,14 +86,16 @@ def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batc
             part = dist.shard(len(idx))
             idx, mb_adv, share = idx[part], mb_adv[part], (part.stop - part.start) / len(idx)
             if len(idx) == 0:
-                return {"policy_loss": torch.zeros(()), "approx_kl": torch.zeros(()), "clip_fraction": torch.zeros(()),
-                        **({"value_loss": torch.zeros(())} if joint_critic else {})}
+                keys = ["policy_loss"] + (["approx_kl"] if cfg.target_kl is not None else []) + \
+                    (["clip_fraction"] if rung.surrogate == "clip" else []) + (["value_loss"] if joint_critic else [])
+                return {k: torch.zeros(()) for k in keys}  # the keys every other rank returns (summed over ranks)
         mb_obs = obs[idx]  # gathered once for the actor and the critic
         dist_ = policy.dist(mb_obs)
         logp = dist_.log_prob(act[idx])
         kl = core.exact_kl(policy.distribution(old_out[idx], old_log_std), dist_) if need_kl else None
         loss, st = surrogate_loss(rung.surrogate, logp, logp_old[idx], mb_adv, None, clip_coef=cfg.clip_coef,
-                                  beta=beta, kl=kl, ratio_stats=False)
+                                  beta=beta, kl=kl, ratio_stats=False,
+                                  kl_stats=cfg.target_kl is not None)  # only target_kl reads it per minibatch
         if not first_dev:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
             first_dev.append(float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max()))
         if cfg.ent_coef > 0:

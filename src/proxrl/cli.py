@@ -209,7 +209,7 @@ COMMANDS = {"train": _train, "eval": _eval, "ladder": _ladder, "plot": _plot, "r
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .errors import ProxrlError
+    from .errors import ProxrlError, say
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -223,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = COMMANDS.get(argv[0])
     single = argv[0] in ("eval", "ladder", "plot", "export") or argv[:2] == ["rlhf", "demo"]
     if command is None:
-        print(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})", file=sys.stderr)
+        say(f"error: command: unknown command {argv[0]!r} (choose one of {', '.join(COMMANDS)})")
         return 2
     from .run.signals import RunInterrupted
 
@@ -234,13 +234,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             refuse_several_processes(" ".join(argv[:2]) if argv[0] == "rlhf" else argv[0])
         return command(argv[1:])
     except RunInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        say(f"stopped: {e}")
         return e.exit_code
     except ProxrlError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        say("error: interrupted")
         return 130
 
 

@@ -30,3 +30,13 @@ def check(cond: bool, field: str, problem: str, fix: str = "") -> None:
     """Validation that survives ``python -O`` (never ``assert``)."""
     if not cond:
         raise ConfigError(field, problem, fix)
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in a single write: processes that share the stream (torchrun's ranks) cannot
+    interleave inside it, even when Python's streams are unbuffered (``print`` writes the text and the newline
+    separately)."""
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import ProxrlError
+from ..errors import ProxrlError, say
 
 USAGE = """usage: proxrl rlhf {sft,rm,ppo,train,demo} [options]
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"sft": C.SFTConfig, "rm": C.RMConfig, "ppo": C.PPOConfig, "train": C.RLConfig, "demo": C.DemoConfig,
                 "export": ExportConfig}
     if cmd not in commands:
-        print(f"error: unknown rlhf command {cmd!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        say(f"error: unknown rlhf command {cmd!r}; choose one of {', '.join(commands)}")
         return 2
     if cmd == "export" and rest and not rest[0].startswith("-"):
         rest = ["--run", *rest]  # proxrl export RUN --out DIR
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             demo(cfg)
     except ProxrlError as e:
         if hasattr(e, "exit_code"):  # PPOInterrupted: SIGINT/SIGTERM, checkpoint written → 130/143
-            print(f"stopped: {e}", file=sys.stderr)
+            say(f"stopped: {e}")
             return e.exit_code
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     return 0
 

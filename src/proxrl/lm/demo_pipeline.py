@@ -534,11 +534,16 @@ def _markdown(s: dict, rows: list[dict], rows_rm: Optional[list[dict]]) -> str:
     return "\n".join(md) + "\n"
 
 
+def _ratio_text(ratio) -> str:
+    """Δ/SE for the console: '–' when it is undefined (no spread in the paired differences, e.g. --quick)."""
+    return f"{ratio:.1f} SE" if isinstance(ratio, (int, float)) and math.isfinite(ratio) else "– SE (no spread)"
+
+
 def _print_result(s: dict, out: Path) -> None:
     """The result on stdout: the paired held-out figures, the language checks and where the files are."""
     lines = [f"{s['command']} (seed {s['seed']}): held-out VADER, {s['eval_prompts']} prompts × {s['eval_samples']} samples",
              f"  before {s['reward_before']:+.4f}  after {s['reward_after']:+.4f}  paired delta {s['reward_delta']:+.4f} "
-             f"± {s['reward_delta_se']:.4f} (SE)  = {s['reward_delta_ratio']:.1f} SE  → criterion "
+             f"± {s['reward_delta_se']:.4f} (SE)  = {_ratio_text(s['reward_delta_ratio'])}  → criterion "
              f"{'met' if s['criterion']['met'] else 'NOT met'}",
              f"  kl_ref {s['kl_ref']:.3f} (budget {s['max_kl_ref']:g})  reference NLL/token {s['ref_nll_before']:.3f} → "
              f"{s['ref_nll_after']:.3f}  repeated 3-grams {s['degeneration_before']['repeated_3gram_fraction']:.3f} → "

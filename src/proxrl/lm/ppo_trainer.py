@@ -489,8 +489,8 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             log(f"{name}: sampling truncated to " + " and ".join(x for x in (f"top-k {cfg.top_k}" if cfg.top_k else "",
                 f"top-p {cfg.top_p:g}" if cfg.top_p < 1 else "") if x) + " at temperature "
                 f"{cfg.temperature:g}; log-probs, ratios and the KL to the reference are of that truncated distribution")
-        log(f"{name}: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts; held-out reward before "
-            f"{before['reward_mean']:+.4f}")
+        log(f"{name}: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts"
+            + (f"; held-out reward before {before['reward_mean']:+.4f}" if eval_prompts else ""))
     else:
         tensors, st = resumed
         run = st["run"]
@@ -585,6 +585,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
                "before": before["responses"], "after": after["responses"]}
     if d.main:
         checkpoint.write_json_atomic(out / "summary.json", summary)
-    log(f"{name}: held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}, "
-        f"{summary['wall_time']:.0f}s")
+    held = (f"held-out reward {before['reward_mean']:+.4f} → {after['reward_mean']:+.4f}, kl_ref {after['kl_ref']:.3f}"
+            if eval_prompts else "no held-out prompts (eval_prompts 0)")  # never a line of NaNs
+    log(f"{name}: {held}, {summary['wall_time']:.0f}s")
     return summary

@@ -63,8 +63,9 @@ def test_v1_gym_checkpoint_loads_and_evaluates(tmp_path):
 
 def test_v1_gym_checkpoint_resumes_and_continues_the_same_run(tmp_path):
     """A checkpoint of the two-optimizer layout (actor_opt + critic_opt, versions ≤ 2) resumes into the one
-    optimizer of layout 3 and continues exactly as the code that wrote it did (figures of that code, resumed
-    from this fixture to 2048 steps before the layout changed)."""
+    optimizer of layout 3 and continues as the code before layout 3 continued it (its figures, resuming this
+    fixture to 2048 steps, recorded before the layout changed; to 1e-5, since the flat gradient norm rounds
+    differently)."""
     import proxrl
 
     run = tmp_path / "gym"

@@ -98,7 +98,7 @@ class Runner:
             action = self._sample(self.policy.dist(obs))
             obs_buf[t] = obs
             act_steps.append(action)
-            env_action = action.numpy() if action.device.type == "cpu" else action.cpu().numpy()
+            env_action = action.cpu().numpy()
             if self.continuous:  # map/clip what the env sees, keep the sample (DETAILS 7)
                 env_action = self.action_map(env_action.reshape(N, -1)).reshape(N, *self.act_shape)
             try:

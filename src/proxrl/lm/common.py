@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 import time
 
+
+
+def step_fields(grad_norm: float, scaler) -> tuple[dict, str]:
+    """What one SFT/RM metrics line and log line say of an optimizer step: ``grad_norm`` (None for a step the
+    fp16 gradient scaler skipped: :func:`proxrl.run.sgd.sgd_epochs` reports it as NaN), ``skipped`` (0/1) and,
+    with a scaler, ``loss_scale``; and the log line's suffix for a skipped step ('' otherwise)."""
+    skipped = not math.isfinite(grad_norm)
+    fields = {"grad_norm": None if skipped else grad_norm, "skipped": int(skipped)}
+    if scaler is not None:
+        fields["loss_scale"] = scaler.get_scale()
+    suffix = f"  SKIPPED: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}" if skipped else ""
+    return fields, suffix
+
+
+def scaler_summary(res, scaler) -> dict:
+    """The summary fields of a stage under the fp16 gradient scaler (steps it skipped, the final scale);
+    ``res`` is the :class:`~proxrl.run.sgd.SGDResult`. Empty without a scaler."""
+    return {} if scaler is None else {"steps_skipped": res.steps_skipped, "loss_scale": scaler.get_scale()}
 
 
 class Timer:

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..run.rundir import open_lm_run
 from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
-from .common import Timer, keep_freed_memory
+from .common import Timer, keep_freed_memory, scaler_summary, step_fields
 from .config import RMConfig, check_new_out
 from .data import read_records
 from .loading import encode_prompt, left_pad, use_chat_template
@@ -122,12 +122,9 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         step += 1
         both = d.all_reduce_(torch.tensor([st["loss"], st["accuracy"]], dtype=torch.float64)).tolist()
         st = {"loss": both[0], "accuracy": both[1]}
-        skipped = not math.isfinite(grad_norm)  # only the gradient scaler skips a step (fp16 overflow)
-        writer.metrics({"step": step, "epoch": epoch, **st, "grad_norm": None if skipped else grad_norm,
-                        "skipped": int(skipped), **({"loss_scale": scaler.get_scale()} if scaler is not None else {}),
-                        "time": timer()})
-        log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}" + (
-            f"  SKIPPED: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}" if skipped else ""))
+        fields, suffix = step_fields(grad_norm, scaler)
+        writer.metrics({"step": step, "epoch": epoch, **st, **fields, "time": timer()})
+        log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}" + suffix)
 
     res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
                None, minibatch, after_step=logged, dist=d, scaler=scaler)
@@ -150,8 +147,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
                "score_std": float(rm.score_std), "wall_time": timer()}
-    if scaler is not None:  # fp16: optimizer steps the gradient scaler skipped (gradients overflowed)
-        summary.update(steps_skipped=res.steps_skipped, loss_scale=scaler.get_scale())
+    summary.update(scaler_summary(res, scaler))
     # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     writer.metrics({"step": step, "final": True, **summary})

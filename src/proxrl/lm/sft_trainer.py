@@ -21,7 +21,7 @@ from ..run.optim import make_adam
 from ..run.rundir import open_lm_run
 from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
-from .common import Timer, keep_freed_memory
+from .common import Timer, keep_freed_memory, scaler_summary, step_fields
 from .config import SFTConfig, check_new_out
 from .data import read_records
 from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
@@ -94,13 +94,10 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
         nonlocal step, total, warned
         step, total = step + 1, float(d.all_reduce_(torch.tensor([st["loss"]], dtype=torch.float64)))
-        skipped = not math.isfinite(grad_norm)  # only the gradient scaler skips a step (fp16 overflow)
-        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"],
-                        "grad_norm": None if skipped else grad_norm, "skipped": int(skipped),
-                        **({"loss_scale": scaler.get_scale()} if scaler is not None else {}), "time": timer()})
-        log(f"sft step {step}  loss {total:.4f}" + (f"  SKIPPED: fp16 gradients overflowed, loss scale now "
-                                                    f"{scaler.get_scale():g}" if skipped else ""))
-        if not warned and not skipped and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
+        fields, suffix = step_fields(grad_norm, scaler)
+        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], **fields, "time": timer()})
+        log(f"sft step {step}  loss {total:.4f}" + suffix)
+        if not warned and not fields["skipped"] and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
             warned = True  # a diverged model predicts ~uniformly with saturated, zero-gradient logits
             print(f"warning: lr: SFT loss {total:.3f} is at ln(vocab) = {uniform:.3f} with gradient norm "
                   f"{grad_norm:.1e} after {step} steps: the model learns nothing; the learning rate {cfg.lr:g} is "
@@ -123,7 +120,6 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
             items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
         writer.samples("after SFT (greedy, training prompts)", items)
     summary = {"steps": step, "final_loss": total, "wall_time": timer()}
-    if scaler is not None:  # fp16: optimizer steps the gradient scaler skipped (gradients overflowed)
-        summary.update(steps_skipped=res.steps_skipped, loss_scale=scaler.get_scale())
+    summary.update(scaler_summary(res, scaler))
     checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary

@@ -8,6 +8,8 @@ per-token KL(π_old‖π_θ) over the vocabulary on the whole batch (as on the g
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 
 import torch
@@ -104,7 +106,7 @@ def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: B
             totals["ratio_max"] = float(dist.all_reduce_(torch.tensor([totals["ratio_max"]], dtype=torch.float64), "max"))
     n = max(len(res.stats), 1)
     out = {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}
-    norms = [g for g, skipped in zip(res.grad_norms, res.skipped) if not skipped]
+    norms = [g for g in res.grad_norms if not math.isnan(g)]  # NaN: a step the scaler skipped
     out["grad_norm"] = sum(norms) / len(norms) if norms else None  # None: every step skipped by the scaler
     if scaler is not None:
         out["steps_skipped"] = res.steps_skipped

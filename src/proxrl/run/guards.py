@@ -41,17 +41,24 @@ def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Opt
         # torch's clip_grad_norm_ on one device and dtype, without its per-call grouping (the same kernels and
         # order, so the same values bit for bit; ~40 % of its cost on a small gym network)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-        if check:
-            check_finite("gradient norm", norm, update, where)
-        if max_grad_norm > 0:
-            torch._foreach_mul_(grads, torch.clamp(float(max_grad_norm) / (norm + 1e-6), max=1.0))
-        return norm
+        return _clip_to(grads, norm, max_grad_norm, update, where, check)
     if max_grad_norm > 0:
         norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
     if check:
         check_finite("gradient norm", norm, update, where)
+    return norm
+
+
+def _clip_to(grads: list[Tensor], norm: Tensor, max_grad_norm: float, update: Optional[int], where: str,
+             check: bool = True) -> Tensor:
+    """Check the global ``norm`` of ``grads`` (``check``) and scale them in place to at most ``max_grad_norm``
+    (0: no clip), as torch's ``clip_grad_norm_`` does; returns the norm."""
+    if check:
+        check_finite("gradient norm", norm, update, where)
+    if max_grad_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(float(max_grad_norm) / (norm + 1e-6), max=1.0))
     return norm
 
 
@@ -120,11 +127,7 @@ class FlatGrads:
 
     def clip(self, max_grad_norm: float, update: Optional[int], where: str = "") -> Tensor:
         """:func:`clip_grad_norm` of the range: the norm before clipping, checked finite."""
-        norm = torch.linalg.vector_norm(self.flat)
-        check_finite("gradient norm", norm, update, where)
-        if max_grad_norm > 0:
-            self.flat.mul_(torch.clamp(float(max_grad_norm) / (norm + 1e-6), max=1.0))
-        return norm
+        return _clip_to([self.flat], torch.linalg.vector_norm(self.flat), max_grad_norm, update, where)
 
 
 class Backup:

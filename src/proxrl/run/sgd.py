@@ -36,7 +36,11 @@ class SGDResult:
     grad_norms: list[float] = field(default_factory=list)  # NaN for a step the gradient scaler skipped
     epochs_done: int = 0
     stopped_early: bool = False
-    skipped: list[bool] = field(default_factory=list)  # per step: the scaler found inf/NaN gradients and skipped it
+
+    @property
+    def skipped(self) -> list[bool]:
+        """Per step: the gradient scaler found inf/NaN gradients and skipped it (its norm is NaN)."""
+        return [math.isnan(g) for g in self.grad_norms]
 
     @property
     def steps_skipped(self) -> int:
@@ -75,14 +79,13 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     if flat_grads is not None and scaler is not None:
         raise ValueError("sgd_epochs: flat_grads and a gradient scaler are not combined")
     out = SGDResult()
-    buf = flat_grads
     for epoch in range(epochs):
         st: dict = {}
         for j, idx in enumerate(order()):
             where = f" (epoch {epoch + 1}, minibatch {j + 1})" if update is not None else \
                 f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
-            if buf is not None:
-                buf.attach()  # zeroes and sets every gradient the optimizers see
+            if flat_grads is not None:
+                flat_grads.attach()  # zeroes and sets every gradient the optimizers see
             else:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -93,8 +96,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                 except Exception as e:  # noqa: BLE001 - agreed on by all ranks, then re-raised
                     err = e
                 dist.agree(err)
-                if buf is not None:
-                    dist.all_reduce_(buf.flat)  # in place: the parameters' gradients are its views
+                if flat_grads is not None:
+                    dist.all_reduce_(flat_grads.flat)  # in place: the parameters' gradients are its views
                 else:
                     dist.all_reduce_grads(params)
                 if reduce_stats:
@@ -105,11 +108,10 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
             else:
                 st = minibatch_step(idx, where)
             if scaler is None:
-                norm = float(buf.clip(max_grad_norm, update, where) if buf is not None
+                norm = float(flat_grads.clip(max_grad_norm, update, where) if flat_grads is not None
                              else clip_grad_norm(params, max_grad_norm, update, where))
                 for opt in optimizers:
                     opt.step()
-                skipped = False
             else:
                 for opt in optimizers:
                     scaler.unscale_(opt)
@@ -118,11 +120,10 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                 for opt in optimizers:
                     scaler.step(opt)  # skipped by the scaler when its gradients held inf/NaN
                 scaler.update()
-                skipped = scaler.get_scale() < scale  # the scale is lowered exactly when inf/NaN was found
-                norm = math.nan if skipped else norm
+                if scaler.get_scale() < scale:  # the scale is lowered exactly when inf/NaN was found
+                    norm = math.nan  # a skipped step (SGDResult.skipped)
             out.stats.append(st)
             out.grad_norms.append(norm)
-            out.skipped.append(skipped)
             if after_step is not None:
                 after_step(epoch, st, norm)
         out.epochs_done = epoch + 1

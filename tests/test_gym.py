@@ -71,7 +71,8 @@ def test_truncation_bootstraps_and_termination_does_not():
             with torch.no_grad():
                 v_final = policy.value(final_obs[None].clone())[0]
             assert batch.mask[e, t + 1] == 0  # the autoreset step is never trained on
-            assert torch.allclose(batch.next_values[e, t], v_final)
+            # float32: the rollout's batched forward and this one-row forward may round apart by ~1e-7
+            assert torch.allclose(batch.next_values[e, t], v_final, atol=1e-6)
             expected = batch.rewards[e, t] + gamma * v_final - batch.values[e, t]
             assert torch.allclose(b.adv[e, t], expected, atol=1e-6)
     # goal reached before the limit: always-right policy terminates; no bootstrap

@@ -75,6 +75,10 @@ class ModelOptions:
     """seed of torch sampling, shuffling and initialisation"""
     device: str = "cpu"
     """torch device of every model and tensor of the stage: cpu, cuda, cuda:N, mps, or auto (CUDA when available)"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """on several processes (torchrun): 'ddp' replicates the models on every rank; 'fsdp' shards the LM weights,
+    their gradients and Adam state over the ranks (FSDP2 fully_shard per transformer block; gathered for
+    generation and the no-grad forwards). The same run either way; on one process both are the plain run"""
 
     def validate_model(self) -> None:
         from ..run.device import resolve_device
@@ -91,6 +95,12 @@ class ModelOptions:
               f"fp16 compute needs float32 weights, got --dtype {self.dtype} (bf16 frozen weights would meet fp16 "
               "activations in every layer; float64 is for exactness checks)",
               "use --dtype float32 with --precision fp16, or --precision bf16")
+        check(not (self.parallel == "fsdp" and self.precision == "fp16"), "parallel",
+              "--parallel fsdp with --precision fp16: the gradient scaler does not unscale FSDP2's sharded gradients",
+              "use --precision bf16 (no scaler), or --parallel ddp")
+        check(not (self.parallel == "fsdp" and self.dtype == "bfloat16" and self.finetune != "full"), "parallel",
+              "--parallel fsdp with --dtype bfloat16 and trained float32 weights (LoRA or some layers) puts two "
+              "dtypes in one FSDP2 unit", "use --dtype float32 (with --precision bf16), --finetune full, or --parallel ddp")
 
     @property
     def amp(self):

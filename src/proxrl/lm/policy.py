@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .. import core
 from ..errors import ConfigError
 from ..run import checkpoint
+from ..run.fsdp import full, shard_model, to_layout
 from .config import ModelOptions
 from .loading import (DTYPES, apply_finetune, ensure_pad_token, freeze, load_causal_lm, load_into, load_tokenizer,
                       read_run_config)
@@ -286,15 +287,20 @@ class LMPolicy(nn.Module):
         return self.lm
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """Only what trains (LoRA adapters, or the trained weights) and the value head: the checkpoint."""
-        out = {}
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                out[name] = p.detach()
-        return out
+        """Only what trains (LoRA adapters, or the trained weights) and the value head: the checkpoint. Full
+        tensors also with ``--parallel fsdp`` (gathered from the shards: every rank must call it)."""
+        return {name: full(p.detach()) for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable(self, tensors: dict[str, Tensor]) -> None:
-        load_into(self, tensors)
+        """Load full tensors (a checkpoint, :meth:`trainable_state`); each rank keeps its shard under fsdp."""
+        load_into(self, to_layout(self, tensors))
+
+    def shard(self, dist) -> None:
+        """``--parallel fsdp``: shard the policy LM, the reference copy and a separate critic LM over the ranks
+        (:func:`proxrl.run.fsdp.shard_model`); the value head stays replicated. Before the optimizer is built."""
+        for lm in (self.lm, self.ref_lm, self.critic_lm):
+            if lm is not None:
+                shard_model(lm, dist, self.device_name)
 
 
 def build_policy(spec: str, opts: ModelOptions, critic: str = "head") -> LMPolicy:
@@ -330,7 +336,11 @@ class RewardModel(nn.Module):
         return super().train(False)
 
     def raw(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """Unnormalised score ``[B]`` at the last real token."""
+        """Unnormalised score ``[B]`` at the last real token (through ``__call__``: with ``--parallel fsdp`` the
+        reward model is the sharded root, whose hooks gather its weights)."""
+        return self(ids, mask, normalize=False)
+
+    def _raw(self, ids: Tensor, mask: Tensor) -> Tensor:
         last = last_real_index(mask)  # [B]
         keep = int(mask.shape[1] - last.min())  # the window that holds every row's last real token (1 when left-padded)
         with autocast(self.device_name, self.amp):
@@ -338,11 +348,12 @@ class RewardModel(nn.Module):
         h_last = h[torch.arange(h.shape[0], device=h.device), last - (mask.shape[1] - keep)]  # [B, d]
         return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1)  # the head in float32
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        return (self.raw(ids, mask) - self.score_mean) / self.score_std
+    def forward(self, ids: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
+        r = self._raw(ids, mask)
+        return (r - self.score_mean) / self.score_std if normalize else r
 
     def trainable_state(self) -> dict[str, Tensor]:
-        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        out = {n: full(p.detach()) for n, p in self.named_parameters() if p.requires_grad}
         out["score_mean"], out["score_std"] = self.score_mean, self.score_std
         return out
 

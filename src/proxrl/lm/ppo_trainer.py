@@ -35,6 +35,7 @@ from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, check
 from ..run import checkpoint
 from ..run.progress import clock
+from ..run.fsdp import full, shard_optimizer_state
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out, relocate
@@ -78,6 +79,12 @@ class PPOTrainer:
         if cfg.update_rule == "trust-region" and self.dist.on:
             raise ConfigError("algo", f"trpo is not implemented on several processes (WORLD_SIZE={self.dist.world})",
                               "run it on one process")
+        if cfg.parallel == "fsdp" and self.dist.on:  # shards before the optimizer sees the parameters
+            if cfg.critic == "separate":
+                raise ConfigError("critic", "--critic separate is not sharded by --parallel fsdp (its LM's logits "
+                                  "are not in the loss, so FSDP2 would not gather its root for backward)",
+                                  "use --critic head, or --parallel ddp")
+            policy.shard(self.dist)
         self.rollouts = TokenRollouts(policy, cfg, self.dist)
         self.scorer = Scorer(reward if reward is not None else cfg.reward, policy, self.rollouts.chat,
                              cfg.max_prompt_length, cfg.forward_batch_size)
@@ -199,7 +206,7 @@ class PPOTrainer:
         else:
             metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle,
                                  update, self.dist, self.kl_coef, self.scaler)
-        check_parameters(self.policy.named_parameters(), update)
+        self._agreed(lambda: check_parameters(self.policy.named_parameters(), update))  # fsdp: each rank its shard
         if penalty:  # once per update, on the exact KL after it, as on the gym side (DETAILS 9)
             metrics["kl_old_exact"] = exact_kl_to_old(self.policy, params, theta_old, ids, mask, batch.mask,
                                                       cfg.temperature, cfg.micro_batch_size, self.dist)
@@ -274,7 +281,7 @@ class PPOTrainer:
         ``seed`` and u, so nothing more is needed for generation."""
         tensors = {f"policy.{k}": v for k, v in self.policy.trainable_state().items()}
         opt_t, opt_meta = optimizer_state(self.optimizer, "optimizer")
-        tensors.update(opt_t)
+        tensors.update({k: full(v) for k, v in opt_t.items()})  # fsdp: the moments gathered from the shards
         tensors["rng/shuffle"] = self.shuffle.get_state()
         for i, snap in enumerate(self.lagged if self.cfg.rollout_lag else ()):
             tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})
@@ -290,6 +297,7 @@ class PPOTrainer:
             raise CheckpointError(f"checkpoint weights do not fit the policy (e.g. {missing})")
         self.policy.load_trainable(own)
         load_optimizer_state(self.optimizer, "optimizer", tensors, state["optimizer"])
+        shard_optimizer_state(self.optimizer)  # fsdp: each rank keeps the shard of its parameters' moments
         self.shuffle.set_state(tensors["rng/shuffle"])
         if self.scaler is not None:  # fp16: the loss scale and its growth counter continue
             if not isinstance(state.get("grad_scaler"), dict):
@@ -324,9 +332,10 @@ def _prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
-#: Fields ``--resume`` lets differ from the saved run: the budget (``updates``, raised only) and the reward
-#: (a code reward is given again; checked below). Every other field given explicitly must equal the saved one.
-RESUME_MAY_CHANGE = ("updates", "reward", "resume", "out")
+#: Fields ``--resume`` lets differ from the saved run: the budget (``updates``, raised only), the reward
+#: (a code reward is given again; checked below) and ``parallel`` (how the processes share the models, not
+#: what they compute: checkpoints hold full tensors). Every other field given explicitly must equal the saved one.
+RESUME_MAY_CHANGE = ("updates", "reward", "resume", "out", "parallel")
 
 
 def resolve_resume(config: PPOConfig, reward_given: bool = False,
@@ -395,6 +404,8 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
             and absolute_path(config.reward, code=True) != saved_reward:
         raise ConfigError("reward", f"--resume continues the run with its reward model {saved_reward}; it cannot "
                           f"change to {config.reward}", "drop --reward, or start a new run with another --out")
+    if "parallel" in explicit:
+        had.parallel = config.parallel
     if "updates" in explicit and config.updates != had.updates:
         done = int(state.get("step", 0))
         check(config.updates >= max(done, 1), "updates", f"the run has already done {done} updates; --updates "
@@ -511,10 +522,11 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     samples_bytes = writer.samples_path.stat().st_size if writer.samples_path.is_file() else None
 
     def save() -> None:
-        """Rank 0 writes (every rank holds the same state), once every rank has finished the update."""
+        """Rank 0 writes (every rank holds the same state), once every rank has finished the update; the
+        state is taken on every rank (fsdp: full tensors are gathered from the shards, a collective)."""
         d.barrier()
+        tensors, st = trainer.checkpoint_state()
         if d.main:
-            tensors, st = trainer.checkpoint_state()
             rng_t, rng_meta = rng_state()
             tensors.update(rng_t)
             st.update(stage="ppo", version=CHECKPOINT_VERSION, config=asdict(cfg), run={

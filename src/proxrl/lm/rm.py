@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..run import checkpoint
+from ..run.dist import context
+from ..run.fsdp import Deferred, gathered, lockstep, shard_model
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..errors import ConfigError
@@ -93,6 +95,9 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     n_eval = held_out(len(pairs), cfg.eval_fraction)
     eval_pairs = [pairs[i] for i in order[:n_eval]]
     train_pairs = [pairs[i] for i in order[n_eval:]]
+    d = context(cfg.device)
+    if cfg.parallel == "fsdp" and d.on:  # sharded (trunk and head) before the optimizer sees it
+        shard_model(rm, d, cfg.device, warmup=lambda m, ids: m.raw(ids, torch.ones_like(ids)))
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
     scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only
@@ -105,16 +110,20 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
 
     def minibatch(rows: Tensor, where: str) -> dict:
         loss_total, acc_total = 0.0, 0.0
-        for micro in d.local(rows).split(cfg.micro_batch_size):  # weights are shares of the whole batch
-            if len(micro) == 0:  # a rank may hold no row of a small last batch
-                continue
+        errors = Deferred(d.fsdp)  # fsdp: as many passes on every rank, a NaN raised after them
+        # weights are shares of the whole batch (a rank may hold no row of a small last batch)
+        for micro, real in lockstep(d.local(rows).split(cfg.micro_batch_size), d, rows[:1]):
             rc, rr = score_pairs(rm, [train_pairs[i] for i in micro.tolist()], pad, cfg.device)
-            w = len(micro) / len(rows)  # exact: the minibatch loss is the mean over its pairs
+            w = len(micro) / len(rows) if real else 0.0  # exact: the minibatch loss is the mean over its pairs
             loss = bradley_terry_loss(rc, rr)
-            check_finite("loss", loss.detach(), None, where)
+            if not real:
+                backward(loss * w, scaler)  # zero gradients, the same collectives
+                continue
+            errors.call(check_finite, "loss", loss.detach(), None, where)
             backward(loss * w, scaler)
             loss_total += w * float(loss.detach())
             acc_total += w * float(pairwise_accuracy(rc.detach(), rr.detach()))
+        errors.raise_first()
         return {"loss": loss_total, "accuracy": acc_total}
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
@@ -128,7 +137,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
 
     res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
                None, minibatch, after_step=logged, dist=d, scaler=scaler)
-    with torch.inference_mode():
+    with gathered(rm), torch.inference_mode():  # fsdp: every rank scores every pair, the weights gathered
         def scores(ps):
             out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
@@ -141,8 +150,9 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
             ec, er = scores(eval_pairs)
             eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
     d.barrier()
+    state = rm.trainable_state()  # on every rank (fsdp: gathered from the shards)
     if d.main:
-        checkpoint.save(Path(cfg.out) / "checkpoints", step, rm.trainable_state(),
+        checkpoint.save(Path(cfg.out) / "checkpoints", step, state,
                         {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step})
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),

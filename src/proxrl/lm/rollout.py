@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import core, objective
 from ..batch import Batch
 from ..errors import ConfigError, NumericsError
+from ..run.fsdp import gathered
 from ..run.guards import check_finite
 from .loading import encode_prompt, left_pad, stop_token_ids, use_chat_template
 from .policy import LMPolicy, RewardModel, autocast, last_real_index, load_reward_model
@@ -313,7 +314,7 @@ class TokenRollouts:
         q_ids, q_mask = left_pad(enc, self.pad_id)
         dev = cfg.device
         stream = torch.Generator(device=dev).manual_seed(seed)
-        with autocast(dev, self.policy.amp):
+        with gathered(self.policy.lm), autocast(dev, self.policy.amp):  # fsdp: the weights gathered once
             resp = sample(self.policy.lm, q_ids.to(dev), q_mask.to(dev), cfg.response_length, cfg.temperature,
                           self.stop_ids, self.pad_id, stream, (rows, n_all) if rows is not None else None,
                           self.policy.top_k, self.policy.top_p).cpu()   # [B, R'] R' ≤ response_length
@@ -343,26 +344,26 @@ class TokenRollouts:
             out.append(g[:, :R] if g.dim() > 1 else g)
         return Rollout(prompts, q_ids, q_mask, resp_ids, resp_mask, stopped, texts, enc, None), out
 
-    @torch.inference_mode()
     def logp(self, rollout: Rollout) -> Tensor:
         """No-grad log-probs ``[B, R]`` of the rollout's response tokens under the policy as it is now."""
         ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
         mb = self.cfg.forward_batch_size
-        return torch.cat([self.policy(ids[i:i + mb], mask[i:i + mb], R, self.cfg.temperature, values=False,
-                                      entropy=False)[0] for i in range(0, len(rollout), mb)])
+        with gathered(self.policy), torch.inference_mode():
+            return torch.cat([self.policy(ids[i:i + mb], mask[i:i + mb], R, self.cfg.temperature, values=False,
+                                          entropy=False)[0] for i in range(0, len(rollout), mb)])
 
-    @torch.inference_mode()
     def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
         """No-grad ``logp`` (policy), ``values`` and ``logp_ref`` of the rollout's response tokens, ``[B, R]``
-        each, in chunks of ``forward_batch_size``."""
+        each, in chunks of ``forward_batch_size`` (fsdp: with the weights gathered once for all chunks)."""
         ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
         T, mb = self.cfg.temperature, self.cfg.forward_batch_size
         logp, values, logp_ref = [], [], []
-        for i in range(0, len(rollout), mb):
-            lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=True, entropy=False)
-            logp.append(lp)
-            values.append(v)
-            logp_ref.append(self.policy.ref_logp(ids[i:i + mb], mask[i:i + mb], R, T))
+        with gathered(self.policy), torch.inference_mode():
+            for i in range(0, len(rollout), mb):
+                lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=True, entropy=False)
+                logp.append(lp)
+                values.append(v)
+                logp_ref.append(self.policy.ref_logp(ids[i:i + mb], mask[i:i + mb], R, T))
         return torch.cat(logp), torch.cat(values), torch.cat(logp_ref)
 
     def make_batch(self, rollout: Rollout, scores: Tensor, kl_coef: float, update: int) -> tuple[Batch, dict, Rollout]:

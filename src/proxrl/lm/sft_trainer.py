@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..run import checkpoint
+from ..run.dist import context
+from ..run.fsdp import Deferred, full, gathered, lockstep, shard_model
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..run.rundir import open_lm_run
@@ -63,6 +65,9 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     freeze(float32_head(base))  # the logits in float32 under autocast
     model = to_master(apply_finetune(base, cfg)).to(cfg.device)  # float32 master weights of what trains
     chat = use_chat_template(tok, cfg.chat_template)
+    d = context(cfg.device)
+    if cfg.parallel == "fsdp" and d.on:  # sharded before the optimizer sees the parameters
+        shard_model(model, d, cfg.device)
     examples = sft_examples(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length, eos)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adam(params, lr=cfg.lr)
@@ -79,16 +84,20 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     def minibatch(rows: torch.Tensor, where: str) -> dict:
         n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
         loss_sum = 0.0
-        for micro in d.local(rows).split(cfg.micro_batch_size):  # n_tok counts the whole batch: exact shares
-            if len(micro) == 0:  # a rank may hold no row of a small last batch
-                continue
+        errors = Deferred(d.fsdp)  # fsdp: as many passes on every rank, a NaN raised after them
+        # n_tok counts the whole batch: exact shares (a rank may hold no row of a small last batch)
+        for micro, real in lockstep(d.local(rows).split(cfg.micro_batch_size), d, rows[:1]):
             ids, mask = left_pad([examples[i][0] for i in micro.tolist()], pad)
             lmask, _ = left_pad([examples[i][1] for i in micro.tolist()], 0)
             with autocast(cfg.device, cfg.amp):
                 loss = sft_loss_sum(model, ids.to(cfg.device), mask.to(cfg.device), lmask.to(cfg.device)) / n_tok
-            check_finite("loss", loss.detach(), None, where)
+            if not real:
+                backward(loss * 0.0, scaler)  # zero gradients, the same collectives
+                continue
+            errors.call(check_finite, "loss", loss.detach(), None, where)
             backward(loss, scaler)
             loss_sum += float(loss.detach())
+        errors.raise_first()
         return {"loss": loss_sum, "tokens": n_tok}
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
@@ -105,21 +114,33 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
 
     res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
                None, minibatch, after_step=logged, dist=d, scaler=scaler)
-    tensors = {f"policy.lm.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    # full tensors (fsdp: gathered from the shards on every rank)
+    tensors = {f"policy.lm.{n}": full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
     summary = {"steps": step, "final_loss": total, "wall_time": timer()}
+    d.barrier()
+    with gathered(model):  # fsdp: rank 0 generates with the whole weights, the others wait
+        if d.main:
+            checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors,
+                            {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step})
+            writer.samples("after SFT (greedy, training prompts)", greedy_answers(model, tok, records[:3], chat, cfg, pad,
+                                                                                  stop_token_ids(tok, base)))
     d.barrier()
     if not d.main:
         return summary
-    checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors, {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step})
-    with torch.inference_mode():  # a few greedy answers for the readable samples file
-        items = []
-        for rec in records[:3]:
-            q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)], device=cfg.device)
-            out = model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=cfg.max_response_length,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=stop_token_ids(tok, base))
-            items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
-        writer.samples("after SFT (greedy, training prompts)", items)
     summary = {"steps": step, "final_loss": total, "wall_time": timer()}
     summary.update(scaler_summary(res, scaler))
     checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary
+
+
+def greedy_answers(model, tok, records: list[dict], chat: bool, cfg, pad: int, stop: list[int]) -> list[tuple]:
+    """``(prompt, greedy answer, nan)`` for each record: the readable samples of an SFT run."""
+    items = []
+    with torch.inference_mode():
+        for rec in records:
+            q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)], device=cfg.device)
+            out = model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=cfg.max_response_length,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=stop,
+                                 synced_gpus=False)  # one rank generates (fsdp: with the weights gathered)
+            items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
+    return items

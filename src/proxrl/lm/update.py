@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import core, objective
 from ..batch import Batch
+from ..run.fsdp import Deferred, gathered, lockstep
 from ..run.guards import check_finite
 from ..run.sgd import backward, minibatches, sgd_epochs
 from .policy import LMPolicy
@@ -47,11 +48,12 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
     sums: dict[str, float] = {}
     critic = cfg.critic != "none"  # the critic-free rungs (pg, pg-baseline, rloo, grpo) train no value
     mine = dist.local(rows) if dist is not None else rows
-    for micro in mine.split(cfg.micro_batch_size):
-        if len(micro) == 0:  # a rank may hold no row of a small last batch
-            continue
+    # fsdp: every rank runs as many (collective) passes, a NaN is raised after them (a rank may hold no row
+    # of a small last batch, or one micro-batch fewer: it runs zero-weight passes)
+    errors = Deferred(dist is not None and dist.fsdp)
+    for micro, real in lockstep(mine.split(cfg.micro_batch_size), dist, rows[:1]):
         m = batch.mask[micro]
-        w = micro_weight(m, mb_mask, cfg.loss_agg)
+        w = micro_weight(m, mb_mask, cfg.loss_agg) if real else torch.zeros((), dtype=batch.mask.dtype)
         logp, v, ent = policy(ids[micro], mask[micro], R, cfg.temperature, values=critic,
                               entropy=True, entropy_grad=cfg.ent_coef > 0)
         pg_loss, st = objective.surrogate_loss(cfg.surrogate, logp, batch.logp_old[micro], batch.adv[micro], m,
@@ -67,8 +69,11 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
         else:
             v_loss = torch.zeros((), dtype=pg_loss.dtype)
             loss = pg_loss - cfg.ent_coef * ent_mean
+        if not real:
+            backward(loss * w, scaler)  # zero gradients, the same collectives
+            continue
         for name, x in (("policy loss", pg_loss), ("value loss", v_loss), ("entropy", ent_mean)):
-            check_finite(name, x.detach(), update, where)
+            errors.call(check_finite, name, x.detach(), update, where)
         backward(loss * w, scaler)
         wf = float(w)
         for k, val in {"policy_loss": pg_loss, "value_loss": v_loss, "entropy": ent_mean, **st}.items():
@@ -76,6 +81,7 @@ def accumulate(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, r
                 sums[k] = max(sums.get(k, 0.0), float(val.detach()))
             else:
                 sums[k] = sums.get(k, 0.0) + wf * float(val.detach())
+    errors.raise_first()
     return sums
 
 
@@ -138,13 +144,14 @@ def exact_kl_to_old(policy: LMPolicy, params: list[nn.Parameter], old_values: li
     R = resp_mask.shape[1]
     total = torch.zeros((), dtype=torch.float64)
     mine = dist.shard(ids.shape[0]) if dist is not None and dist.on else slice(0, ids.shape[0])
-    for i in range(mine.start, mine.stop, chunk):
-        sl = slice(i, min(i + chunk, mine.stop))
+    pieces = torch.arange(mine.start, mine.stop).split(chunk)
+    for sl, real in lockstep(pieces, dist, torch.arange(1)):  # fsdp: as many sharded forwards on every rank
         new = policy.log_softmax(ids[sl], mask[sl], R, temperature)   # [b, R, V]
         with swapped(params, old_values):
             old = policy.log_softmax(ids[sl], mask[sl], R, temperature)
-        kl = (old.exp() * (old - new)).sum(-1)                           # [b, R]
-        total += (kl * resp_mask[sl].to(kl.dtype)).sum().double()
+        if real:
+            kl = (old.exp() * (old - new)).sum(-1)                       # [b, R]
+            total += (kl * resp_mask[sl].to(kl.dtype)).sum().double()
     if dist is not None:
         dist.all_reduce_(total.view(1))
     return float(total / resp_mask.sum().clamp(min=1))
@@ -158,8 +165,9 @@ def importance_weights_after(policy: LMPolicy, ids: Tensor, mask: Tensor, batch:
     ``approx_kl_after``, the mean k3 of KL(π_old‖π_θ) on them (the in-update ``approx_kl`` of a single-step
     update is measured before its step, so always 0)."""
     R = batch.shape[1]
-    logp = torch.cat([policy(ids[i:i + chunk], mask[i:i + chunk], R, temperature, values=False, entropy=False)[0]
-                      for i in range(0, ids.shape[0], chunk)])
+    with gathered(policy):
+        logp = torch.cat([policy(ids[i:i + chunk], mask[i:i + chunk], R, temperature, values=False, entropy=False)[0]
+                          for i in range(0, ids.shape[0], chunk)])
     var, ess = core.importance_weight_stats(logp - batch.logp_old, batch.mask)
     kl = core.masked_mean(core.kl_k3(batch.logp_old, logp), batch.mask)
     return {"is_weight_var": float(var), "ess": float(ess), "approx_kl_after": float(kl)}

@@ -35,6 +35,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    fsdp: bool = False  # the stage's models are sharded (--parallel fsdp, proxrl.run.fsdp.shard_model)
 
     @property
     def on(self) -> bool:
@@ -72,9 +73,16 @@ class Dist:
         return t
 
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum every gradient over ranks, in one flat buffer (parameters without a gradient count as 0)."""
+        """Sum every gradient over ranks, in one flat buffer (parameters without a gradient count as 0). FSDP2
+        shards (``--parallel fsdp``) are left alone: their backward already reduce-scattered the sum."""
         if not self.on:
             return
+        if self.fsdp:
+            from .fsdp import is_sharded
+
+            params = [p for p in params if not is_sharded(p)]
+            if not params:
+                return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.all_reduce_(flat)  # on the parameters' device (moved for gloo when they are on a GPU)

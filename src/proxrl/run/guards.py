@@ -25,10 +25,13 @@ def check_finite(name: str, x: Tensor, update: Optional[int], where: str = "", m
 
 
 def check_parameters(named: Iterable[tuple[str, Tensor]], update: int) -> None:
-    """Every trainable parameter finite after the optimizer step."""
+    """Every trainable parameter finite after the optimizer step (of a sharded one, this rank's shard: the
+    caller agrees on the error over the ranks)."""
+    from .fsdp import local
+
     for name, p in named:
         if p.requires_grad:
-            check_finite(f"weight {name} after the optimizer step", p.detach(), update)
+            check_finite(f"weight {name} after the optimizer step", local(p.detach()), update)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Optional[int], where: str = "",
@@ -36,7 +39,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_grad_norm: float, update: Opt
     """Clip the global gradient norm to ``max_grad_norm`` (0 disables clipping) and check it is finite
     (``check``; off under a gradient scaler, which skips a step with inf/NaN gradients itself); returns the
     norm before clipping."""
+    from .fsdp import grad_norm_sq, is_sharded, local
+
     grads = [p.grad for p in params if p.grad is not None]
+    if any(is_sharded(g) for g in grads):  # --parallel fsdp: the norm over every rank's shards, then each clipped
+        norm = grad_norm_sq(grads).sqrt()
+        return _clip_to([local(g) for g in grads], norm.to(local(grads[0]).dtype), max_grad_norm, update, where, check)
     if grads and len({(g.device, g.dtype) for g in grads}) == 1:
         # torch's clip_grad_norm_ on one device and dtype, without its per-call grouping (the same kernels and
         # order, so the same values bit for bit; ~40 % of its cost on a small gym network)

@@ -12,6 +12,11 @@ def make_adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     groups (dicts with their own ``lr`` etc., as torch.optim takes them). Gym rungs pass ``eps=1e-5``
     (DETAILS 3); the LM stages keep torch's 1e-8."""
     params = list(params)
+    from .fsdp import is_sharded
+
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if any(is_sharded(p) for p in flat):  # FSDP2 shards beside replicated heads: one kernel cannot take both
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=False)
     try:
         return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):

@@ -38,7 +38,7 @@ def run(world: int, model: str, tmp: Path, args, tag: str) -> dict:
            str(tmp / "p.jsonl"), "--out", str(out), "--updates", str(args.updates), "--batch-size", str(args.batch),
            "--num-minibatches", "2", "--micro-batch-size", str(max(args.batch // 4, 1)), "--response-length",
            str(args.response_length), "--eval-prompts", "0", "--chat-template", "off", "--lora-r", "8",
-           "--checkpoint-every", "0", "--seed", "1"]
+           "--checkpoint-every", "0", "--seed", "1", "--parallel", args.parallel]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     if world == 1:
         full = [sys.executable, "-m", "proxrl", *cmd]
@@ -65,8 +65,10 @@ def main() -> int:
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--response-length", type=int, default=16)
-    ap.add_argument("--out", default=str(RESULTS / "scale"))
+    ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--out", default=None, help="results path stem (default results/scale, results/scale-fsdp)")
     args = ap.parse_args()
+    args.out = args.out or str(RESULTS / ("scale" if args.parallel == "ddp" else f"scale-{args.parallel}"))
     tmp = Path(tempfile.mkdtemp(prefix="proxrl-scale-"))
     (tmp / "reward.py").write_text(REWARD)
     (tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": f"The movie was {i} and"}) + "\n" for i in range(64)))
@@ -89,7 +91,8 @@ def main() -> int:
                   file=sys.stderr)
     med = {w: statistics.median(r["tokens_per_s"] for r in rs) for w, rs in res.items()}
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(res[1], res[2])]
-    summary = {"model": "tiny llama" if args.tiny else "SmolLM2-135M-Instruct (LoRA r=8)", "machine": machine(None),
+    summary = {"model": ("tiny llama" if args.tiny else "SmolLM2-135M-Instruct (LoRA r=8)") + f", --parallel {args.parallel}",
+               "machine": machine(None),
                "batch": args.batch, "response_length": args.response_length, "updates_counted": args.updates - 1,
                "reps": res, "median_tokens_per_s": med, "ratio_per_rep": ratios, "median_ratio": statistics.median(ratios)}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=2, default=str))
@@ -99,6 +102,12 @@ def main() -> int:
     for i, (a, b) in enumerate(zip(res[1], res[2])):
         md.append(f"| {i} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {b['tokens_per_s'] / a['tokens_per_s']:.2f} |")
     md.append(f"\nmedian ratio **{summary['median_ratio']:.2f}**")
+    # where the time of an update goes (medians over repetitions, seconds): the 2-process phase times against
+    # half the 1-process ones show which phase loses the ideal 2x (communication, imbalance, fixed costs)
+    md += ["", "| phase | 1 proc s | 2 procs s | 1 proc / 2 procs |", "|---|---|---|---|"]
+    for k in ("generate_s", "forward_s", "train_s", "update_s"):
+        a, b = (statistics.median(r[k] for r in res[w]) for w in (1, 2))
+        md.append(f"| {k[:-2]} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps({"median_ratio": summary["median_ratio"], "median_tokens_per_s": med}))
     return 0

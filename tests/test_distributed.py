@@ -265,3 +265,12 @@ def test_gym_two_processes_equal_one(tmp_path, algo):
     import proxrl
 
     proxrl.load(tmp_path / "two")  # a 2-process checkpoint loads like any other
+
+
+def test_fsdp_with_fp16_is_refused_in_one_line():
+    from proxrl.errors import ConfigError
+    from proxrl.lm.config import PPOConfig
+
+    with pytest.raises(ConfigError) as e:
+        PPOConfig(parallel="fsdp", precision="fp16").validate_model()
+    assert e.value.field == "parallel" and "fp16" in str(e.value) and "\n" not in str(e.value)

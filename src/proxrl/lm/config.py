@@ -96,11 +96,9 @@ class ModelOptions:
               "activations in every layer; float64 is for exactness checks)",
               "use --dtype float32 with --precision fp16, or --precision bf16")
         check(not (self.parallel == "fsdp" and self.precision == "fp16"), "parallel",
-              "--parallel fsdp with --precision fp16: the gradient scaler does not unscale FSDP2's sharded gradients",
+              "--parallel fsdp with --precision fp16: torch's gradient scaler cannot unscale FSDP2's sharded "
+              "gradients beside the replicated heads' (mixed Tensor and DTensor)",
               "use --precision bf16 (no scaler), or --parallel ddp")
-        check(not (self.parallel == "fsdp" and self.dtype == "bfloat16" and self.finetune != "full"), "parallel",
-              "--parallel fsdp with --dtype bfloat16 and trained float32 weights (LoRA or some layers) puts two "
-              "dtypes in one FSDP2 unit", "use --dtype float32 (with --precision bf16), --finetune full, or --parallel ddp")
 
     @property
     def amp(self):

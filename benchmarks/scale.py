@@ -58,6 +58,24 @@ def run(world: int, model: str, tmp: Path, args, tag: str) -> dict:
             "train_s": statistics.mean(r["train_time"] for r in rows), "wall": time.perf_counter() - t0}
 
 
+def run_gym(world: int, tmp: Path, args, tag: str) -> dict:
+    """One gym PPO run (per-env sync envs, 1 thread per process): the last metrics line's sps (global env
+    steps per second of the whole training loop) and the wall time."""
+    out = tmp / f"{tag}-gym-w{world}"
+    cmd = ["train", "--env", args.gym, "--algo", "ppo-clip", "--steps", str(args.gym_steps), "--num-envs",
+           str(args.num_envs), "--vectorization", "sync", "--seed", "1", "--progress", "off", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    full = ([sys.executable, "-m", "proxrl", *cmd] if world == 1 else
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+             "127.0.0.1", "--master_port", str(_port()), "-m", "proxrl", *cmd])
+    t0 = time.perf_counter()
+    p = subprocess.run(full, capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        raise SystemExit(f"gym world {world} failed:\n{p.stderr[-3000:]}")
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"world": world, "tokens_per_s": rows[-1]["sps"], "wall": time.perf_counter() - t0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
@@ -66,9 +84,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--response-length", type=int, default=16)
     ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--gym", default=None, help="a Gymnasium env id: measure gym PPO (env steps/s) instead of the LM")
+    ap.add_argument("--gym-steps", type=int, default=65536)
+    ap.add_argument("--num-envs", type=int, default=8, help="global envs of the gym run (split over the ranks)")
     ap.add_argument("--out", default=None, help="results path stem (default results/scale, results/scale-fsdp)")
     args = ap.parse_args()
-    args.out = args.out or str(RESULTS / ("scale" if args.parallel == "ddp" else f"scale-{args.parallel}"))
+    args.out = args.out or str(RESULTS / (f"scale-{args.gym}" if args.gym else
+                                          "scale" if args.parallel == "ddp" else f"scale-{args.parallel}"))
     tmp = Path(tempfile.mkdtemp(prefix="proxrl-scale-"))
     (tmp / "reward.py").write_text(REWARD)
     (tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": f"The movie was {i} and"}) + "\n" for i in range(64)))
@@ -82,6 +104,8 @@ def main() -> int:
         from proxrl.lm.demo_pipeline import smollm2_gguf
 
         model = smollm2_gguf()
+    if args.gym:
+        return gym_main(args, tmp)
     res = {1: [], 2: []}
     for rep in range(args.reps):  # interleaved: both see the same machine load
         for world in (1, 2):
@@ -110,6 +134,28 @@ def main() -> int:
         md.append(f"| {k[:-2]} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps({"median_ratio": summary["median_ratio"], "median_tokens_per_s": med}))
+    return 0
+
+
+def gym_main(args, tmp: Path) -> int:
+    res = {1: [], 2: []}
+    for rep in range(args.reps):  # interleaved
+        for world in (1, 2):
+            r = run_gym(world, tmp, args, f"r{rep}")
+            res[world].append(r)
+            print(f"rep {rep} world {world}: {r['tokens_per_s']:.0f} env steps/s, wall {r['wall']:.1f} s", file=sys.stderr)
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(res[1], res[2])]
+    summary = {"env": args.gym, "steps": args.gym_steps, "num_envs": args.num_envs, "machine": machine(None),
+               "reps": res, "ratio_per_rep": ratios, "median_ratio": statistics.median(ratios)}
+    Path(args.out + ".json").write_text(json.dumps(summary, indent=2, default=str))
+    md = [f"# Scale-out: gym PPO ({args.gym}, {args.num_envs} sync envs in all, {args.gym_steps} steps), "
+          "2 processes × 1 thread vs 1 process × 1 thread", "", "| rep | 1 proc steps/s | 2 procs steps/s | ratio |",
+          "|---|---|---|---|"]
+    for i, (a, b) in enumerate(zip(res[1], res[2])):
+        md.append(f"| {i} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | {b['tokens_per_s'] / a['tokens_per_s']:.2f} |")
+    md.append(f"\nmedian ratio **{summary['median_ratio']:.2f}**")
+    Path(args.out + ".md").write_text("\n".join(md) + "\n")
+    print(json.dumps({"median_ratio": summary["median_ratio"]}))
     return 0
 
 

@@ -104,7 +104,8 @@ def assert_same_run(a: Path, b: Path, tol=1e-9):
         assert float((ta[k] - tb[k]).abs().max() / scale) <= tol, k
 
 
-@pytest.mark.parametrize("parallel,finetune", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+@pytest.mark.parametrize("parallel,finetune", [("ddp", "lora"), ("fsdp", "lora"),
+                                               pytest.param("fsdp", "full", marks=pytest.mark.slow)])
 def test_ppo_two_processes_equal_one(setup, parallel, finetune):
     """--parallel fsdp shards the weights (FSDP2): the same run, weights and Adam state (gathered into full
     tensors for the checkpoint) as one process. FSDP2 averaging gradients instead of summing the shares
@@ -183,7 +184,7 @@ def test_nan_on_rank1_only_stops_both_ranks_with_the_same_line(setup):
     assert p.stderr.count("error: reward function") == 2, p.stderr[-2000:]  # both ranks, the same line
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_checkpoint_of_two_processes_resumes_on_one_and_ends_identical(setup, parallel):
     """SIGTERM to the launcher after the first update: every rank finishes the update, rank 0 checkpoints,
     all exit 143; the run then resumes on ONE process and ends identical to the uninterrupted 2-process run

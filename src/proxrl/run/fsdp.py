@@ -28,12 +28,14 @@ What differs, and why each piece here exists:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
+@functools.cache
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor

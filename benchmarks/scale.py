@@ -55,15 +55,17 @@ def run(world: int, model: str, tmp: Path, args, tag: str) -> dict:
     return {"world": world, "tokens_per_s": tokens / secs, "update_s": secs / len(rows),
             "generate_s": statistics.mean(r["generate_time"] for r in rows),
             "forward_s": statistics.mean(r["forward_time"] for r in rows),
-            "train_s": statistics.mean(r["train_time"] for r in rows), "wall": time.perf_counter() - t0}
+            "train_s": statistics.mean(r["train_time"] for r in rows),
+            "comm_s": statistics.mean(r.get("comm_time") or 0.0 for r in rows), "wall": time.perf_counter() - t0}
 
 
-def run_gym(world: int, tmp: Path, args, tag: str) -> dict:
+def run_gym(world: int, tmp: Path, args, tag: str, update: str = "replicate") -> dict:
     """One gym PPO run (per-env sync envs, 1 thread per process): the last metrics line's sps (global env
-    steps per second of the whole training loop) and the wall time."""
-    out = tmp / f"{tag}-gym-w{world}"
+    steps per second of the whole training loop), rank 0's share of the loop spent in collectives, the wall time."""
+    out = tmp / f"{tag}-gym-w{world}-{update}"
     cmd = ["train", "--env", args.gym, "--algo", "ppo-clip", "--steps", str(args.gym_steps), "--num-envs",
-           str(args.num_envs), "--vectorization", "sync", "--seed", "1", "--progress", "off", "--out", str(out)]
+           str(args.num_envs), "--vectorization", "sync", "--seed", "1", "--progress", "off", "--dist-update",
+           update, "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     full = ([sys.executable, "-m", "proxrl", *cmd] if world == 1 else
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
@@ -73,7 +75,9 @@ def run_gym(world: int, tmp: Path, args, tag: str) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"gym world {world} failed:\n{p.stderr[-3000:]}")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"world": world, "tokens_per_s": rows[-1]["sps"], "wall": time.perf_counter() - t0}
+    return {"world": world, "tokens_per_s": rows[-1]["sps"], "update": update,
+            "comm_share": sum(r.get("comm_time") or 0.0 for r in rows) / rows[-1]["time"],
+            "wall": time.perf_counter() - t0}
 
 
 def main() -> int:
@@ -87,6 +91,7 @@ def main() -> int:
     ap.add_argument("--gym", default=None, help="a Gymnasium env id: measure gym PPO (env steps/s) instead of the LM")
     ap.add_argument("--gym-steps", type=int, default=65536)
     ap.add_argument("--num-envs", type=int, default=8, help="global envs of the gym run (split over the ranks)")
+    ap.add_argument("--dist-update", default="replicate,split", help="gym: the 2-process update modes to measure")
     ap.add_argument("--out", default=None, help="results path stem (default results/scale, results/scale-fsdp)")
     args = ap.parse_args()
     args.out = args.out or str(RESULTS / (f"scale-{args.gym}" if args.gym else
@@ -119,7 +124,6 @@ def main() -> int:
                "machine": machine(None),
                "batch": args.batch, "response_length": args.response_length, "updates_counted": args.updates - 1,
                "reps": res, "median_tokens_per_s": med, "ratio_per_rep": ratios, "median_ratio": statistics.median(ratios)}
-    Path(args.out + ".json").write_text(json.dumps(summary, indent=2, default=str))
     md = [f"# Scale-out: 2 processes × 1 thread vs 1 process × 1 thread ({summary['model']})", "",
           f"batch {args.batch} responses × ≤ {args.response_length} tokens, {args.updates - 1} timed updates per run, "
           f"{args.reps} interleaved repetitions", "", "| rep | 1 proc tokens/s | 2 procs tokens/s | ratio |", "|---|---|---|---|"]
@@ -132,30 +136,42 @@ def main() -> int:
     for k in ("generate_s", "forward_s", "train_s", "update_s"):
         a, b = (statistics.median(r[k] for r in res[w]) for w in (1, 2))
         md.append(f"| {k[:-2]} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    comm = statistics.median(r["comm_s"] / r["update_s"] for r in res[2])
+    summary["comm_share"] = comm
+    md.append(f"\ncommunication share of a 2-process update (rank 0's time in proxrl's collectives{', FSDP2 own not counted' if args.parallel == 'fsdp' else ''}, "
+              f"waiting for the other rank included): **{comm:.1%}**")
+    Path(args.out + ".json").write_text(json.dumps(summary, indent=2, default=str))
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps({"median_ratio": summary["median_ratio"], "median_tokens_per_s": med}))
     return 0
 
 
 def gym_main(args, tmp: Path) -> int:
-    res = {1: [], 2: []}
-    for rep in range(args.reps):  # interleaved
-        for world in (1, 2):
-            r = run_gym(world, tmp, args, f"r{rep}")
-            res[world].append(r)
-            print(f"rep {rep} world {world}: {r['tokens_per_s']:.0f} env steps/s, wall {r['wall']:.1f} s", file=sys.stderr)
-    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(res[1], res[2])]
+    modes = [m for m in args.dist_update.split(",") if m]
+    res: dict = {1: [], **{m: [] for m in modes}}
+    for rep in range(args.reps):  # interleaved: every configuration sees the same machine load
+        for key in (1, *modes):
+            r = run_gym(1 if key == 1 else 2, tmp, args, f"r{rep}", "replicate" if key == 1 else key)
+            res[key].append(r)
+            print(f"rep {rep} {'1 process' if key == 1 else '2 processes ' + key}: {r['tokens_per_s']:.0f} env steps/s, "
+                  f"comm {r['comm_share']:.1%}, wall {r['wall']:.1f} s", file=sys.stderr)
+    ratios = {m: [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(res[1], res[m])] for m in modes}
     summary = {"env": args.gym, "steps": args.gym_steps, "num_envs": args.num_envs, "machine": machine(None),
-               "reps": res, "ratio_per_rep": ratios, "median_ratio": statistics.median(ratios)}
+               "reps": res, "ratio_per_rep": ratios, "median_ratio": {m: statistics.median(r) for m, r in ratios.items()},
+               "comm_share": {m: statistics.median(r["comm_share"] for r in res[m]) for m in modes}}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=2, default=str))
     md = [f"# Scale-out: gym PPO ({args.gym}, {args.num_envs} sync envs in all, {args.gym_steps} steps), "
-          "2 processes × 1 thread vs 1 process × 1 thread", "", "| rep | 1 proc steps/s | 2 procs steps/s | ratio |",
-          "|---|---|---|---|"]
-    for i, (a, b) in enumerate(zip(res[1], res[2])):
-        md.append(f"| {i} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | {b['tokens_per_s'] / a['tokens_per_s']:.2f} |")
-    md.append(f"\nmedian ratio **{summary['median_ratio']:.2f}**")
+          "2 processes × 1 thread vs 1 process × 1 thread", "",
+          "| rep | 1 proc steps/s | " + " | ".join(f"2 procs {m} steps/s | ratio" for m in modes) + " |",
+          "|---|---|" + "---|---|" * len(modes)]
+    for i, a in enumerate(res[1]):
+        md.append(f"| {i} | {a['tokens_per_s']:.0f} | " + " | ".join(
+            f"{res[m][i]['tokens_per_s']:.0f} | {res[m][i]['tokens_per_s'] / a['tokens_per_s']:.2f}" for m in modes) + " |")
+    for m in modes:
+        md.append(f"\n{m}: median ratio **{summary['median_ratio'][m]:.2f}**, communication share of the loop "
+                  f"(rank 0, waiting included) {summary['comm_share'][m]:.1%}")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
-    print(json.dumps({"median_ratio": summary["median_ratio"]}))
+    print(json.dumps({"median_ratio": summary["median_ratio"], "comm_share": summary["comm_share"]}))
     return 0
 
 

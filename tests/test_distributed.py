@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time",
+WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time", "comm_time",
         "wall_time")
 REWARD = '''
 import math, os
@@ -238,22 +238,23 @@ def test_single_process_commands_refuse_torchrun_in_one_line(setup):
     assert not (setup / "gym").exists()
 
 
-@pytest.mark.parametrize("algo", ["ppo-clip", "trpo"])
-def test_gym_two_processes_equal_one(tmp_path, algo):
+@pytest.mark.parametrize("algo,update", [("ppo-clip", "replicate"), ("ppo-clip", "split"), ("trpo", "replicate")])
+def test_gym_two_processes_equal_one(tmp_path, algo, update):
     """CartPole with observation and reward normalisation, 4 per-env (sync) envs: 2 ranks × 2 envs equal one
-    process with 4 envs. The gym networks are float32, so 'equal' is up to float32 rounding of the summed
-    gradient, which TRPO's conjugate gradient amplifies (≤ 1e-4 relative allowed; seen ≤ 7e-7 for
-    ppo-clip, ≤ 2e-5 for trpo)."""
+    process with 4 envs. ``--dist-update replicate`` computes the update on every rank (no exchange: equal up
+    to the normalisers' summation order); ``split`` sums the ranks' gradients of each minibatch. The gym
+    networks are float32, so 'equal' is up to float32 rounding, which TRPO's conjugate gradient amplifies
+    (≤ 1e-4 relative allowed; seen ≤ 7e-7 for ppo-clip, ≤ 2e-5 for trpo)."""
     args = lambda out: ["train", "--env", "CartPole-v1", "--algo", algo, "--steps", "3072", "--num-envs", "4",
                         "--num-steps", "128", "--vectorization", "sync", "--obs-norm", "--reward-norm", "--seed", "2",
-                        "--preset", "none", "--progress", "off", "--out", str(out)]
+                        "--preset", "none", "--progress", "off", "--dist-update", update, "--out", str(out)]
     p1, p2 = one(args(tmp_path / "one")), two(args(tmp_path / "two"))
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-2500:])
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         for k in x:
-            if k == "sps":
+            if k in ("sps", "comm_time"):
                 continue
             if isinstance(x[k], float) and isinstance(y[k], float):
                 assert abs(x[k] - y[k]) <= 1e-4 * max(abs(x[k]), 1e-6) + 1e-9, (k, x[k], y[k])
@@ -275,3 +276,49 @@ def test_fsdp_with_fp16_is_refused_in_one_line():
     with pytest.raises(ConfigError) as e:
         PPOConfig(parallel="fsdp", precision="fp16").validate_model()
     assert e.value.field == "parallel" and "fp16" in str(e.value) and "\n" not in str(e.value)
+
+
+COLLECTIVES = '''
+import torch
+from proxrl.run.dist import context, RemoteError
+d = context("cpu")
+r = d.rank
+# any shapes and dtypes in two collectives; rank 1 sends an empty tensor
+parts = d.gather_tensors([torch.arange(3 + r, dtype=torch.long) * 2**40, torch.full((r, 2), r > 0),
+                          torch.tensor(0.1, dtype=torch.bfloat16) * (r + 1)])
+assert [p.tolist() for p in parts[0]] == [[0, 2**40, 2**41], [0, 2**40, 2**41, 3 * 2**40]], parts[0]
+assert parts[1][0].shape == (0, 2) and parts[1][1].tolist() == [[True, True]] and parts[1][1].dtype == torch.bool
+assert [p.dtype for p in parts[2]] == [torch.bfloat16] * 2 and float(parts[2][1]) == float(torch.tensor(0.2, dtype=torch.bfloat16))
+# padded rows (LM responses of different lengths), and the one-collective path for known row counts
+g = d.gather_rows(torch.ones(1 + r, 2 + r), pad_value=-1)
+assert g.tolist() == [[1, 1, -1], [1, 1, 1], [1, 1, 1]], g
+assert d.gather_rows(torch.full((2 - r, 2), float(r)), rows=[2, 1]).tolist() == [[0, 0], [0, 0], [1, 1]]
+# the fused minibatch step: gradients and statistics summed, in place
+flat = torch.full((4,), float(r + 1))
+st = d.sum_step(None, flat, {"loss": torch.tensor(r + 0.5), "note": "x"}, ["loss"])
+assert flat.tolist() == [3.0] * 4 and float(st["loss"]) == 2.0 and st["note"] == "x"
+# an error on rank 1 only (or a missing statistic) stops both ranks with rank 1's line, no hang
+for bad in ({"error": ValueError("loss: NaN at update 7")}, {"stats": {}}):
+    try:
+        d.sum_step(bad.get("error") if r == 1 else None, flat, bad.get("stats", {"loss": torch.tensor(1.0)})
+                   if r == 1 else {"loss": torch.tensor(1.0)}, ["loss"])
+    except (ValueError, RuntimeError, RemoteError) as e:
+        print(f"rank {r}: {e}", flush=True)
+    else:
+        raise SystemExit("no error")
+print(f"rank {r}: ok", flush=True)
+'''
+
+
+def test_collectives_pack_any_tensors_and_agree_on_errors(tmp_path):
+    """The collectives the gym's per-step and per-minibatch exchanges rest on: one buffer for any number of
+    tensors of any dtype (exact round trip), rows of known counts in one collective, and the fused
+    minibatch step whose error flag travels with the gradients (a failing rank's line reaches every rank)."""
+    (tmp_path / "c.py").write_text(COLLECTIVES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "c.py")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        assert f"rank {r}: loss: NaN at update 7" in p.stdout
+        assert f"rank {r}: a minibatch step returned no statistic 'loss'" in p.stdout
+        assert f"rank {r}: ok" in p.stdout

@@ -124,6 +124,8 @@ class TrainConfig:
     """Torch device for the networks: cpu, cuda, cuda:N, mps, or auto (CUDA when available)."""
     vectorization: Literal["auto", "numpy", "sync", "async"] = "auto"
     """auto: Gymnasium's numpy-vectorised env when it has one (classic control), else SyncVectorEnv."""
+    dist_update: Literal["replicate", "split"] = "replicate"
+    """Several processes (torchrun): every rank computes the whole update on the gathered batch (replicate: no exchange; the gym's networks are small) or its share of each minibatch with the gradients summed (split: for large networks and minibatches)."""
 
     @property
     def batch_size(self) -> int:

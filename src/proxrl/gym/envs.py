@@ -25,9 +25,12 @@ class RunningMeanStd:
         self.count = epsilon
         self.gather = None  # several processes: every rank's rows of x, so all ranks keep the same statistics
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, keep: Optional[np.ndarray] = None) -> None:
+        """Fold the rows of ``x`` (those where ``keep`` is True, when given) into the statistics."""
         if self.gather is not None:
-            x = self.gather(x)
+            x, keep = self.gather(x, keep)
+        if keep is not None:
+            x = x[keep]
         if x.shape[0] == 0:
             return
         b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
@@ -72,9 +75,18 @@ class RewardScaler:
         self.discounted = np.zeros(num_envs, np.float64)
 
     def __call__(self, reward: np.ndarray, valid: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        self.rms.update(self.accumulate(reward, valid, ended), keep=valid)
+        return self.scale(reward)
+
+    def accumulate(self, reward: np.ndarray, valid: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        """Advance G_t of every env; returns G_t, the rows the statistics take (where ``valid``)."""
         self.discounted = np.where(valid, self.discounted * self.gamma + reward, self.discounted)
-        self.rms.update(self.discounted[valid])
+        g = self.discounted.copy()
         self.discounted[ended] = 0.0
+        return g
+
+    def scale(self, reward: np.ndarray) -> np.ndarray:
+        """r / √(Var + ε) with the statistics as they are now, clipped."""
         return np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 

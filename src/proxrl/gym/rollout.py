@@ -48,9 +48,12 @@ class Runner:
         self.obs_norm = ObsNormalizer((self.obs_dim,), clip_obs) if obs_norm else None
         self.reward_scaler = RewardScaler(self.num_envs, gamma, clip_reward) if reward_norm else None
         if self.dist.on:  # normalisers see every rank's rows: the statistics of one process with all envs
-            gather = lambda x: self.dist.gather_rows(torch.from_numpy(np.ascontiguousarray(x))).numpy()  # noqa: E731
-            for rms in ([self.obs_norm.rms] if self.obs_norm else []) + ([self.reward_scaler.rms] if self.reward_scaler else []):
-                rms.gather = gather
+            shares = (Dist(r, self.dist.world).shard(self.num_envs_global) for r in range(self.dist.world))
+            self.rank_rows = [s.stop - s.start for s in shares]  # every rank's env count
+            if self.obs_norm is not None:  # the next step's input: one collective per step
+                self.obs_norm.rms.gather = self._gather_rows
+            # the return statistics only scale stored rewards, which nothing reads before the update: they are
+            # folded in at the rollout's end, step by step on every rank's rows (the same arithmetic, one collective)
         act_space = envs.single_action_space
         self.continuous = policy.kind == "continuous"
         if self.continuous:
@@ -90,6 +93,7 @@ class Runner:
         trunc = np.empty((T, N), bool)
         mask = np.empty((T, N), bool)
         stats = EpisodeStats()
+        deferred = np.empty((T, N, 2), np.float64) if self.reward_scaler is not None and self.dist.on else None
         order: list[tuple[int, int]] = []  # (step, global env) of each finished episode
         # per step only what the env needs: the actor's forward and a sample. log π_old(a|s) and V(s) of the
         # whole rollout are one batched forward each after the loop (same weights: nothing trains in between)
@@ -125,10 +129,15 @@ class Runner:
                 self.ep_return[ended] = 0.0
                 self.ep_length[ended] = 0
             if self.reward_scaler is not None:
-                reward = self.reward_scaler(reward, valid, ended)
+                if self.dist.on:  # scaled at the rollout's end (_scale_rewards)
+                    deferred[t, :, 0], deferred[t, :, 1] = self.reward_scaler.accumulate(reward, valid, ended), reward
+                else:
+                    reward = self.reward_scaler(reward, valid, ended)
             rew[t], term[t], trunc[t], mask[t] = reward, terminated, truncated, valid
             self.pending_reset = ended
             self.raw_obs = self._check_obs(raw)
+        if deferred is not None:
+            self._scale_rewards(rew, deferred, mask)
         last_obs = self._policy_obs(self.raw_obs, update=False)
         obs_nt = obs_buf.transpose(0, 1).contiguous()         # [N, T, obs_dim]
         act_nt = torch.stack(act_steps, 1)                    # [N, T, ...]
@@ -147,12 +156,49 @@ class Runner:
             mask=to_t(mask).float(), values=values, next_values=next_values,
         )
         if self.dist.on:  # every rank holds the whole batch (rows in global env order) and every episode
-            batch = Batch(**{k: (self.dist.gather_rows(v) if isinstance(v, torch.Tensor) else v)
-                             for k, v in batch.__dict__.items()})
-            eps = [e for part in self.dist.gather_objects(list(zip(order, stats.returns, stats.lengths))) for e in part]
-            eps.sort(key=lambda e: e[0])  # the order one process appends them in
-            stats = EpisodeStats([r for _, r, _ in eps], [n for _, _, n in eps])
+            batch, stats = self._gather(batch, order, stats)
         return batch, stats
+
+    def _gather_rows(self, x: np.ndarray, keep: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Every rank's env rows of ``x`` (and of the row mask ``keep``) in global env order: one collective
+        (each rank's row count is its env share), per step for the normalisers."""
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float64).reshape(len(x), -1))
+        if keep is not None:
+            t = torch.cat([t, torch.from_numpy(np.asarray(keep, np.float64)).reshape(-1, 1)], 1)
+        g = self.dist.gather_rows(t, rows=self.rank_rows).numpy()
+        if keep is None:
+            return g.reshape(-1, *x.shape[1:]).astype(x.dtype, copy=False), None
+        return g[:, :-1].reshape(-1, *x.shape[1:]).astype(x.dtype, copy=False), g[:, -1] > 0.5
+
+    def _scale_rewards(self, rew: np.ndarray, deferred: np.ndarray, valid: np.ndarray) -> None:
+        """Several processes: the reward scaling one process does per step, done for the whole rollout at its
+        end — every rank's G_t and valid rows gathered once, then the statistics updated step by step and each
+        step's rewards (``deferred[..., 1]``, unscaled) scaled with them into ``rew``."""
+        rows = np.concatenate([deferred[:, :, :1], valid[:, :, None]], 2).transpose(1, 0, 2)  # [N, T, 2]
+        g = self.dist.gather_rows(torch.from_numpy(np.ascontiguousarray(rows, np.float64)), rows=self.rank_rows).numpy()
+        rs = self.reward_scaler
+        for step in range(rew.shape[0]):
+            rs.rms.update(g[:, step, 0], keep=g[:, step, 1] > 0.5)  # every env of the run, in global order
+            rew[step] = rs.scale(deferred[step, :, 1])
+
+    def _gather(self, batch: Batch, order: list, stats: EpisodeStats) -> tuple[Batch, EpisodeStats]:
+        """The whole rollout on every rank: the batch's tensors (each ``[N_r, T, ...]``) packed into one
+        collective, the finished episodes (sorted into the order one process appends them in) into another."""
+        names = [k for k, v in batch.__dict__.items() if isinstance(v, torch.Tensor)]
+        parts = [batch.__dict__[k] for k in names]
+        N = self.num_envs
+        flat = torch.cat([v.reshape(N, -1).to(torch.float64) for v in parts], 1)
+        g = self.dist.gather_rows(flat, rows=self.rank_rows)
+        out, off = dict(batch.__dict__), 0
+        for k, v in zip(names, parts):
+            w = int(np.prod(v.shape[1:]))
+            out[k] = g[:, off:off + w].reshape(-1, *v.shape[1:]).to(v.dtype)
+            off += w
+        eps = torch.tensor([(t, e, r, n) for (t, e), r, n in zip(order, stats.returns, stats.lengths)],
+                           dtype=torch.float64).reshape(-1, 4)
+        allep = torch.cat(self.dist.gather_tensors([eps])[0])
+        allep = allep[np.lexsort((allep[:, 1].numpy(), allep[:, 0].numpy()))] if len(allep) else allep
+        return Batch(**out), EpisodeStats([float(r) for r in allep[:, 2]], [int(n) for n in allep[:, 3]])
 
     def _sample(self, dist) -> torch.Tensor:
         """A sample of ``dist`` for this rank's envs. On several processes the random numbers are drawn for

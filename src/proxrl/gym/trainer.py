@@ -54,6 +54,7 @@ METRICS = {
     "lr": "learning rate in this update",
     "sps": "environment steps per second (whole loop)",
     "time": "seconds since the start of the run",
+    "comm_time": "seconds this update's rollout and update spent in collectives (several processes; 0 on one)",
 }
 
 
@@ -232,6 +233,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 for group in opt.param_groups:
                     group["lr"] = frac * base_lr[group["name"]]
 
+                comm0 = d.comm_s
                 batch, episodes = runner.collect(cfg.num_steps)
                 batch = estimate_advantages(batch, rung.weight, cfg.gamma, cfg.gae_lambda)
                 flat = batch.flatten_valid()  # [N, 1]: independent samples, autoreset steps dropped
@@ -242,7 +244,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                     if rung.update == "trust-region":
                         stats = trust_region_update(policy, opt, flat, rung, cfg, update, old)
                     else:
-                        stats = sgd_update(policy, opt, flat, rung, cfg, beta or 0.0, update, old, d)
+                        stats = sgd_update(policy, opt, flat, rung, cfg, beta or 0.0, update, old,
+                                           d if cfg.dist_update == "split" else None)
                     diag = post_update_diagnostics(policy, flat, old)
                     check_parameters(policy.named_parameters(), update)
                 except NumericsError as e:
@@ -263,7 +266,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 line.update(update=update, step=runner.global_step,
                             episode_return=float(np.mean(episodes.returns)) if episodes.returns else None,
                             episode_length=float(np.mean(episodes.lengths)) if episodes.lengths else None,
-                            lr=opt.param_groups[0]["lr"], sps=runner.global_step / elapsed, time=elapsed)
+                            lr=opt.param_groups[0]["lr"], sps=runner.global_step / elapsed, time=elapsed,
+                            comm_time=d.comm_s - comm0)
                 line = {k: _nan_to_none(v) for k, v in line.items()}
                 writer.metrics(line)
                 metrics.append(line)

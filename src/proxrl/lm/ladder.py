@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from ..errors import ConfigError
 from .config import LM_RUNGS, LMLadderConfig
 
-WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time")
+WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "generate_time", "score_time", "comm_time")
 
 
 def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:

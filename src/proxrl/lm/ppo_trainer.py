@@ -539,7 +539,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     n_samples = cfg.samples_per_prompt  # K responses per prompt
     with StopSignals() as stop:
         for update in range(first, cfg.updates + 1):
-            t0 = time.perf_counter()
+            t0, comm0 = time.perf_counter(), trainer.dist.comm_s
             batch_prompts = []
             while len(batch_prompts) < cfg.batch_size // n_samples:  # epochs over the prompts, a fresh shuffle each
                 if cursor >= len(order):
@@ -556,6 +556,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             m = trainer.step(rollout, scores)
             dt = time.perf_counter() - t0
             m["generate_time"], m["score_time"] = t_gen, t_score
+            m["comm_time"] = trainer.dist.comm_s - comm0  # proxrl's collectives (FSDP2's own are not counted)
             m["tokens_per_s"] = float(rollout.response_mask.sum()) / dt
             m["time"] = time.perf_counter() - t_start
             for k, v in m.items():

@@ -20,7 +20,10 @@ Without torchrun (WORLD_SIZE unset or 1) everything here is a no-op and nothing 
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,6 +39,7 @@ class Dist:
     world: int = 1
     device: str = "cpu"
     fsdp: bool = False  # the stage's models are sharded (--parallel fsdp, proxrl.run.fsdp.shard_model)
+    comm_s: float = 0.0  # seconds spent in this object's collectives (waiting for the slower rank included)
 
     @property
     def on(self) -> bool:
@@ -62,12 +66,21 @@ class Dist:
     def comm_device(self) -> str:
         return self.device if self.device.startswith("cuda") else "cpu"
 
+    @contextmanager
+    def _timed(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.comm_s += time.perf_counter() - t0
+
     def all_reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
         if self.on:
             import torch.distributed as td
 
             c = t.to(self.comm_device)
-            td.all_reduce(c, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
+            with self._timed():
+                td.all_reduce(c, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
             if c is not t:
                 t.copy_(c)
         return t
@@ -92,28 +105,89 @@ class Dist:
             p.grad = flat[off:off + n].view_as(g).clone()
             off += n
 
-    def gather_rows(self, t: Tensor, pad_value=0) -> Tensor:
+    def sum_step(self, error: Optional[BaseException], flat: Tensor, stats: dict, keys: Sequence[str]) -> dict:
+        """One collective for a minibatch step: the error check of :meth:`agree`, the statistics ``keys`` of
+        ``stats`` (this rank's shares, summed) and the gradient range ``flat`` (summed in place), in one
+        float64 buffer — the gym's steps take a millisecond, and each collective costs a few hundred
+        microseconds on gloo. Every rank's ``stats`` must hold the tensors ``keys``: a rank without one counts
+        as failed, so the buffers always have the same size. Returns ``stats`` with the sums."""
+        missing = [k for k in keys if not isinstance(stats.get(k), Tensor)]
+        if error is None and missing:
+            error = RuntimeError(f"a minibatch step returned no statistic {missing[0]!r} (the first step did)")
+        vals = [stats[k].detach().reshape(()).to(self.comm_device, torch.float64) for k in keys] if error is None \
+            else [torch.zeros((), dtype=torch.float64, device=self.comm_device)] * len(keys)
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.comm_device)
+        buf = torch.cat([flag, torch.stack(vals) if vals else flag[:0],
+                         flat.detach().reshape(-1).to(self.comm_device, torch.float64)])
+        self.all_reduce_(buf)
+        if float(buf[0]) > 0:
+            self._raise_agreed(error)
+        flat.copy_(buf[1 + len(keys):].view_as(flat))
+        return {**stats, **{k: buf[1 + i] for i, k in enumerate(keys)}}
+
+    def gather_tensors(self, tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Every rank's ``tensors`` (any shapes, any real dtypes), as ``out[i][r]`` = rank r's tensor i: two
+        collectives whatever their number (the shapes, then one float64 buffer; float64 holds every value of
+        the narrower floats, bools and integers below 2**53 exactly)."""
+        if not self.on:
+            return [[t] for t in tensors]
+        import torch.distributed as td
+
+        dev = self.comm_device
+        dims = max([t.dim() for t in tensors] + [0])
+        shape = torch.full((len(tensors), dims + 1), -1, dtype=torch.long)  # ndim, then the sizes
+        for i, t in enumerate(tensors):
+            shape[i, 0] = t.dim()
+            shape[i, 1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.long)
+        shapes = [torch.empty_like(shape, device=dev) for _ in range(self.world)]
+        with self._timed():
+            td.all_gather(shapes, shape.to(dev))
+        sizes = [[list(row[1:1 + int(row[0])].tolist()) for row in s.cpu()] for s in shapes]
+        counts = [sum(math.prod(z) for z in zs) for zs in sizes]
+        if max(counts) == 0:  # nothing to send anywhere (every rank knows)
+            return [[torch.zeros(z, dtype=t.dtype, device=t.device) for z in (s[i] for s in sizes)]
+                    for i, t in enumerate(tensors)]
+        send = torch.zeros(max(counts), dtype=torch.float64, device=dev)
+        if tensors:
+            mine = torch.cat([t.detach().reshape(-1).to(dev, torch.float64) for t in tensors])
+            send[: mine.numel()] = mine
+        recv = [torch.empty_like(send) for _ in range(self.world)]
+        with self._timed():
+            td.all_gather(recv, send)
+        out: list[list[Tensor]] = [[] for _ in tensors]
+        for r in range(self.world):
+            off = 0
+            for i, (t, z) in enumerate(zip(tensors, sizes[r])):
+                n = math.prod(z)
+                out[i].append(recv[r][off:off + n].view(z).to(t.device, t.dtype))
+                off += n
+        return out
+
+    def gather_rows(self, t: Tensor, pad_value=0, rows: Optional[Sequence[int]] = None) -> Tensor:
         """Concatenate every rank's rows ``[b_r, *rest]`` in rank order; trailing dims are padded with
-        ``pad_value`` to the largest (response lengths differ between ranks)."""
+        ``pad_value`` to the largest (response lengths differ between ranks). ``rows``: every rank's b_r when
+        the caller knows them and the trailing dims are the same on all ranks — then one collective, not two."""
         if not self.on:
             return t
+        if rows is None:
+            parts = self.gather_tensors([t])[0]
+            full = [max(p.shape[d] for p in parts) for d in range(1, t.dim())]
+            out = torch.full([sum(p.shape[0] for p in parts), *full], pad_value, dtype=t.dtype, device=t.device)
+            off = 0
+            for p in parts:
+                out[(slice(off, off + p.shape[0]), *(slice(0, n) for n in p.shape[1:]))] = p
+                off += p.shape[0]
+            return out
         import torch.distributed as td
 
         home, kind = t.device, t.dtype
-        t = t.to(self.comm_device, torch.uint8 if kind == torch.bool else kind)
-        shape = torch.tensor(list(t.shape), dtype=torch.long, device=self.comm_device)
-        shapes = [torch.zeros_like(shape) for _ in range(self.world)]
-        td.all_gather(shapes, shape)
-        shapes = [s.tolist() for s in shapes]
-        full = [max(s[d] for s in shapes) for d in range(1, t.dim())]
-        padded = torch.full([t.shape[0], *full], pad_value, dtype=t.dtype, device=t.device)
-        padded[tuple(slice(0, n) for n in t.shape)] = t
-        bmax = max(s[0] for s in shapes)
-        send = torch.full([bmax, *full], pad_value, dtype=t.dtype, device=t.device)
-        send[: t.shape[0]] = padded
+        c = t.to(self.comm_device, torch.uint8 if kind == torch.bool else kind)
+        send = torch.zeros([max(rows), *c.shape[1:]], dtype=c.dtype, device=c.device)
+        send[: c.shape[0]] = c
         recv = [torch.empty_like(send) for _ in range(self.world)]
-        td.all_gather(recv, send)
-        return torch.cat([r[: s[0]] for r, s in zip(recv, shapes)]).to(home, kind)
+        with self._timed():
+            td.all_gather(recv, send)
+        return torch.cat([r[:n] for r, n in zip(recv, rows)]).to(home, kind)
 
     def gather_objects(self, obj) -> list:
         if not self.on:
@@ -121,7 +195,8 @@ class Dist:
         import torch.distributed as td
 
         out = [None] * self.world
-        td.all_gather_object(out, obj)
+        with self._timed():
+            td.all_gather_object(out, obj)
         return out
 
     def agree(self, error: Optional[BaseException]) -> None:
@@ -133,8 +208,11 @@ class Dist:
             return
         flag = torch.tensor([0 if error is None else 1], dtype=torch.long, device=self.comm_device)
         self.all_reduce_(flag)
-        if int(flag) == 0:
-            return
+        if int(flag) != 0:
+            self._raise_agreed(error)
+
+    def _raise_agreed(self, error: Optional[BaseException]) -> None:
+        """Every rank knows that some rank failed: all raise the lowest failing rank's error."""
         msgs = self.gather_objects(None if error is None else (type(error).__name__, str(error)))
         r, (kind, msg) = next((i, m) for i, m in enumerate(msgs) if m is not None)
         if error is not None and r == self.rank:
@@ -153,7 +231,8 @@ class Dist:
         if self.on:
             import torch.distributed as td
 
-            td.barrier()
+            with self._timed():
+                td.barrier()
 
 
 class RemoteError(ProxrlError):

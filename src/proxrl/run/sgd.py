@@ -67,7 +67,9 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     rank's shares and are summed over ranks (after the error check), so every rank sees the minibatch's.
     ``flat_grads``: the gradients of ``params`` as one flat range (:class:`~proxrl.run.guards.FlatGrads` of
     contiguous parameters; every parameter must get a gradient from each minibatch's loss) — the gym's small
-    networks, where per-tensor kernels dominate.
+    networks, where per-tensor kernels dominate. On several processes its steps after the first then take one
+    collective each (:meth:`~proxrl.run.dist.Dist.sum_step`: the error check, the statistics and the
+    gradients together), which needs every step to return the first step's statistics.
 
     ``scaler`` (a :class:`torch.amp.GradScaler`, fp16; ``minibatch_step`` then backpropagates
     ``scaler.scale(loss)``, :func:`backward`): the gradients are unscaled before the clip; when they hold
@@ -79,6 +81,7 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     if flat_grads is not None and scaler is not None:
         raise ValueError("sgd_epochs: flat_grads and a gradient scaler are not combined")
     out = SGDResult()
+    stat_keys: Optional[list[str]] = None  # known after the first step (every rank returns the same keys)
     for epoch in range(epochs):
         st: dict = {}
         for j, idx in enumerate(order()):
@@ -95,16 +98,19 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                     st = minibatch_step(idx, where)
                 except Exception as e:  # noqa: BLE001 - agreed on by all ranks, then re-raised
                     err = e
-                dist.agree(err)
-                if flat_grads is not None:
-                    dist.all_reduce_(flat_grads.flat)  # in place: the parameters' gradients are its views
+                if flat_grads is not None and stat_keys is not None:  # error check, statistics, gradients: one
+                    st = dist.sum_step(err, flat_grads.flat, st, stat_keys)  # collective (in place on the range)
                 else:
-                    dist.all_reduce_grads(params)
-                if reduce_stats:
-                    keys = sorted(k for k, v in st.items() if isinstance(v, Tensor))
+                    dist.agree(err)
+                    if flat_grads is not None:
+                        dist.all_reduce_(flat_grads.flat)  # in place: the parameters' gradients are its views
+                    else:
+                        dist.all_reduce_grads(params)
+                    keys = sorted(k for k, v in st.items() if isinstance(v, Tensor)) if reduce_stats else []
                     if keys:
                         flat = dist.all_reduce_(torch.stack([st[k].detach().double().reshape(()) for k in keys]))
                         st = {**st, **{k: flat[i] for i, k in enumerate(keys)}}
+                    stat_keys = keys  # the next steps' statistics: the same keys (sum_step checks)
             else:
                 st = minibatch_step(idx, where)
             if scaler is None:

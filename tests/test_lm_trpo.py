@@ -138,12 +138,14 @@ def test_a_step_beyond_delta_is_backtracked_and_a_bad_one_rejected(tiny):
     assert torch.equal(TR.get_flat(params), theta_old) and at["kl"] == 0.0
 
 
-def test_trpo_refused_on_several_processes(tiny, monkeypatch):
+def test_trpo_with_fsdp_is_refused_in_one_line(tiny, monkeypatch):
+    """trpo runs on several processes with ddp (tests/test_distributed.py); fsdp shards the flat gradient its
+    conjugate gradient works on."""
     from proxrl.run import dist
 
     monkeypatch.setattr(dist, "context", lambda device="cpu": dist.Dist(rank=0, world=2))
-    with pytest.raises(ConfigError, match="^algo: trpo is not implemented on several processes"):
-        make_trainer(tiny)
+    with pytest.raises(ConfigError, match="^parallel: trpo's conjugate gradient works on the whole flat gradient"):
+        make_trainer(tiny, parallel="fsdp")
 
 
 @pytest.mark.parametrize("argv,field", [
@@ -213,7 +215,7 @@ def test_trpo_run_resumes_exactly(tmp_path, tiny):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_trpo_under_torchrun_is_one_line_on_every_rank(tmp_path):
+def test_trpo_with_fsdp_under_torchrun_is_one_line_on_every_rank(tmp_path):
     """Two real gloo processes: each prints the same one-line refusal and nothing is trained or written."""
     import os
     import socket
@@ -235,8 +237,8 @@ def test_trpo_under_torchrun_is_one_line_on_every_rank(tmp_path):
            "--master_port", str(port), "-m", "proxrl", "rlhf", "train", "--algo", "trpo", "--policy",
            str(tmp_path / "model"), "--reward", f"{tmp_path / 'reward.py'}:share", "--prompts",
            str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "run"), "--updates", "1", "--batch-size", "8",
-           "--chat-template", "off"]
+           "--chat-template", "off", "--parallel", "fsdp"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error: algo: trpo is not implemented")]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: parallel: trpo's conjugate gradient")]
     assert p.returncode != 0 and len(errors) == 2, p.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -76,9 +76,9 @@ class PPOTrainer:
         from ..run.dist import context
 
         self.dist = context(cfg.device)
-        if cfg.update_rule == "trust-region" and self.dist.on:
-            raise ConfigError("algo", f"trpo is not implemented on several processes (WORLD_SIZE={self.dist.world})",
-                              "run it on one process")
+        if cfg.update_rule == "trust-region" and self.dist.on and cfg.parallel == "fsdp":
+            raise ConfigError("parallel", "trpo's conjugate gradient works on the whole flat gradient, which "
+                              "--parallel fsdp shards", "use --parallel ddp (the default) for trpo")
         if cfg.parallel == "fsdp" and self.dist.on:  # shards before the optimizer sees the parameters
             if cfg.critic == "separate":
                 raise ConfigError("critic", "--critic separate is not sharded by --parallel fsdp (its LM's logits "
@@ -202,7 +202,7 @@ class PPOTrainer:
         if trust_region:  # rung 7: CG on Fisher-vector products + line search, no optimizer step
             from .trust_region import trust_region_update
 
-            metrics = trust_region_update(self.policy, cfg, batch, ids, mask, update, self.kl_coef)
+            metrics = trust_region_update(self.policy, cfg, batch, ids, mask, update, self.kl_coef, self.dist)
         else:
             metrics = sgd_update(self.policy, self.optimizer, cfg, batch, ids, mask, self.penalty_beta, self.shuffle,
                                  update, self.dist, self.kl_coef, self.scaler)

@@ -19,7 +19,14 @@ Every pass runs on micro-batches of ``micro_batch_size`` rows, weighted by their
 weights of the policy LM (LoRA adapters keep F v cheap); critic-free (advantages from the batch or group
 baseline: a value head trained by SGD on the same trunk would move the policy outside the trust region).
 Cost of an update: 1 forward+backward (g), ``cg_iters`` + 1 double-backward passes (F v, with PyTorch's math
-attention kernel: the fused ones have no double backward), 2 no-grad forwards per line-search trial. One process only (refused on several, :class:`~proxrl.lm.ppo_trainer.PPOTrainer`).
+attention kernel: the fused ones have no double backward), 2 no-grad forwards per line-search trial.
+
+On several processes (``--parallel ddp``; every rank holds the whole batch) each rank runs the passes over its
+share of the rows, still weighted by their share of the whole batch, and each pass's result is summed over the
+ranks in one collective (:meth:`~proxrl.run.dist.Dist.sum_step`, which also agrees on an error): the gradient
+g and J(θ_old), every Fisher-vector product, and the four sums of each line-search evaluation. The conjugate
+gradient and every line-search decision then run on identical numbers on every rank, so every rank takes the
+same step — the single-process step up to float summation order.
 """
 
 from __future__ import annotations
@@ -68,10 +75,12 @@ def set_flat(params: list[nn.Parameter], flat: Tensor) -> None:
 class _Passes:
     """The micro-batched passes over one token batch (the batch is one minibatch)."""
 
-    def __init__(self, policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, kl_coef: float):
+    def __init__(self, policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, kl_coef: float, dist=None):
         self.policy, self.cfg, self.batch, self.ids, self.mask, self.kl_coef = policy, cfg, batch, ids, mask, kl_coef
         self.R = batch.shape[1]
-        self.micros = list(torch.arange(batch.shape[0], device=batch.mask.device).split(cfg.micro_batch_size))
+        self.dist = dist if dist is not None and dist.on else None
+        rows = self.dist.shard(batch.shape[0]) if self.dist is not None else slice(0, batch.shape[0])
+        self.micros = list(torch.arange(rows.start, rows.stop, device=batch.mask.device).split(cfg.micro_batch_size))
         self.n_tokens = batch.mask.sum().clamp(min=1)
         self.agg_len = cfg.response_length if cfg.loss_agg == "constant" else None
         self.kl_in_loss = getattr(cfg, "kl_in", "reward") == "loss"
@@ -93,46 +102,70 @@ class _Passes:
     def weight(self, micro: Tensor) -> Tensor:
         return micro_weight(self.batch.mask[micro], self.batch.mask, self.cfg.loss_agg)
 
+    def summed(self, run, like: Tensor) -> Tensor:
+        """``run()`` (this rank's part of a pass: a flat tensor like ``like``), summed over the ranks in one
+        collective that also agrees on an error — a rank that fails stops every rank with its line."""
+        if self.dist is None:
+            return run()
+        err, out = None, torch.zeros_like(like)
+        try:
+            out = run()
+        except Exception as e:  # noqa: BLE001 - agreed on by all ranks, then re-raised
+            err = e
+        self.dist.sum_step(err, out, {}, [])
+        return out
+
     def gradient(self, params: list[nn.Parameter]) -> tuple[Tensor, float]:
         """g = ∇J at the current weights (θ_old) and J there."""
-        g, j = None, 0.0
-        for micro in self.micros:
-            jm, _ = self.surrogate(micro, self.log_softmax(micro))
-            w = self.weight(micro)
-            gm = core.flat_grad(jm * w, params)
-            g = gm if g is None else g + gm
-            j += float(jm.detach() * w)
-        return g, j
+        like = torch.zeros(sum(p.numel() for p in params) + 1, dtype=params[0].dtype, device=params[0].device)
+
+        def run() -> Tensor:  # [g, J]: this rank's micro-batches
+            out = torch.zeros_like(like)
+            for micro in self.micros:
+                jm, _ = self.surrogate(micro, self.log_softmax(micro))
+                w = self.weight(micro)
+                out[:-1] += core.flat_grad(jm * w, params)
+                out[-1] += (jm * w).detach()
+            return out
+
+        out = self.summed(run, like)
+        return out[:-1].clone(), float(out[-1])
 
     def fvp(self, params: list[nn.Parameter], v: Tensor) -> Tensor:
         """F v, F the Hessian at θ_old of the mean per-token KL(π_old‖π_θ) over the batch (undamped)."""
-        out = torch.zeros_like(v)
-        for micro in self.micros:
-            m = self.batch.mask[micro]
+        def run() -> Tensor:
+            out = torch.zeros_like(v)
+            for micro in self.micros:
+                m = self.batch.mask[micro]
 
-            def kl_fn(micro=micro, m=m) -> Tensor:
-                lp = self.log_softmax(micro)
-                return core.masked_sum(core.categorical_kl(lp.detach(), lp), m) / self.n_tokens
+                def kl_fn(micro=micro, m=m) -> Tensor:
+                    lp = self.log_softmax(micro)
+                    return core.masked_sum(core.categorical_kl(lp.detach(), lp), m) / self.n_tokens
 
-            with sdpa_math():  # the fused attention kernels have no double backward
-                out += core.fisher_vector_product(kl_fn, params, v, damping=0.0)
-        return out
+                with sdpa_math():  # the fused attention kernels have no double backward
+                    out += core.fisher_vector_product(kl_fn, params, v, damping=0.0)
+            return out
+
+        return self.summed(run, v)
 
     @torch.no_grad()
     def evaluate(self, params: list[nn.Parameter], old_values: list[Tensor]) -> dict[str, float]:
         """At the current weights: J, the mean per-token exact KL(π_old‖π_θ) (π_old = ``old_values``), the mean
         k3 of the sampled tokens (``approx_kl``) and the entropy."""
-        j, kl, k3, ent = 0.0, 0.0, 0.0, 0.0
-        for micro in self.micros:
-            m = self.batch.mask[micro]
-            new = self.log_softmax(micro)
-            with swapped(params, old_values):
-                old = self.log_softmax(micro)
-            jm, logp = self.surrogate(micro, new)
-            j += float(jm * self.weight(micro))
-            kl += float(core.masked_sum(core.categorical_kl(old, new), m))
-            k3 += float(core.masked_sum(core.kl_k3(self.batch.logp_old[micro], logp), m))
-            ent += float(core.masked_sum(-(new.exp() * new).sum(-1), m))
+        def run() -> Tensor:  # [J, Σ KL, Σ k3, Σ entropy] over this rank's micro-batches
+            out = torch.zeros(4, dtype=torch.float64, device=self.batch.mask.device)
+            for micro in self.micros:
+                m = self.batch.mask[micro]
+                new = self.log_softmax(micro)
+                with swapped(params, old_values):
+                    old = self.log_softmax(micro)
+                jm, logp = self.surrogate(micro, new)
+                out += torch.stack([jm * self.weight(micro), core.masked_sum(core.categorical_kl(old, new), m),
+                                    core.masked_sum(core.kl_k3(self.batch.logp_old[micro], logp), m),
+                                    core.masked_sum(-(new.exp() * new).sum(-1), m)]).double()
+            return out
+
+        j, kl, k3, ent = self.summed(run, torch.zeros(4, dtype=torch.float64, device=self.batch.mask.device)).tolist()
         n = float(self.n_tokens)
         return {"j": j, "kl": kl / n, "approx_kl": k3 / n, "entropy": ent / n}
 
@@ -185,10 +218,11 @@ def line_search(passes: _Passes, params: list[nn.Parameter], theta_old: Tensor, 
 
 
 def trust_region_update(policy: LMPolicy, cfg, batch: Batch, ids: Tensor, mask: Tensor, update: int,
-                        kl_coef: float = 0.0) -> dict[str, float]:
-    """One TRPO update on the token batch (see the module docstring); returns its metrics."""
+                        kl_coef: float = 0.0, dist=None) -> dict[str, float]:
+    """One TRPO update on the token batch (see the module docstring); returns its metrics. ``dist``: several
+    processes, each holding the whole batch (each runs its rows' passes; the sums are exchanged)."""
     params = policy_parameters(policy)
-    passes = _Passes(policy, cfg, batch, ids, mask, kl_coef)
+    passes = _Passes(policy, cfg, batch, ids, mask, kl_coef, dist)
     theta_old = get_flat(params).clone()
     step = natural_step(passes, params, update)
     out: dict = {"grad_norm": step.grad_norm, "expected_improvement": step.expected_improvement,

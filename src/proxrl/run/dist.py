@@ -108,17 +108,18 @@ class Dist:
     def sum_step(self, error: Optional[BaseException], flat: Tensor, stats: dict, keys: Sequence[str]) -> dict:
         """One collective for a minibatch step: the error check of :meth:`agree`, the statistics ``keys`` of
         ``stats`` (this rank's shares, summed) and the gradient range ``flat`` (summed in place), in one
-        float64 buffer — the gym's steps take a millisecond, and each collective costs a few hundred
-        microseconds on gloo. Every rank's ``stats`` must hold the tensors ``keys``: a rank without one counts
+        buffer of ``flat``'s dtype (float32 at least; bytes are time: a float64 copy of a 140k-parameter
+        gradient doubles the all-reduce's cost on gloo) — the gym's steps take a millisecond, and each
+        collective costs a few hundred microseconds on gloo. Every rank's ``stats`` must hold the tensors ``keys``: a rank without one counts
         as failed, so the buffers always have the same size. Returns ``stats`` with the sums."""
         missing = [k for k in keys if not isinstance(stats.get(k), Tensor)]
         if error is None and missing:
             error = RuntimeError(f"a minibatch step returned no statistic {missing[0]!r} (the first step did)")
-        vals = [stats[k].detach().reshape(()).to(self.comm_device, torch.float64) for k in keys] if error is None \
-            else [torch.zeros((), dtype=torch.float64, device=self.comm_device)] * len(keys)
-        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.comm_device)
-        buf = torch.cat([flag, torch.stack(vals) if vals else flag[:0],
-                         flat.detach().reshape(-1).to(self.comm_device, torch.float64)])
+        kind = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+        vals = [stats[k].detach().reshape(()).to(self.comm_device, kind) for k in keys] if error is None \
+            else [torch.zeros((), dtype=kind, device=self.comm_device)] * len(keys)
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=kind, device=self.comm_device)
+        buf = torch.cat([flag, torch.stack(vals) if vals else flag[:0], flat.detach().reshape(-1).to(self.comm_device, kind)])
         self.all_reduce_(buf)
         if float(buf[0]) > 0:
             self._raise_agreed(error)

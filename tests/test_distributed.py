@@ -330,3 +330,27 @@ def test_collectives_pack_any_tensors_and_agree_on_errors(tmp_path):
         assert f"rank {r}: loss: NaN at update 7" in p.stdout
         assert f"rank {r}: a minibatch step returned no statistic 'loss'" in p.stdout
         assert f"rank {r}: ok" in p.stdout
+
+
+def test_gym_checkpoint_of_two_processes_resumes_exactly_on_two_and_is_refused_on_one(tmp_path):
+    """A 2-process gym run (per-rank env state, normalisers, the deferred reward scaling) stopped after 3
+    updates and resumed on 2 processes ends bit-identical to the uninterrupted 6-update run; resumed on 1
+    process it is refused in one line (each rank's envs are in the checkpoint, not re-splittable)."""
+    args = lambda out, steps: ["train", "--env", "CartPole-v1", "--algo", "ppo-clip", "--steps", str(steps),
+                               "--num-envs", "4", "--num-steps", "128", "--vectorization", "sync", "--obs-norm",
+                               "--reward-norm", "--no-anneal-lr", "--seed", "3", "--preset", "none",
+                               "--progress", "off", "--out", str(out)]
+    assert two(args(tmp_path / "ref", 3072)).returncode == 0
+    p = two(args(tmp_path / "run", 1536))
+    assert p.returncode == 0, p.stderr[-2000:]
+    one_proc = one(["train", "--resume", str(tmp_path / "run"), "--steps", "3072"])
+    lines = [l for l in one_proc.stderr.splitlines() if l.startswith("error:")]
+    assert one_proc.returncode != 0 and len(lines) == 1 and "checkpointed on 2 process(es)" in lines[0], one_proc.stderr
+    r = two(["train", "--resume", str(tmp_path / "run"), "--steps", "3072"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ra, rb = rows(tmp_path / "ref"), rows(tmp_path / "run")
+    strip = lambda rs: [{k: v for k, v in x.items() if k not in ("sps", "comm_time")} for x in rs]  # noqa: E731
+    assert len(ra) == 6 and strip(ra) == strip(rb)
+    ta = load_file(sorted((tmp_path / "ref" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    tb = load_file(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

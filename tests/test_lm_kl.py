@@ -149,6 +149,11 @@ def test_estimator_in_the_reward_through_the_trainer(tiny):
 def test_kl_in_the_loss_through_the_trainer(tiny):
     """--kl-in loss: no KL in the rewards; the loss gradient is the pg gradient + β·∇mean(k3)."""
     tr = trainer(tiny, kl_in="loss", kl_estimator="k3", update_epochs=1, num_minibatches=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move the policy off the reference: at π = π_ref the KL term and its gradient are 0
+        for p in tr.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, dtype=p.dtype, generator=g))
     ro = tr.generate(["ab", "xyz"] * 4)
     scores = tr.score(ro)
     b, _, ro2 = tr.rollouts.make_batch(ro, scores, 0.0, 1)

@@ -23,7 +23,7 @@ class RunningMeanStd:
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = epsilon
-        self.gather = None  # several processes: every rank's rows of x, so all ranks keep the same statistics
+        self.gather = None  # several processes: (x, keep) → every rank's rows of both, so all ranks keep the same statistics
 
     def update(self, x: np.ndarray, keep: Optional[np.ndarray] = None) -> None:
         """Fold the rows of ``x`` (those where ``keep`` is True, when given) into the statistics."""

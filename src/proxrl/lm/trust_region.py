@@ -117,19 +117,20 @@ class _Passes:
 
     def gradient(self, params: list[nn.Parameter]) -> tuple[Tensor, float]:
         """g = ∇J at the current weights (θ_old) and J there."""
-        like = torch.zeros(sum(p.numel() for p in params) + 1, dtype=params[0].dtype, device=params[0].device)
+        # [g, J] in float64 (J's sums decide the line search; the micro-batch gradients are added in float64 too)
+        like = torch.zeros(sum(p.numel() for p in params) + 1, dtype=torch.float64, device=params[0].device)
 
-        def run() -> Tensor:  # [g, J]: this rank's micro-batches
+        def run() -> Tensor:  # this rank's micro-batches
             out = torch.zeros_like(like)
             for micro in self.micros:
                 jm, _ = self.surrogate(micro, self.log_softmax(micro))
                 w = self.weight(micro)
                 out[:-1] += core.flat_grad(jm * w, params)
-                out[-1] += (jm * w).detach()
+                out[-1] += (jm * w).detach().double()
             return out
 
         out = self.summed(run, like)
-        return out[:-1].clone(), float(out[-1])
+        return out[:-1].to(params[0].dtype), float(out[-1])
 
     def fvp(self, params: list[nn.Parameter], v: Tensor) -> Tensor:
         """F v, F the Hessian at θ_old of the mean per-token KL(π_old‖π_θ) over the batch (undamped)."""

@@ -53,9 +53,9 @@ def one(args, timeout=240, **env):
                           env=_env(**env), timeout=timeout)
 
 
-def two(args, timeout=240, extra=(), **env):
+def two(args, timeout=240, extra=(), procs=2, **env):
     # --standalone: torchrun binds a free loopback port itself (no race with another run choosing ports)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *extra,
            "-m", "proxrl", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout)
 
@@ -354,3 +354,30 @@ def test_gym_checkpoint_of_two_processes_resumes_exactly_on_two_and_is_refused_o
     ta = load_file(sorted((tmp_path / "ref" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
     tb = load_file(sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_three_processes_equal_one(setup, tmp_path):
+    """Not only 2: 3 processes with unequal shares — the LM batch of 8 rows (3 + 3 + 2, minibatches of 4 split
+    2 + 1 + 1) and 5 gym envs (2 + 2 + 1, split update) — compute the run of one process."""
+    lm = lambda out: ppo_args(setup, out, "share", "--parallel", "ddp", "--finetune", "lora")  # noqa: E731
+    ref = setup / "ppo-ddp-lora-1"  # test_ppo_two_processes_equal_one's 1-process run (the same arguments)
+    if not ref.exists():
+        assert one(lm(ref)).returncode == 0
+    p3 = two(lm(tmp_path / "lm3"), procs=3)
+    assert p3.returncode == 0, p3.stderr[-2000:]
+    assert_same_run(ref, tmp_path / "lm3")
+    gym = lambda out: ["train", "--env", "CartPole-v1", "--algo", "ppo-clip", "--steps", "1920", "--num-envs", "5",
+                       "--num-steps", "128", "--vectorization", "sync", "--obs-norm", "--reward-norm", "--seed", "2",
+                       "--preset", "none", "--progress", "off", "--dist-update", "split", "--out", str(out)]
+    g1, g3 = one(gym(tmp_path / "g1")), two(gym(tmp_path / "g3"), procs=3)
+    assert g1.returncode == 0 and g3.returncode == 0, (g1.stderr[-1500:], g3.stderr[-2500:])
+    a, b = rows(tmp_path / "g1"), rows(tmp_path / "g3")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for k in x:
+            if k in ("sps", "comm_time"):
+                continue
+            if isinstance(x[k], float) and isinstance(y[k], float):  # float32 networks (seen ≤ 6e-6 relative)
+                assert abs(x[k] - y[k]) <= 1e-4 * max(abs(x[k]), 1e-6) + 1e-9, (k, x[k], y[k])
+            else:
+                assert x[k] == y[k], (k, x[k], y[k])

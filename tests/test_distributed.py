@@ -104,6 +104,27 @@ def assert_same_run(a: Path, b: Path, tol=1e-9):
         assert float((ta[k] - tb[k]).abs().max() / scale) <= tol, k
 
 
+def gym_args(out, *more, algo="ppo-clip", steps=3072, envs=4, seed=2):
+    """CartPole with observation and reward normalisation on per-env (sync) envs, the gym tests' run."""
+    return ["train", "--env", "CartPole-v1", "--algo", algo, "--steps", str(steps), "--num-envs", str(envs),
+            "--num-steps", "128", "--vectorization", "sync", "--obs-norm", "--reward-norm", "--seed", str(seed),
+            "--preset", "none", "--progress", "off", "--out", str(out), *more]
+
+
+def assert_close_gym_rows(a: list, b: list, n: int, tol=1e-4):
+    """The gym's metrics lines equal up to float32 rounding (its networks are float32); counts, flags and
+    nulls exactly. Wall time and communication time are not compared."""
+    assert len(a) == len(b) == n
+    for x, y in zip(a, b):
+        for k in x:
+            if k in ("sps", "comm_time"):
+                continue
+            if isinstance(x[k], float) and isinstance(y[k], float):
+                assert abs(x[k] - y[k]) <= tol * max(abs(x[k]), 1e-6) + 1e-9, (k, x[k], y[k])
+            else:
+                assert x[k] == y[k], (k, x[k], y[k])
+
+
 @pytest.mark.parametrize("parallel,finetune", [("ddp", "lora"), ("fsdp", "lora"),
                                                pytest.param("fsdp", "full", marks=pytest.mark.slow)])
 def test_ppo_two_processes_equal_one(setup, parallel, finetune):
@@ -253,21 +274,10 @@ def test_gym_two_processes_equal_one(tmp_path, algo, update):
     to the normalisers' summation order); ``split`` sums the ranks' gradients of each minibatch. The gym
     networks are float32, so 'equal' is up to float32 rounding, which TRPO's conjugate gradient amplifies
     (≤ 1e-4 relative allowed; seen ≤ 7e-7 for ppo-clip, ≤ 2e-5 for trpo)."""
-    args = lambda out: ["train", "--env", "CartPole-v1", "--algo", algo, "--steps", "3072", "--num-envs", "4",
-                        "--num-steps", "128", "--vectorization", "sync", "--obs-norm", "--reward-norm", "--seed", "2",
-                        "--preset", "none", "--progress", "off", "--dist-update", update, "--out", str(out)]
+    args = lambda out: gym_args(out, "--dist-update", update, algo=algo)  # noqa: E731
     p1, p2 = one(args(tmp_path / "one")), two(args(tmp_path / "two"))
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-2500:])
-    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        for k in x:
-            if k in ("sps", "comm_time"):
-                continue
-            if isinstance(x[k], float) and isinstance(y[k], float):
-                assert abs(x[k] - y[k]) <= 1e-4 * max(abs(x[k]), 1e-6) + 1e-9, (k, x[k], y[k])
-            else:
-                assert x[k] == y[k], (k, x[k], y[k])
+    assert_close_gym_rows(rows(tmp_path / "one"), rows(tmp_path / "two"), 6)
     ta = load_file(sorted((tmp_path / "one" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
     tb = load_file(sorted((tmp_path / "two" / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
     for k in (k for k in ta if k.startswith("policy/")):
@@ -336,10 +346,7 @@ def test_gym_checkpoint_of_two_processes_resumes_exactly_on_two_and_is_refused_o
     """A 2-process gym run (per-rank env state, normalisers, the deferred reward scaling) stopped after 3
     updates and resumed on 2 processes ends bit-identical to the uninterrupted 6-update run; resumed on 1
     process it is refused in one line (each rank's envs are in the checkpoint, not re-splittable)."""
-    args = lambda out, steps: ["train", "--env", "CartPole-v1", "--algo", "ppo-clip", "--steps", str(steps),
-                               "--num-envs", "4", "--num-steps", "128", "--vectorization", "sync", "--obs-norm",
-                               "--reward-norm", "--no-anneal-lr", "--seed", "3", "--preset", "none",
-                               "--progress", "off", "--out", str(out)]
+    args = lambda out, steps: gym_args(out, "--no-anneal-lr", steps=steps, seed=3)  # noqa: E731
     assert two(args(tmp_path / "ref", 3072)).returncode == 0
     p = two(args(tmp_path / "run", 1536))
     assert p.returncode == 0, p.stderr[-2000:]
@@ -366,18 +373,7 @@ def test_three_processes_equal_one(setup, tmp_path):
     p3 = two(lm(tmp_path / "lm3"), procs=3)
     assert p3.returncode == 0, p3.stderr[-2000:]
     assert_same_run(ref, tmp_path / "lm3")
-    gym = lambda out: ["train", "--env", "CartPole-v1", "--algo", "ppo-clip", "--steps", "1920", "--num-envs", "5",
-                       "--num-steps", "128", "--vectorization", "sync", "--obs-norm", "--reward-norm", "--seed", "2",
-                       "--preset", "none", "--progress", "off", "--dist-update", "split", "--out", str(out)]
+    gym = lambda out: gym_args(out, "--dist-update", "split", steps=1920, envs=5)  # noqa: E731
     g1, g3 = one(gym(tmp_path / "g1")), two(gym(tmp_path / "g3"), procs=3)
     assert g1.returncode == 0 and g3.returncode == 0, (g1.stderr[-1500:], g3.stderr[-2500:])
-    a, b = rows(tmp_path / "g1"), rows(tmp_path / "g3")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        for k in x:
-            if k in ("sps", "comm_time"):
-                continue
-            if isinstance(x[k], float) and isinstance(y[k], float):  # float32 networks (seen ≤ 6e-6 relative)
-                assert abs(x[k] - y[k]) <= 1e-4 * max(abs(x[k]), 1e-6) + 1e-9, (k, x[k], y[k])
-            else:
-                assert x[k] == y[k], (k, x[k], y[k])
+    assert_close_gym_rows(rows(tmp_path / "g1"), rows(tmp_path / "g3"), 3)  # seen ≤ 6e-6 relative

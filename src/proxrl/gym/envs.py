@@ -23,12 +23,15 @@ class RunningMeanStd:
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = epsilon
-        self.gather = None  # several processes: (x, keep) → every rank's rows of both, so all ranks keep the same statistics
+        self.gather = None  # several processes: every rank's rows of x, so all ranks keep the same statistics
 
     def update(self, x: np.ndarray, keep: Optional[np.ndarray] = None) -> None:
-        """Fold the rows of ``x`` (those where ``keep`` is True, when given) into the statistics."""
+        """Fold the rows of ``x`` (those where ``keep`` is True, when given) into the statistics. With
+        ``gather`` (several processes) every row is passed: ``keep`` is for statistics kept on one rank."""
         if self.gather is not None:
-            x, keep = self.gather(x, keep)
+            if keep is not None:
+                raise ValueError("RunningMeanStd.update: keep is not combined with gather")
+            x = self.gather(x)
         if keep is not None:
             x = x[keep]
         if x.shape[0] == 0:
@@ -75,8 +78,7 @@ class RewardScaler:
         self.discounted = np.zeros(num_envs, np.float64)
 
     def __call__(self, reward: np.ndarray, valid: np.ndarray, ended: np.ndarray) -> np.ndarray:
-        self.rms.update(self.accumulate(reward, valid, ended), keep=valid)
-        return self.scale(reward)
+        return self.update_and_scale(self.accumulate(reward, valid, ended), valid, reward)
 
     def accumulate(self, reward: np.ndarray, valid: np.ndarray, ended: np.ndarray) -> np.ndarray:
         """Advance G_t of every env; returns G_t, the rows the statistics take (where ``valid``)."""
@@ -85,8 +87,10 @@ class RewardScaler:
         self.discounted[ended] = 0.0
         return g
 
-    def scale(self, reward: np.ndarray) -> np.ndarray:
-        """r / √(Var + ε) with the statistics as they are now, clipped."""
+    def update_and_scale(self, g: np.ndarray, valid: np.ndarray, reward: np.ndarray) -> np.ndarray:
+        """One step: G_t's ``valid`` rows into the statistics, then r / √(Var + ε), clipped. Several processes
+        replay it per step at the rollout's end, with every rank's G_t (``proxrl.gym.rollout``)."""
+        self.rms.update(g, keep=valid)
         return np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 

@@ -48,8 +48,7 @@ class Runner:
         self.obs_norm = ObsNormalizer((self.obs_dim,), clip_obs) if obs_norm else None
         self.reward_scaler = RewardScaler(self.num_envs, gamma, clip_reward) if reward_norm else None
         if self.dist.on:  # normalisers see every rank's rows: the statistics of one process with all envs
-            shares = (Dist(r, self.dist.world).shard(self.num_envs_global) for r in range(self.dist.world))
-            self.rank_rows = [s.stop - s.start for s in shares]  # every rank's env count
+            self.rank_rows = self.dist.shares(self.num_envs_global)  # every rank's env count
             if self.obs_norm is not None:  # the next step's input: one collective per step
                 self.obs_norm.rms.gather = self._gather_rows
             # the return statistics only scale stored rewards, which nothing reads before the update: they are
@@ -159,16 +158,10 @@ class Runner:
             batch, stats = self._gather(batch, order, stats)
         return batch, stats
 
-    def _gather_rows(self, x: np.ndarray, keep: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Every rank's env rows of ``x`` (and of the row mask ``keep``) in global env order: one collective
-        (each rank's row count is its env share), per step for the normalisers."""
-        t = torch.from_numpy(np.ascontiguousarray(x, np.float64).reshape(len(x), -1))
-        if keep is not None:
-            t = torch.cat([t, torch.from_numpy(np.asarray(keep, np.float64)).reshape(-1, 1)], 1)
-        g = self.dist.gather_rows(t, rows=self.rank_rows).numpy()
-        if keep is None:
-            return g.reshape(-1, *x.shape[1:]).astype(x.dtype, copy=False), None
-        return g[:, :-1].reshape(-1, *x.shape[1:]).astype(x.dtype, copy=False), g[:, -1] > 0.5
+    def _gather_rows(self, x: np.ndarray) -> np.ndarray:
+        """Every rank's env rows of ``x`` in global env order, in its dtype: one collective per step (each
+        rank's row count is its env share), for the observation normaliser."""
+        return self.dist.gather_rows(torch.from_numpy(np.ascontiguousarray(x)), rows=self.rank_rows).numpy()
 
     def _scale_rewards(self, rew: np.ndarray, deferred: np.ndarray, valid: np.ndarray) -> None:
         """Several processes: the reward scaling one process does per step, done for the whole rollout at its
@@ -176,10 +169,8 @@ class Runner:
         step's rewards (``deferred[..., 1]``, unscaled) scaled with them into ``rew``."""
         rows = np.concatenate([deferred[:, :, :1], valid[:, :, None]], 2).transpose(1, 0, 2)  # [N, T, 2]
         g = self.dist.gather_rows(torch.from_numpy(np.ascontiguousarray(rows, np.float64)), rows=self.rank_rows).numpy()
-        rs = self.reward_scaler
-        for step in range(rew.shape[0]):
-            rs.rms.update(g[:, step, 0], keep=g[:, step, 1] > 0.5)  # every env of the run, in global order
-            rew[step] = rs.scale(deferred[step, :, 1])
+        for step in range(rew.shape[0]):  # every env of the run, in global order
+            rew[step] = self.reward_scaler.update_and_scale(g[:, step, 0], g[:, step, 1] > 0.5, deferred[step, :, 1])
 
     def _gather(self, batch: Batch, order: list, stats: EpisodeStats) -> tuple[Batch, EpisodeStats]:
         """The whole rollout on every rank: the batch's tensors (each ``[N_r, T, ...]``) packed into one

@@ -57,6 +57,11 @@ class Dist:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
+    def shares(self, n: int) -> list[int]:
+        """Every rank's row count of :meth:`shard` ``(n)``, in rank order."""
+        base, extra = divmod(n, self.world)
+        return [base + (1 if r < extra else 0) for r in range(self.world)]
+
     def local(self, idx: Tensor) -> Tensor:
         """This rank's part of a minibatch's global row indices."""
         return idx.tensor_split(self.world)[self.rank] if self.on else idx
@@ -110,8 +115,9 @@ class Dist:
         ``stats`` (this rank's shares, summed) and the gradient range ``flat`` (summed in place), in one
         buffer of ``flat``'s dtype (float32 at least; bytes are time: a float64 copy of a 140k-parameter
         gradient doubles the all-reduce's cost on gloo) — the gym's steps take a millisecond, and each
-        collective costs a few hundred microseconds on gloo. Every rank's ``stats`` must hold the tensors ``keys``: a rank without one counts
-        as failed, so the buffers always have the same size. Returns ``stats`` with the sums."""
+        collective costs a few hundred microseconds on gloo. Every rank's ``stats`` must hold the tensors
+        ``keys``: a rank without one counts as failed, so the buffers always have the same size. Returns
+        ``stats`` with the sums."""
         missing = [k for k in keys if not isinstance(stats.get(k), Tensor)]
         if error is None and missing:
             error = RuntimeError(f"a minibatch step returned no statistic {missing[0]!r} (the first step did)")
@@ -119,7 +125,8 @@ class Dist:
         vals = [stats[k].detach().reshape(()).to(self.comm_device, kind) for k in keys] if error is None \
             else [torch.zeros((), dtype=kind, device=self.comm_device)] * len(keys)
         flag = torch.tensor([0.0 if error is None else 1.0], dtype=kind, device=self.comm_device)
-        buf = torch.cat([flag, torch.stack(vals) if vals else flag[:0], flat.detach().reshape(-1).to(self.comm_device, kind)])
+        buf = torch.cat([flag, torch.stack(vals) if vals else flag[:0],
+                         flat.detach().reshape(-1).to(self.comm_device, kind)])
         self.all_reduce_(buf)
         if float(buf[0]) > 0:
             self._raise_agreed(error)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -120,3 +121,41 @@ def test_same_seed_twice_is_bit_identical(tmp_path):
     assert cli("train", *args, "--out", str(a)).returncode == 0
     assert cli("train", *args, "--out", str(b)).returncode == 0
     assert_identical(a, b)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "HalfCheetah-v5"])
+def test_env_state_dealt_to_other_vector_envs(env_id):
+    """envstate.split_envs / merge_envs (a gym run resumed on another number of processes): 5 sync envs in
+    mid-episode, dealt as 2 + 3 and merged back, give the same state; the 2-env part restored into a fresh
+    vector env steps exactly as envs 0-1 of the original. A numpy-vectorised env is refused (shared generator)."""
+    if env_id.startswith("HalfCheetah"):
+        pytest.importorskip("mujoco")
+    import gymnasium as gym
+
+    from proxrl.gym import envstate
+    from proxrl.gym.envs import make_vec_env
+
+    v = make_vec_env(env_id, 5, "sync", {})
+    v.reset(seed=1)
+    v.action_space.seed(0)
+    for _ in range(7):
+        v.step(v.action_space.sample())
+    t, m = envstate.get_state(v)
+    parts = envstate.split_envs(t, m)
+    a, b = envstate.merge_envs(parts[:2]), envstate.merge_envs(parts[2:])
+    t2, m2 = envstate.merge_envs(envstate.split_envs(*a) + envstate.split_envs(*b))
+    assert t.keys() == t2.keys() and all(torch.equal(t[k], t2[k]) for k in t)
+    assert {k: m[k] for k in m if k != "unsupported"} == {k: m2[k] for k in m2 if k != "unsupported"}
+    w = make_vec_env(env_id, 2, "sync", {})
+    w.reset(seed=99)
+    envstate.set_state(w, *a)
+    for _ in range(3):
+        act = v.action_space.sample()
+        assert np.array_equal(v.step(act)[0][:2], w.step(act[:2])[0])
+    v.close(), w.close()
+    if gym.registry[env_id].vector_entry_point is not None:
+        n = make_vec_env(env_id, 3, "numpy", {})
+        n.reset(seed=1)
+        with pytest.raises(ValueError, match="share their state"):
+            envstate.split_envs(*envstate.get_state(n))
+        n.close()

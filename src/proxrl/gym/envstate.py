@@ -53,7 +53,7 @@ def _json_scalar(v) -> bool:
 
 def get_state(vec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"json": {}, "generators": {}, "mujoco": [], "unsupported": []}
+    meta: dict[str, Any] = {"json": {}, "generators": {}, "mujoco": [], "unsupported": [], "vector": type(vec).__name__}
     for path, obj in _objects(vec):
         for name, v in vars(obj).items():
             if name in _SKIP or callable(v) and not isinstance(v, np.random.Generator):
@@ -128,3 +128,94 @@ def set_state(vec, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
                 getattr(data, f)[...] = t.numpy()
         data.time = meta["json"][key + ".time"]["value"]
         mujoco.mj_forward(obj.model, data)
+
+
+# ---------------------------------------------------------------------------- one state per env (resharding)
+def _env_index(key: str) -> tuple[int, str]:
+    """``env3.w1.x`` → (3, ``w1.x``)."""
+    head, rest = key.split(".", 1)
+    return int(head[3:]), rest
+
+
+def split_envs(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[tuple[dict, dict]]:
+    """The state of a ``SyncVectorEnv`` of n envs (``get_state``'s pair) as n states of one env each, in
+    the env order, so that the envs of a run checkpointed on N processes can be dealt to M processes
+    (:func:`merge_envs`). Raises ValueError when the state is not one of independent sub-envs (a
+    numpy-vectorised env shares one generator over its envs: no split reproduces it)."""
+    # checkpoints before the "vector" key: sub-env entries mean a vector env of separate envs
+    vector = meta.get("vector", "SyncVectorEnv" if any(k.startswith("env0.") for k in meta["json"]) else "vector env")
+    if vector != "SyncVectorEnv":
+        raise ValueError(f"a {vector}'s envs share their state, so they cannot be dealt to another number of processes")
+    n = int(meta["json"]["vec.num_envs"]["value"])
+    parts = [({}, {"json": {}, "generators": {}, "mujoco": [], "unsupported": [], "vector": vector}) for _ in range(n)]
+    for key, info in meta["json"].items():
+        if key.startswith("vec."):
+            for i, (t, m) in enumerate(parts):
+                if "__array__" in info:
+                    v = tensors[f"env/{key}"]
+                    if v.dim() == 0 or v.shape[0] != n:
+                        raise ValueError(f"vector env attribute {key} of shape {tuple(v.shape)} is not one row per env")
+                    t[f"env/{key}"] = v[i].clone()
+                    m["json"][key] = info
+                elif "__array_list__" in info:
+                    if info["__array_list__"] != n:
+                        raise ValueError(f"vector env attribute {key} holds {info['__array_list__']} arrays for {n} envs")
+                    t[f"env/{key}[0]"] = tensors[f"env/{key}[{i}]"]
+                    m["json"][key] = {"__array_list__": 1}
+                else:  # settings of the vector env (copy, observation mode, num_envs)
+                    m["json"][key] = {**info, "value": 1} if key == "vec.num_envs" else info
+            continue
+        i, rest = _env_index(key)
+        parts[i][1]["json"]["env0." + rest] = info
+    for key, v in tensors.items():
+        if key.startswith("env/env"):
+            i, rest = _env_index(key[len("env/"):])
+            parts[i][0]["env/env0." + rest] = v
+    for key, state in meta["generators"].items():
+        if key.startswith("vec."):
+            raise ValueError(f"the vector env's own generator {key} is shared by its envs")
+        i, rest = _env_index(key)
+        parts[i][1]["generators"]["env0." + rest] = state
+    for field in ("mujoco", "unsupported"):
+        for key in meta.get(field, []):
+            if key.startswith("vec."):
+                if field == "unsupported":
+                    for _, m in parts:
+                        m[field].append(key)
+                continue
+            i, rest = _env_index(key)
+            parts[i][1][field].append("env0." + rest)
+    return parts
+
+
+def merge_envs(parts: list[tuple[dict, dict]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of :func:`split_envs`: one ``SyncVectorEnv`` state of ``len(parts)`` envs, in order."""
+    n = len(parts)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"json": {}, "generators": {}, "mujoco": [], "unsupported": [], "vector": "SyncVectorEnv"}
+    renamed = lambda key, j: f"env{j}." + key[len("env0."):]  # noqa: E731
+    for key, info in parts[0][1]["json"].items():
+        if not key.startswith("vec."):
+            continue
+        if "__array__" in info:
+            tensors[f"env/{key}"] = torch.stack([t[f"env/{key}"] for t, _ in parts])
+            meta["json"][key] = info
+        elif "__array_list__" in info:
+            for j, (t, _) in enumerate(parts):
+                tensors[f"env/{key}[{j}]"] = t[f"env/{key}[0]"]
+            meta["json"][key] = {"__array_list__": n}
+        else:
+            meta["json"][key] = {**info, "value": n} if key == "vec.num_envs" else info
+    for j, (t, m) in enumerate(parts):
+        for key, info in m["json"].items():
+            if key.startswith("env0."):
+                meta["json"][renamed(key, j)] = info
+        for key, v in t.items():
+            if key.startswith("env/env0."):
+                tensors["env/" + renamed(key[len("env/"):], j)] = v
+        for key, state in m["generators"].items():
+            meta["generators"][renamed(key, j)] = state
+        meta["mujoco"] += [renamed(k, j) for k in m["mujoco"]]
+        meta["unsupported"] += [renamed(k, j) if k.startswith("env0.") else k for k in m["unsupported"]]
+    meta["unsupported"] = sorted(set(meta["unsupported"]))
+    return tensors, meta

@@ -199,6 +199,10 @@ class Runner:
         return sample_rows(dist, self.num_envs_global, self.rows)
 
     # ------------------------------------------------------------------ checkpoint state
+    #: the carried state that has one row per env (the rest, the normalisers' statistics, is the run's)
+    PER_ENV_STATE = ("runner/raw_obs", "runner/pending_reset", "runner/ep_return", "runner/ep_length",
+                     "ret_rms/discounted")
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {
             "runner/raw_obs": torch.from_numpy(self.raw_obs.copy()),

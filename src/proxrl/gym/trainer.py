@@ -186,6 +186,9 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
 
     device = resolve_device(cfg.device)
     d = _dist_context(cfg, device, resumed)  # several processes (torchrun): each rank steps its share of the envs
+    saved_world = int(resumed[1].get("world_size", 1)) if resumed is not None else 1
+    if resumed is not None:  # this rank's share of the checkpoint's envs, whatever number of processes wrote it
+        resumed = _rank_state(resumed, d, cfg.num_envs)
     run_dir = Path(cfg.out) if cfg.out else _default_run_dir(cfg)
     if resumed is None:
         check_out(run_dir, overwrite=cfg.overwrite)  # refused before anything is made; written after the env
@@ -193,7 +196,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     seed_everything(cfg.seed)
     n_local = d.shard(cfg.num_envs).stop - d.shard(cfg.num_envs).start
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, n_local,
-                        "sync" if d.on and cfg.vectorization == "auto" else cfg.vectorization, env_kwargs)
+                        "sync" if (d.on or saved_world > 1) and cfg.vectorization == "auto" else cfg.vectorization,
+                        env_kwargs)
     if resumed is None:  # an env that cannot be made leaves no directory behind, and an old run untouched
         cfg_dict = cfg.to_dict()
         cfg_dict["out"] = str(run_dir)
@@ -358,10 +362,52 @@ def _dist_context(cfg: TrainConfig, device: str, resumed):
                               "sub-envs, so no split over processes reproduces them", "use sync or auto on several processes")
         if cfg.num_envs < d.world:
             raise ConfigError("num_envs", f"{cfg.num_envs} envs for {d.world} processes", f"use ≥ {d.world} envs")
-    if resumed is not None and int(resumed[1].get("world_size", 1)) != d.world:
-        raise CheckpointError(f"the run was checkpointed on {resumed[1].get('world_size', 1)} process(es); a gym run "
-                              f"resumes on the same number (its envs' state is per process), not on {d.world}")
     return d
+
+
+def _rank_state(resumed, d, num_envs: int):
+    """(tensors, state) of a checkpoint with this rank's envs and carried per-env state under their plain names
+    and ``state["env_state"]`` this rank's: a run checkpointed on N processes resumes on M. The envs are
+    independent (each its own physics, counters and generator) and every stream is keyed by the global env
+    index, so the checkpoint's envs, taken in order, are dealt to the M ranks as a run on M would hold them;
+    weights, optimizer, normaliser statistics and the global RNGs are the same on every rank."""
+    import re
+
+    from . import envstate
+
+    tensors, state = resumed
+    saved, env_state = int(state.get("world_size", 1)), state["env_state"]
+    if saved == d.world:
+        if not d.on:
+            return resumed
+        mine = f"rank{d.rank}/"
+        return ({**tensors, **{k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}},
+                {**state, "env_state": env_state["ranks"][d.rank]})
+    per_env = Runner.PER_ENV_STATE
+    if saved == 1:
+        ranks = [(tensors, env_state)]
+    else:
+        ranks = [({k[len(f"rank{r}/"):]: v for k, v in tensors.items() if k.startswith(f"rank{r}/")},
+                  env_state["ranks"][r]) for r in range(saved)]
+    envs, carried = [], {k: [] for k in per_env}
+    try:
+        for t, m in ranks:
+            envs += envstate.split_envs(t, m)
+            for k in carried:
+                if k in t:
+                    carried[k] += list(t[k])
+        if len(envs) != num_envs or any(v and len(v) != num_envs for v in carried.values()):
+            raise ValueError(f"it holds {len(envs)} envs' state for num_envs {num_envs}")
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"the run was checkpointed on {saved} process(es) and cannot resume on {d.world}: "
+                              f"{str(e).splitlines()[0]}; resume it on {saved}") from None
+    rows = d.shard(num_envs) if d.on else slice(0, num_envs)
+    out = {k: v for k, v in tensors.items()
+           if not re.match(r"rank\d+/", k) and not k.startswith("env/") and k not in per_env}
+    out.update({k: torch.stack(v[rows]) for k, v in carried.items() if v})
+    env_tensors, env_meta = envstate.merge_envs(envs[rows])
+    out.update(env_tensors)
+    return out, {**state, "env_state": env_meta}
 
 
 def _bounds_json(space) -> Optional[dict]:
@@ -412,12 +458,8 @@ def _registry_bounds(cfg: TrainConfig) -> Optional[ActionBounds]:
 def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
     from . import envstate
 
-    tensors, state = resumed
+    tensors, state = resumed  # this rank's share (_rank_state)
     env_state = state["env_state"]
-    if runner.dist.on:  # this rank's envs and carried state
-        mine = f"rank{runner.dist.rank}/"
-        tensors = {**tensors, **{k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}}
-        env_state = env_state["ranks"][runner.dist.rank]
     try:
         policy.load_state_dict({k[len("policy/"):]: v for k, v in tensors.items() if k.startswith("policy/")})
         saved = state["optimizers"]
@@ -431,9 +473,9 @@ def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
         set_rng_state(tensors, state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
-    if state["env_state"].get("unsupported"):
+    if env_state.get("unsupported"):
         print(f"warning: resume may not be exact: environment attributes not captured: "
-              f"{', '.join(state['env_state']['unsupported'][:5])}", file=sys.stderr)
+              f"{', '.join(env_state['unsupported'][:5])}", file=sys.stderr)
     update = int(state["update"])
     return state.get("beta"), update + 1, float(state.get("elapsed", 0.0))
 

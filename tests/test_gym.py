@@ -305,22 +305,23 @@ def test_categorical_sampler_is_exact():
     assert (draws[:, 0] != 3).all()
     assert _Categorical(torch.randn(3, 5, 2)).sample().shape == (3, 5)
 
-
 @pytest.mark.parametrize("kind", ["discrete", "multidiscrete", "continuous"])
-def test_sample_rows_of_shards_is_the_whole_batch_sample(kind):
-    """Several processes each holding rows of the batch draw what one process draws for the whole batch
-    (Discrete, MultiDiscrete and Box): the rows of a 2-way split, concatenated, equal `sample()`."""
-    from proxrl.gym.policy import ActorCritic, sample_rows
+def test_rank_rows_in_a_batch_of_the_runs_shape_are_one_process_rows(kind):
+    """What a gym rank samples from (Runner._sample): its rows at their global positions in a zero-padded batch
+    of the run's shape give, bit for bit, the rows and draws of one process's whole batch (Discrete,
+    MultiDiscrete, Box). A batch of the rank's rows alone would not: CPU matrix products block by shape, so a
+    row's last bit depends on the batch size, and a chaotic env (MuJoCo) grows that bit into another run."""
+    from proxrl.gym.policy import ActorCritic
 
     nvec = [3, 2, 4]
-    pol = ActorCritic(5, kind, 3 if kind != "discrete" else 4, nvec=nvec if kind == "multidiscrete" else ())
-    obs = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        dist = pol.dist(obs)
-        torch.manual_seed(11)
-        whole = dist.sample()
-        parts = []
-        for rows in (slice(0, 4), slice(4, 7)):
+    pol = ActorCritic(17, kind, 6 if kind != "discrete" else 4, nvec=nvec if kind == "multidiscrete" else ())
+    for n in (4, 5, 6, 7, 8, 13):
+        obs = torch.randn(n, 17, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
             torch.manual_seed(11)
-            parts.append(sample_rows(pol.dist(obs[rows]), 7, rows))
-    assert torch.equal(torch.cat(parts), whole)
+            whole = pol.dist(obs).sample()
+            for rows in (slice(0, n // 2), slice(n // 2, n), slice(1, n - 1)):
+                full = torch.zeros_like(obs)
+                full[rows] = obs[rows]
+                torch.manual_seed(11)
+                assert torch.equal(pol.dist(full).sample()[rows], whole[rows]), (n, rows)

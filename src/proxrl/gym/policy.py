@@ -60,23 +60,6 @@ class _Categorical(Categorical):
         return core.inverse_cdf_sample(cdf, u)
 
 
-def sample_rows(dist, n: int, rows: slice) -> Tensor:
-    """A sample of ``dist`` (the policy at rows ``rows`` of a batch of ``n``) drawn from the random numbers of
-    all n rows — the draw ``sample()`` makes for the whole batch — of which these rows use theirs: several
-    processes holding parts of the batch sample what one process samples (the gym on torchrun)."""
-    if isinstance(dist, _Categorical):  # the draw of _Categorical.sample, for all rows
-        u = torch.rand((n, 1), dtype=dist.logits.dtype, device=dist.logits.device)[rows]
-        return core.inverse_cdf_sample(dist.logits.exp().cumsum(-1), u)
-    base = getattr(dist, "base_dist", None)
-    if isinstance(base, Normal):  # the draw of Normal.sample, for all rows
-        shape = (n, *base.loc.shape[1:])
-        z = torch.normal(torch.zeros(shape, dtype=base.loc.dtype), torch.ones(shape, dtype=base.loc.dtype))[rows]
-        return base.loc + base.scale * z.to(base.loc.device)
-    if isinstance(dist, MultiCategorical):  # each sub-action's draw for all rows, in order, as sample() makes it
-        return torch.stack([sample_rows(d, n, rows) for d in dist.dists], dim=-1)
-    raise TypeError(f"sample_rows: no row-wise draw for {type(dist).__name__}")
-
-
 _ACTIVATIONS = {nn.Tanh: torch.tanh, nn.ReLU: torch.relu}
 
 

@@ -19,7 +19,7 @@ import torch
 from ..batch import Batch
 from .envs import ActionMap, ObsNormalizer, RewardScaler, validate_actions_once
 from ..errors import NumericsError
-from .policy import ActorCritic, sample_rows
+from .policy import ActorCritic
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Runner:
         # whole rollout are one batched forward each after the loop (same weights: nothing trains in between)
         for t in range(T):
             obs = self._policy_obs(self.raw_obs, update=True)
-            action = self._sample(self.policy.dist(obs))
+            action = self._sample(obs)
             obs_buf[t] = obs
             act_steps.append(action)
             env_action = action.cpu().numpy()
@@ -137,26 +137,22 @@ class Runner:
             self.raw_obs = self._check_obs(raw)
         if deferred is not None:
             self._scale_rewards(rew, deferred, mask)
-        last_obs = self._policy_obs(self.raw_obs, update=False)
-        obs_nt = obs_buf.transpose(0, 1).contiguous()         # [N, T, obs_dim]
-        act_nt = torch.stack(act_steps, 1)                    # [N, T, ...]
-        logp_old = self.policy.dist(obs_nt).log_prob(act_nt)  # [N, T]
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.T)).to(dev)  # [T, N] → [N, T]
+        rollout = dict(obs=obs_buf.transpose(0, 1).contiguous(),  # [N, T, obs_dim]
+                       last_obs=self._policy_obs(self.raw_obs, update=False)[:, None],  # [N, 1, obs_dim]
+                       actions=torch.stack(act_steps, 1),  # [N, T, ...]
+                       rewards=to_t(rew), terminated=to_t(term).float(), truncated=to_t(trunc).float(),
+                       mask=to_t(mask).float())
+        if self.dist.on:  # every rank holds the whole rollout (rows in global env order) and every episode, so
+            rollout, stats = self._gather(rollout, order, stats)  # the forwards below are one process's
+        obs_nt, last_obs = rollout.pop("obs"), rollout.pop("last_obs")
+        logp_old = self.policy.dist(obs_nt).log_prob(rollout["actions"])  # [N, T]
         next_values = None
         values = None
         if has_critic:
-            values = self.policy.value(torch.cat([obs_nt, last_obs[:, None]], dim=1))  # [N, T+1]
+            values = self.policy.value(torch.cat([obs_nt, last_obs], dim=1))  # [N, T+1]
             values, next_values = values[:, :-1].contiguous(), values[:, 1:].contiguous()
-        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.T)).to(dev)  # [T, N] → [N, T]
-        batch = Batch(
-            obs=obs_nt,
-            actions=act_nt,
-            logp_old=logp_old,
-            rewards=to_t(rew), terminated=to_t(term).float(), truncated=to_t(trunc).float(),
-            mask=to_t(mask).float(), values=values, next_values=next_values,
-        )
-        if self.dist.on:  # every rank holds the whole batch (rows in global env order) and every episode
-            batch, stats = self._gather(batch, order, stats)
-        return batch, stats
+        return Batch(obs=obs_nt, logp_old=logp_old, values=values, next_values=next_values, **rollout), stats
 
     def _gather_rows(self, x: np.ndarray) -> np.ndarray:
         """Every rank's env rows of ``x`` in global env order, in its dtype: one collective per step (each
@@ -172,16 +168,15 @@ class Runner:
         for step in range(rew.shape[0]):  # every env of the run, in global order
             rew[step] = self.reward_scaler.update_and_scale(g[:, step, 0], g[:, step, 1] > 0.5, deferred[step, :, 1])
 
-    def _gather(self, batch: Batch, order: list, stats: EpisodeStats) -> tuple[Batch, EpisodeStats]:
-        """The whole rollout on every rank: the batch's tensors (each ``[N_r, T, ...]``) packed into one
+    def _gather(self, rollout: dict[str, torch.Tensor], order: list,
+                stats: EpisodeStats) -> tuple[dict[str, torch.Tensor], EpisodeStats]:
+        """The whole rollout on every rank: its tensors (each ``[N_r, T, ...]``, exact in float64) packed into one
         collective, the finished episodes (sorted into the order one process appends them in) into another."""
-        names = [k for k, v in batch.__dict__.items() if isinstance(v, torch.Tensor)]
-        parts = [batch.__dict__[k] for k in names]
         N = self.num_envs
-        flat = torch.cat([v.reshape(N, -1).to(torch.float64) for v in parts], 1)
+        flat = torch.cat([v.reshape(N, -1).to(torch.float64) for v in rollout.values()], 1)
         g = self.dist.gather_rows(flat, rows=self.rank_rows)
-        out, off = dict(batch.__dict__), 0
-        for k, v in zip(names, parts):
+        out, off = {}, 0
+        for k, v in rollout.items():
             w = int(np.prod(v.shape[1:]))
             out[k] = g[:, off:off + w].reshape(-1, *v.shape[1:]).to(v.dtype)
             off += w
@@ -189,14 +184,19 @@ class Runner:
                            dtype=torch.float64).reshape(-1, 4)
         allep = torch.cat(self.dist.gather_tensors([eps])[0])
         allep = allep[np.lexsort((allep[:, 1].numpy(), allep[:, 0].numpy()))] if len(allep) else allep
-        return Batch(**out), EpisodeStats([float(r) for r in allep[:, 2]], [int(n) for n in allep[:, 3]])
+        return out, EpisodeStats([float(r) for r in allep[:, 2]], [int(n) for n in allep[:, 3]])
 
-    def _sample(self, dist) -> torch.Tensor:
-        """A sample of ``dist`` for this rank's envs. On several processes the random numbers are drawn for
-        all the run's envs and the rank uses its rows, so the envs get the actions one process gives them."""
+    def _sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """Actions for this rank's envs (observations ``obs``, already normalised). On several processes the
+        policy is evaluated on a batch of the run's shape — this rank's rows at their global positions, zeros
+        elsewhere — and sampled whole, of which the rank takes its rows: a matrix product's rows depend on the
+        batch's shape in the last bit (CPU kernels block by shape), and a chaotic env (MuJoCo) grows that bit
+        into another trajectory; with the shape of one process, the rows and the draws are one process's."""
         if not self.dist.on:
-            return dist.sample()
-        return sample_rows(dist, self.num_envs_global, self.rows)
+            return self.policy.dist(obs).sample()
+        full = obs.new_zeros((self.num_envs_global, *obs.shape[1:]))
+        full[self.rows] = obs
+        return self.policy.dist(full).sample()[self.rows]
 
     # ------------------------------------------------------------------ checkpoint state
     #: the carried state that has one row per env (the rest, the normalisers' statistics, is the run's)

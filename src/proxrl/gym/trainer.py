@@ -381,8 +381,12 @@ def _rank_state(resumed, d, num_envs: int):
         if not d.on:
             return resumed
         mine = f"rank{d.rank}/"
+        try:
+            mine_env = env_state["ranks"][d.rank]
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(f"checkpoint of {saved} processes without rank {d.rank}'s env state") from None
         return ({**tensors, **{k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}},
-                {**state, "env_state": env_state["ranks"][d.rank]})
+                {**state, "env_state": mine_env})
     per_env = Runner.PER_ENV_STATE
     if saved == 1:
         ranks = [(tensors, env_state)]
@@ -398,7 +402,7 @@ def _rank_state(resumed, d, num_envs: int):
                     carried[k] += list(t[k])
         if len(envs) != num_envs or any(v and len(v) != num_envs for v in carried.values()):
             raise ValueError(f"it holds {len(envs)} envs' state for num_envs {num_envs}")
-    except (KeyError, ValueError, IndexError) as e:
+    except (KeyError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"the run was checkpointed on {saved} process(es) and cannot resume on {d.world}: "
                               f"{str(e).splitlines()[0]}; resume it on {saved}") from None
     rows = d.shard(num_envs) if d.on else slice(0, num_envs)

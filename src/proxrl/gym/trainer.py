@@ -367,45 +367,36 @@ def _dist_context(cfg: TrainConfig, device: str, resumed):
 
 def _rank_state(resumed, d, num_envs: int):
     """(tensors, state) of a checkpoint with this rank's envs and carried per-env state under their plain names
-    and ``state["env_state"]`` this rank's: a run checkpointed on N processes resumes on M. The envs are
-    independent (each its own physics, counters and generator) and every stream is keyed by the global env
-    index, so the checkpoint's envs, taken in order, are dealt to the M ranks as a run on M would hold them;
-    weights, optimizer, normaliser statistics and the global RNGs are the same on every rank."""
+    and ``state["env_state"]`` this rank's: a run checkpointed on N processes resumes on M (M = N included).
+    The envs are independent (each its own physics, counters and generator) and every stream is keyed by the
+    global env index, so the checkpoint's envs, taken in order, are dealt to the M ranks as a run on M would
+    hold them; weights, optimizer, normaliser statistics and the global RNGs are the same on every rank."""
     import re
 
     from . import envstate
 
     tensors, state = resumed
     saved, env_state = int(state.get("world_size", 1)), state["env_state"]
-    if saved == d.world:
-        if not d.on:
-            return resumed
-        mine = f"rank{d.rank}/"
-        try:
-            mine_env = env_state["ranks"][d.rank]
-        except (KeyError, IndexError, TypeError):
-            raise CheckpointError(f"checkpoint of {saved} processes without rank {d.rank}'s env state") from None
-        return ({**tensors, **{k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}},
-                {**state, "env_state": mine_env})
+    if saved == 1 and not d.on:  # one process to one: the state as saved (any vector env)
+        return resumed
     per_env = Runner.PER_ENV_STATE
-    if saved == 1:
-        ranks = [(tensors, env_state)]
-    else:
-        ranks = [({k[len(f"rank{r}/"):]: v for k, v in tensors.items() if k.startswith(f"rank{r}/")},
-                  env_state["ranks"][r]) for r in range(saved)]
     envs, carried = [], {k: [] for k in per_env}
     try:
-        for t, m in ranks:
-            envs += envstate.split_envs(t, m)
+        for r in range(saved):  # each saved rank's envs and rows, in global env order
+            t = tensors if saved == 1 else {k[len(f"rank{r}/"):]: v for k, v in tensors.items()
+                                            if k.startswith(f"rank{r}/")}
+            envs += envstate.split_envs(t, env_state if saved == 1 else env_state["ranks"][r])
             for k in carried:
                 if k in t:
                     carried[k] += list(t[k])
         if len(envs) != num_envs or any(v and len(v) != num_envs for v in carried.values()):
             raise ValueError(f"it holds {len(envs)} envs' state for num_envs {num_envs}")
     except (KeyError, ValueError, IndexError, TypeError) as e:
-        raise CheckpointError(f"the run was checkpointed on {saved} process(es) and cannot resume on {d.world}: "
-                              f"{str(e).splitlines()[0]}; resume it on {saved}") from None
-    rows = d.shard(num_envs) if d.on else slice(0, num_envs)
+        why = str(e).splitlines()[0]
+        raise CheckpointError(f"the env state of the checkpoint's {saved} process(es) is incomplete ({why})" if saved == d.world
+                              else f"the run was checkpointed on {saved} process(es) and cannot resume on {d.world}: "
+                                   f"{why}; resume it on {saved}") from None
+    rows = d.shard(num_envs)
     out = {k: v for k, v in tensors.items()
            if not re.match(r"rank\d+/", k) and not k.startswith("env/") and k not in per_env}
     out.update({k: torch.stack(v[rows]) for k, v in carried.items() if v})

@@ -112,6 +112,11 @@ def gym_args(out, *more, algo="ppo-clip", steps=3072, envs=4, seed=2, env="CartP
             "--preset", "none", "--progress", "off", "--out", str(out), *more]
 
 
+def gym_rows(run: Path) -> list[dict]:
+    """A gym run's metrics lines without wall and communication times (what bit-identical runs share)."""
+    return [{k: v for k, v in x.items() if k not in ("sps", "comm_time")} for x in rows(run)]
+
+
 def _last_tensors(run: Path) -> dict:
     return load_file(sorted((run / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
 
@@ -286,8 +291,7 @@ def test_gym_two_processes_equal_one(tmp_path, env, algo, update):
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-2500:])
     ta, tb = _last_tensors(tmp_path / "one"), _last_tensors(tmp_path / "two")
     if update == "replicate":
-        strip = lambda rs: [{k: v for k, v in x.items() if k not in ("sps", "comm_time")} for x in rs]  # noqa: E731
-        assert strip(rows(tmp_path / "one")) == strip(rows(tmp_path / "two"))
+        assert gym_rows(tmp_path / "one") == gym_rows(tmp_path / "two")
         shared = [k for k in ta if k.split("/")[0] in ("policy", "optimizer", "obs_rms", "ret_rms")
                   and k != "ret_rms/discounted"]  # one row per env: the ranks' rows, below
         assert len(shared) > 8 and all(torch.equal(ta[k], tb[k]) for k in shared), \
@@ -371,15 +375,13 @@ def test_gym_checkpoint_of_two_processes_resumes_on_two_exactly_and_on_one(tmp_p
     shutil.copytree(tmp_path / "run", tmp_path / "run-on-1")
     r = two(["train", "--resume", str(tmp_path / "run"), "--steps", "3072"])
     assert r.returncode == 0, r.stderr[-2000:]
-    ra, rb = rows(tmp_path / "ref"), rows(tmp_path / "run")
-    strip = lambda rs: [{k: v for k, v in x.items() if k not in ("sps", "comm_time")} for x in rs]  # noqa: E731
-    assert len(ra) == 6 and strip(ra) == strip(rb)
+    assert len(rows(tmp_path / "ref")) == 6 and gym_rows(tmp_path / "ref") == gym_rows(tmp_path / "run")
     ta, tb = _last_tensors(tmp_path / "ref"), _last_tensors(tmp_path / "run")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     r1 = one(["train", "--resume", str(tmp_path / "run-on-1"), "--steps", "3072"])
     assert r1.returncode == 0, r1.stderr[-2000:]
     assert "warning" not in r1.stderr, r1.stderr
-    assert strip(rows(tmp_path / "run-on-1")) == strip(ra)
+    assert gym_rows(tmp_path / "run-on-1") == gym_rows(tmp_path / "ref")
     t1 = _last_tensors(tmp_path / "run-on-1")
     assert all(torch.equal(t1[k], ta[k]) for k in ta if k.startswith(("policy/", "optimizer/")))
     # the 4 envs' physics after update 6: rank 0's 2 then rank 1's 2 on 2 processes, the same 4 on 1
@@ -396,8 +398,7 @@ def test_gym_checkpoint_of_one_process_resumes_on_two(tmp_path):
     assert one(args(tmp_path / "run", 1536)).returncode == 0
     r = two(["train", "--resume", str(tmp_path / "run"), "--steps", "3072"])
     assert r.returncode == 0, r.stderr[-2000:]
-    strip = lambda rs: [{k: v for k, v in x.items() if k not in ("sps", "comm_time")} for x in rs]  # noqa: E731
-    assert len(rows(tmp_path / "ref")) == 6 and strip(rows(tmp_path / "run")) == strip(rows(tmp_path / "ref"))
+    assert len(rows(tmp_path / "ref")) == 6 and gym_rows(tmp_path / "run") == gym_rows(tmp_path / "ref")
     numpy_args = [a if a != "sync" else "auto" for a in args(tmp_path / "np", 1536)]
     assert one(numpy_args).returncode == 0
     p = two(["train", "--resume", str(tmp_path / "np"), "--steps", "3072"])

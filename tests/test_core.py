@@ -845,3 +845,22 @@ def test_surrogate_loss_dispatches_to_core():
         assert stats["approx_kl"].item() == pytest.approx(core.masked_mean(k3, mask).item())
     with pytest.raises(ValueError):
         objective.surrogate_loss("trpo", logp, logp_old, adv, mask)
+
+
+def test_band_leaves_grid_points_before_every_curve_nan_without_a_warning():
+    """The ladder's figure: grid points before any seed's first logged step are NaN (not drawn), and no
+    numpy 'All-NaN slice' warning reaches the user's stderr."""
+    import warnings
+
+    import numpy as np
+
+    from proxrl.run.plot import band
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        med, lo, hi = band([(np.array([5.0, 10.0]), np.array([1.0, 2.0])),
+                            (np.array([7.0, 10.0]), np.array([3.0, 4.0]))], np.array([0.0, 5.0, 8.0, 10.0]))
+        assert band([(np.zeros(0), np.zeros(0))], np.array([0.0])) is None
+    assert np.isnan([med[0], lo[0], hi[0]]).all()
+    assert (lo[1], med[1], hi[1]) == (1.0, 1.0, 1.0)  # one seed has started: its value
+    assert lo[3] == 2.0 and hi[3] == 4.0 and med[3] == 3.0

@@ -46,7 +46,11 @@ def band(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray):
     if not ys:
         return None
     ys = np.vstack(ys)
-    return np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+    out = np.full((3, len(grid)), np.nan)
+    seen = ~np.isnan(ys).all(0)  # grid points before every seed's first point stay NaN (not drawn), unwarned
+    if seen.any():
+        out[:, seen] = np.nanmedian(ys[:, seen], 0), np.nanmin(ys[:, seen], 0), np.nanmax(ys[:, seen], 0)
+    return out[0], out[1], out[2]
 
 
 def plot_runs(runs: Sequence[str], out: str, metric: str = "episode_return") -> Path:

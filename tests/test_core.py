@@ -545,6 +545,33 @@ def test_fisher_vector_product_is_hessian_of_mean_kl_times_v(at_old):
         torch.testing.assert_close(fvp, H @ v + damping * v, rtol=1e-10, atol=1e-12)
 
 
+def test_fisher_vector_product_fn_keeps_one_graph_and_gives_the_same_products_bit_for_bit():
+    """The gym's TRPO keeps ∇KL's graph for all of CG's products: each product equals the recomputing
+    fisher_vector_product exactly (float32, as the gym nets), repeatedly, and the Hessian times v."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x = torch.randn(32, 3)
+    old = Categorical(logits=(net(x) + 0.3 * torch.randn(32, 4)).detach())
+    params = list(net.parameters())
+    kl = lambda: core.exact_kl(old, Categorical(logits=net(x))).mean()  # noqa: E731
+    fvp = core.fisher_vector_product_fn(kl, params, damping=0.1)
+    n = sum(p.numel() for p in params)
+    for seed in range(3):
+        v = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(fvp(v), core.fisher_vector_product(kl, params, v, 0.1))
+        assert torch.equal(fvp(v), fvp(v))  # the kept graph is not consumed by a product
+    flat = torch.nn.utils.parameters_to_vector(params).detach().double()
+
+    def kl_of(theta):
+        w1, b1, w2, b2 = torch.split(theta, [24, 8, 32, 4])
+        h = torch.tanh(x.double() @ w1.view(8, 3).T + b1)
+        return core.exact_kl(Categorical(logits=old.logits.double()), Categorical(logits=h @ w2.view(4, 8).T + b2)).mean()
+
+    H = torch.autograd.functional.hessian(kl_of, flat)
+    v = torch.randn(n)
+    torch.testing.assert_close(fvp(v).double(), H @ v.double() + 0.1 * v.double(), rtol=1e-4, atol=1e-6)
+
+
 def test_fisher_vector_product_with_several_parameter_tensors():
     """flat_grad concatenates parameters in order: an nn.Linear's (weight, bias) match the flat layout."""
     torch.manual_seed(0)

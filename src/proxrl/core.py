@@ -28,7 +28,8 @@ __all__ = [
     "vanilla_pg_loss", "importance_sampled_loss", "kl_penalty_loss", "clipped_loss", "value_loss",
     "kl_k1", "kl_k2", "kl_k3", "exact_kl", "KL_ESTIMATORS", "kl_estimate", "kl_ref_loss", "categorical_kl",
     "ppo_beta_update", "ziegler_beta_update",
-    "conjugate_gradient", "flat_grad", "assign_flat", "fisher_vector_product", "backtracking_line_search",
+    "conjugate_gradient", "flat_grad", "assign_flat", "fisher_vector_product", "fisher_vector_product_fn",
+    "backtracking_line_search",
     "effective_sample_size", "explained_variance", "LineSearchResult",
     "rloo_baseline", "group_normalize", "importance_weight_stats", "behaviour_correction", "truncate_logits",
 ]
@@ -363,6 +364,16 @@ def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor],
     g = flat_grad(kl, params, create_graph=True)
     hv = flat_grad(g @ v, params)
     return hv + damping * v
+
+
+def fisher_vector_product_fn(kl_fn: Callable[[], Tensor], params: Sequence[Tensor],
+                             damping: float = 0.1) -> Callable[[Tensor], Tensor]:
+    """v ↦ :func:`fisher_vector_product` (kl_fn, params, v, damping) with the KL's forward and first backward
+    done once: every product back-propagates only through the kept graph of ∇KL (bit for bit the same
+    values; about half the cost of each product). For a batch whose graph fits in memory with it (the gym's);
+    the LM recomputes per micro-batch instead. Drop the returned function to free the graph."""
+    g = flat_grad(kl_fn(), params, create_graph=True)
+    return lambda v: flat_grad(g @ v, params, retain_graph=True) + damping * v
 
 
 class LineSearchResult(NamedTuple):

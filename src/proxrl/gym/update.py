@@ -157,9 +157,10 @@ def trust_region_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, f
     g = core.flat_grad(j0, params)
     j0 = float(j0.detach())
     check_finite("policy gradient", g, update)
-    fvp = lambda v: core.fisher_vector_product(mean_kl, params, v, cfg.cg_damping)
+    fvp = core.fisher_vector_product_fn(mean_kl, params, cfg.cg_damping)
     stepdir = core.conjugate_gradient(fvp, g, cfg.cg_iters)
     shs = float(0.5 * (stepdir @ fvp(stepdir)))
+    del fvp  # frees the kept graph of ∇KL before the line search
     theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()  # assigned back in place below
     out = {"policy_loss": -j0, "ls_accepted": False, "ls_backtracks": None, "ls_step_fraction": 0.0}
     if not math.isfinite(shs) or shs <= 0:

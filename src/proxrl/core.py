@@ -119,14 +119,15 @@ def reward_to_go(rewards: Tensor, terminated: Tensor, truncated: Tensor, next_va
         next_values = torch.zeros_like(rewards)
     terminated, truncated = terminated.to(rewards.dtype), truncated.to(rewards.dtype)
     cont = 1.0 - torch.maximum(terminated, truncated)
-    out = torch.empty_like(rewards)
-    following = next_values[:, -1] * (1.0 - terminated[:, -1])  # bootstrap at the rollout boundary
+    # time-major and contiguous, everything but the recursion computed for all steps at once (the same
+    # elementwise operations as step by step, so the same bits; half the time at T = 500)
+    boot = (next_values * (1.0 - terminated)).T.contiguous()  # the bootstrap where a segment is cut
+    cut, cont, r = (1.0 - cont).T.contiguous(), cont.T.contiguous(), rewards.T.contiguous()
+    out = torch.empty_like(r)  # [T, B]
+    following = boot[-1]  # bootstrap at the rollout boundary
     for t in reversed(range(T)):
-        boot = next_values[:, t] * (1.0 - terminated[:, t])
-        tail = cont[:, t] * following + (1.0 - cont[:, t]) * boot
-        out[:, t] = rewards[:, t] + gamma * tail
-        following = out[:, t]
-    return out
+        following = out[t] = r[t] + gamma * (cont[t] * following + cut[t] * boot[t])
+    return out.T.contiguous()
 
 
 def total_return(rewards: Tensor, terminated: Tensor, truncated: Tensor, mask: Tensor | None = None,
@@ -140,19 +141,17 @@ def total_return(rewards: Tensor, terminated: Tensor, truncated: Tensor, mask: T
     """
     rtg = reward_to_go(rewards * (mask if mask is not None else 1.0), terminated, truncated, None, gamma)
     B, T = rewards.shape
-    out = torch.empty_like(rtg)
     ended = torch.maximum(terminated, truncated).to(torch.bool)
     if mask is not None:
         # A masked step (autoreset, also at t = 0 when the rollout resumes right after a done) is no part
         # of any episode: the step after it starts a new segment. Otherwise with γ < 1 that segment would
         # be read from the masked step's reward-to-go, i.e. scaled by one extra γ.
         ended = ended | (mask == 0)
-    current = rtg[:, 0]
-    for t in range(T):
-        starts = torch.ones_like(ended[:, 0]) if t == 0 else ended[:, t - 1]
-        current = torch.where(starts, rtg[:, t], current)
-        out[:, t] = current
-    return out
+    starts = torch.ones_like(ended)
+    starts[:, 1:] = ended[:, :-1]  # a segment starts at t = 0 and after every end
+    steps = torch.arange(T, device=rtg.device).expand(B, T)
+    first = torch.where(starts, steps, torch.zeros_like(steps)).cummax(1).values  # each step's segment start
+    return rtg.gather(1, first)
 
 
 def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor, truncated: Tensor,

@@ -171,8 +171,12 @@ def test_critic_free_rungs_train_no_value_head(tiny, algo):
     tr = make_trainer(tiny, algo=algo)
     head = {k: v.clone() for k, v in tr.policy.trainable_state().items() if "value_head" in k}
     rollout = tr.generate(["ab", "xyz"] * 4 if algo == "pg" else [p for p in ("ab", "xyz") for _ in range(4)])
+    calls = []  # nor is the value head evaluated: no forward of a critic-free rung reads V
+    tr.policy.value_head.register_forward_hook(lambda *a: calls.append(1))
+    batch, _ = tr.make_batch(rollout, tr.score(rollout))
+    assert torch.equal(batch.values, torch.zeros_like(batch.values))
     m = tr.step(rollout, tr.score(rollout))
-    assert m["value_loss"] == 0.0 and m["explained_variance"] is None
+    assert m["value_loss"] == 0.0 and m["explained_variance"] is None and not calls
     for k, v in tr.policy.trainable_state().items():
         if k in head:
             assert torch.equal(v, head[k])

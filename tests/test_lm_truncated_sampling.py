@@ -136,10 +136,18 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_recomputes(tiny, fin
 
 @pytest.mark.parametrize("k,p,T", [(0, 1.0, 1.0), (0, 1.0, 0.7), (5, 0.9, 0.8)])
 @pytest.mark.parametrize("entropy_grad", [False, True])
-def test_chunked_log_probs_equal_the_whole_tensor_ones(k, p, T, entropy_grad):
-    """response_logp computes the log-softmax a chunk of positions at a time (checkpointed under autograd):
-    the same log-probs, entropies and gradients as the whole-tensor computation, bit for bit."""
+@pytest.mark.parametrize("path", ["chunked", "direct"])
+def test_chunked_log_probs_equal_the_whole_tensor_ones(k, p, T, entropy_grad, path, monkeypatch):
+    """response_logp computes the log-softmax a chunk of positions at a time (checkpointed under autograd),
+    or, for logits of at most DIRECT_LOGP_ELEMENTS, in one pass: either way the same log-probs, entropies
+    and gradients as the whole-tensor computation, bit for bit."""
+    import proxrl.lm.policy as policy_mod
     from proxrl.lm.policy import log_probs_all, response_logp
+
+    monkeypatch.setattr(policy_mod, "DIRECT_LOGP_ELEMENTS", 0 if path == "chunked" else 1 << 22)
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(3, 37, 50, generator=g, dtype=torch.float64)
@@ -160,3 +168,4 @@ def test_chunked_log_probs_equal_the_whole_tensor_ones(k, p, T, entropy_grad):
         out[how] = (lp.detach(), ent.detach(), logits.grad)
     for a, b in zip(out["whole"], out["chunked"]):
         assert torch.equal(a, b)
+    assert len(calls) == (5 if path == "chunked" else 0)  # 37 positions in chunks of 8, each checkpointed

@@ -104,6 +104,10 @@ def log_probs_all(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 #: positions per chunk of :func:`response_logp`: B × 16 × V floats of log-softmax at a time
 LOGP_CHUNK = 16
+#: logits up to this many elements (16 MiB of float32) take :func:`response_logp`'s direct path: one
+#: log-softmax, no checkpointed chunks (whose recomputation and per-chunk calls cost more than the memory
+#: they save on a small batch × vocabulary)
+DIRECT_LOGP_ELEMENTS = 1 << 22
 
 
 def response_logp(logits: Tensor, tokens: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -130,6 +134,15 @@ def response_logp(logits: Tensor, tokens: Tensor, temperature: float, top_k: int
         return out, -(lp0.exp() * lp0).sum(-1)
 
     grad = torch.is_grad_enabled() and logits.requires_grad
+    if logits.numel() <= DIRECT_LOGP_ELEMENTS:  # small: one pass, no recomputation (same values, row-wise)
+        lp_all = log_probs_all(logits, temperature, top_k, top_p, keep=tokens)
+        logp = lp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        if not entropy:
+            return logp, None
+        with torch.set_grad_enabled(grad and entropy_grad):
+            lp0 = lp_all if grad and entropy_grad else lp_all.detach()
+            lp0 = lp0.masked_fill(torch.isinf(lp0), 0.0) if truncated else lp0
+            return logp, -(lp0.exp() * lp0).sum(-1)
     logps, ents = [], []
     # split, not slicing: backward joins the chunks' gradients once (a slice's backward zero-fills a whole
     # [B, L, V] gradient for every chunk)

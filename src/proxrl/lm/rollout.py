@@ -354,15 +354,17 @@ class TokenRollouts:
 
     def forward(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor]:
         """No-grad ``logp`` (policy), ``values`` and ``logp_ref`` of the rollout's response tokens, ``[B, R]``
-        each, in chunks of ``forward_batch_size`` (fsdp: with the weights gathered once for all chunks)."""
+        each, in chunks of ``forward_batch_size`` (fsdp: with the weights gathered once for all chunks).
+        Without a critic (``critic = 'none'``) the values are zeros: no rung without one reads them."""
         ids, mask, R = rollout.ids.to(self.cfg.device), rollout.mask.to(self.cfg.device), rollout.response_ids.shape[1]
         T, mb = self.cfg.temperature, self.cfg.forward_batch_size
+        critic = getattr(self.cfg, "critic", "head") != "none"  # the critic-free rungs: V = 0, never computed
         logp, values, logp_ref = [], [], []
         with gathered(self.policy), torch.inference_mode():
             for i in range(0, len(rollout), mb):
-                lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=True, entropy=False)
+                lp, v, _ = self.policy(ids[i:i + mb], mask[i:i + mb], R, T, values=critic, entropy=False)
                 logp.append(lp)
-                values.append(v)
+                values.append(v if critic else torch.zeros_like(lp))
                 logp_ref.append(self.policy.ref_logp(ids[i:i + mb], mask[i:i + mb], R, T))
         return torch.cat(logp), torch.cat(values), torch.cat(logp_ref)
 

@@ -289,6 +289,8 @@ def test_gym_two_processes_equal_one(tmp_path, env, algo, update):
     args = lambda out: gym_args(out, "--dist-update", update, algo=algo, env=env)  # noqa: E731
     p1, p2 = one(args(tmp_path / "one")), two(args(tmp_path / "two"))
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-2500:])
+    # the result: one JSON line on stdout (rank 0's), as on one process
+    assert len(p2.stdout.splitlines()) == 1 and json.loads(p2.stdout)["run_dir"] == str(tmp_path / "two")
     ta, tb = _last_tensors(tmp_path / "one"), _last_tensors(tmp_path / "two")
     if update == "replicate":
         assert gym_rows(tmp_path / "one") == gym_rows(tmp_path / "two")

@@ -14,7 +14,7 @@ from proxrl import core
 from proxrl.batch import Batch
 from proxrl.gym.config import TrainConfig, resolve
 from proxrl.gym.envs import make_vec_env
-from proxrl.errors import ConfigError
+from proxrl.errors import ConfigError, NumericsError
 from proxrl.objective import estimate_advantages
 from proxrl.gym.policy import ActorCritic
 from proxrl.gym.rollout import Runner
@@ -265,6 +265,115 @@ def test_multidiscrete_actions(tmp_path):
                        out=str(tmp_path / "m"), progress="off", lr=3e-3)
     rets = [m["episode_return"] for m in res.metrics if m["episode_return"] is not None]
     assert rets[-1] > rets[0] and rets[-1] > 15  # optimum is 20
+
+
+class ShiftedActions(gym.Env):
+    """Actions of a space with ``start`` ≠ 0 and a 2-D MultiDiscrete ``nvec``: every action the env receives
+    is recorded (and checked against the space: no assert in the env, so a wrong action would pass silently)."""
+
+    def __init__(self, space, log):
+        self.observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        self.action_space, self.log = space, log
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, a):
+        self.t += 1
+        self.log.append(np.asarray(a).copy())
+        return np.zeros(2, np.float32), 0.0, False, self.t >= 5, {}
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Discrete(3, start=-1),
+                                   gym.spaces.MultiDiscrete([3, 4], start=[-1, 5]),
+                                   gym.spaces.MultiDiscrete([[2, 3], [4, 2]])])
+def test_discrete_actions_reach_the_env_in_its_start_and_shape(tmp_path, space):
+    """The policy draws indices from 0; the env gets them shifted by the space's ``start`` and shaped like
+    its ``nvec`` — in training, in ``proxrl.evaluate`` and from ``proxrl.load(run).act`` — and every value of
+    the space is used (the policy samples over all of it)."""
+    log: list = []
+    res = proxrl.train(env="shifted", env_factory=lambda: ShiftedActions(space, log), algo="ppo-clip", steps=256,
+                       num_envs=2, num_steps=32, out=str(tmp_path / "r"), progress="off")
+    assert len(log) > 200 and all(space.contains(np.asarray(a, space.dtype)) for a in log), \
+        [a for a in log if not space.contains(np.asarray(a, space.dtype))][:3]
+    seen = np.stack([np.asarray(a).reshape(-1) for a in log])
+    lo = np.asarray(space.start).reshape(-1) if space.shape else np.array([space.start])
+    n = np.asarray(space.nvec).reshape(-1) if space.shape else np.array([space.n])
+    assert (seen.min(0) == lo).all() and (seen.max(0) == lo + n - 1).all()  # the whole range, shifted
+    log.clear()
+    proxrl.evaluate(res.run_dir, episodes=2, env_factory=lambda: ShiftedActions(space, log))
+    assert log and all(space.contains(np.asarray(a, space.dtype)) for a in log)
+    a = proxrl.load(res.run_dir).act(np.zeros(2, np.float32))
+    assert space.contains(np.asarray(a, space.dtype))
+
+
+def test_evaluate_of_an_env_that_never_ends_is_one_line(tmp_path):
+    class Endless(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(2, np.float32), {}
+
+        def step(self, a):
+            return np.zeros(2, np.float32), 1.0, False, False, {}
+
+    res = proxrl.train(env="endless", env_factory=Endless, algo="pg", steps=64, num_envs=1, num_steps=64,
+                       out=str(tmp_path / "r"), progress="off")
+    with pytest.raises(ConfigError, match="env: 2 of 2 evaluation episodes did not end within 50 steps.*TimeLimit"):
+        proxrl.evaluate(res.run_dir, episodes=2, env_factory=Endless, max_steps=50)
+
+
+def test_an_exception_in_the_envs_step_is_one_line(tmp_path):
+    class Broken(Corridor):
+        def step(self, action):
+            if self.t >= 3:
+                raise RuntimeError("sensor offline\nsecond line")
+            return super().step(action)
+
+    with pytest.raises(ConfigError, match=r"env: the environment's step raised RuntimeError: sensor offline at step \d+"):
+        proxrl.train(env="broken", env_factory=lambda: Broken(10, 50), algo="pg", steps=64, num_envs=1, num_steps=16,
+                     out=str(tmp_path / "r"), progress="off")
+
+
+def test_loading_a_run_that_does_not_exist_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^run_dir: .*nope is not a directory"):
+        proxrl.load(tmp_path / "nope")
+
+
+def test_minibatches_are_never_empty():
+    """A gym batch loses its autoreset steps, so it may hold fewer rows than minibatches: each row is then a
+    minibatch of its own (no empty minibatch, whose mean loss is NaN); no rows, no minibatch."""
+    from proxrl.run.sgd import minibatches
+
+    for n, k in ((10, 4), (3, 8), (1, 1), (5, 5)):
+        parts = minibatches(n, k, torch.Generator().manual_seed(0))
+        assert len(parts) == min(n, k) and all(len(p) > 0 for p in parts)
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    assert minibatches(0, 4) == []
+    # the same draws as before when the batch is large enough (runs unchanged)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(minibatches(64, 4, g1), torch.randperm(64, generator=g2).tensor_split(4)))
+
+
+@pytest.mark.parametrize("algo,extra", [("ppo-clip", dict(num_minibatches=16)), ("pg-rtg", dict(critic_minibatches=16))])
+def test_minibatches_close_to_the_batch_size_train(tmp_path, algo, extra):
+    """16 minibatches of a 16-step batch: after an episode ends its autoreset step is dropped, fewer than 16
+    rows remain, and the update still runs (it used to take an empty minibatch and stop on a NaN loss)."""
+    res = proxrl.train(env="corridor", env_factory=lambda: Corridor(3, 5), algo=algo, steps=256, num_envs=2,
+                       num_steps=8, out=str(tmp_path / "r"), progress="off", **extra)
+    assert len(res.metrics) == 16 and all(m["policy_loss"] is not None and np.isfinite(m["policy_loss"])
+                                          for m in res.metrics)
+
+
+def test_a_rollout_of_autoreset_steps_only_is_one_line(tmp_path):
+    """One env, one step per rollout: after every episode's end the whole rollout is its autoreset step."""
+    with pytest.raises(NumericsError, match="no valid step in the rollout of update [0-9]+ .*raise --num-steps"):
+        proxrl.train(env="corridor", env_factory=lambda: Corridor(1, 5), algo="ppo-clip", steps=8, num_envs=1,
+                     num_steps=1, num_minibatches=1, out=str(tmp_path / "r"), progress="off")
 
 
 def test_same_seed_same_run_bit_for_bit(tmp_path):

@@ -106,7 +106,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("unknown option", T + ["--nope"], "nope"),
     ("unexpected positional argument", T + ["positional"], "arguments"),
     ("resume from a directory without checkpoints", T + ["--resume", "/nonexistent/run"], "checkpoint"),
-    ("eval: no such run", ["eval", "/nonexistent/run"], "checkpoint"),
+    ("eval: no such run", ["eval", "/nonexistent/run"], "is not a directory"),
     ("eval: run_dir missing", ["eval"], "run_dir"),
     ("eval: episodes zero", ["eval", "/nonexistent/run", "--episodes", "0"], "episodes"),
     ("eval: episodes not a number", ["eval", "/nonexistent/run", "--episodes", "abc"], "episodes"),

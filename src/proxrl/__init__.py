@@ -28,11 +28,13 @@ def load(run_dir):
     return _load(run_dir)
 
 
-def evaluate(run_dir, episodes: int = 20, seed: int = 12345, deterministic: bool = True, env_factory=None):
-    """Evaluate a saved run; returns ``{"mean_return", "std_return", "episodes"}``."""
+def evaluate(run_dir, episodes: int = 20, seed: int = 12345, deterministic: bool = True, env_factory=None,
+             max_steps: int = 100_000):
+    """Evaluate a saved run; returns ``{"mean_return", "std_return", "episodes"}``. An episode longer than
+    ``max_steps`` steps (an env that never ends) is a one-line ConfigError."""
     from .gym.trainer import evaluate as _evaluate
 
-    return _evaluate(run_dir, episodes, seed, deterministic, env_factory)
+    return _evaluate(run_dir, episodes, seed, deterministic, env_factory, max_steps)
 
 
 __all__ = ["core", "Batch", "TrainConfig", "train", "load", "evaluate", "LADDER", "RUNGS",

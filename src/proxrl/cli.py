@@ -142,9 +142,11 @@ def _train(argv: list[str]) -> int:
     if quiet:
         given.discard("progress")
     result = train(cfg, explicit=given)
-    last = result.final_return
-    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.metrics[-1]["step"],
-                      "final_episode_return": last}))
+    from .run.dist import context
+
+    if context().main:  # one result line, also on several processes (every rank ran the same run)
+        print(json.dumps({"run_dir": str(result.run_dir), "steps": result.metrics[-1]["step"],
+                          "final_episode_return": result.final_return}))
     return 0
 
 

@@ -28,7 +28,7 @@ class TrainConfig:
     preset: str = "auto"
     """'auto' applies the tuned preset of (env, algo) if there is one; 'none' turns presets off; or a preset name like 'CartPole-v1/ppo-clip'."""
     steps: int = 100_000
-    """Total environment steps (summed over parallel envs)."""
+    """Total environment steps (summed over parallel envs), rounded down to whole rollout batches (num_envs × num_steps)."""
     seed: int = 1
     """Seed of torch, numpy, Python and the environments; the same seed gives the same run bit for bit on CPU."""
     num_envs: int = 8

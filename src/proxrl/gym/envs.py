@@ -118,6 +118,39 @@ class ActionMap:
         return np.clip(a, self.low, self.high).astype(np.float32)
 
 
+class DiscreteActions:
+    """What a Discrete / MultiDiscrete env receives for the policy's category indices: the policy draws each
+    sub-action in [0, n) (a MultiDiscrete's sub-actions flat); Gymnasium's spaces take ``start`` … ``start +
+    n − 1`` (``Discrete(3, start=-1)``) and a MultiDiscrete its ``nvec``'s shape (a 2-D ``nvec``). Stored in the
+    checkpoint (``to_json``) so that ``load(run).act`` answers in the env's own actions."""
+
+    def __init__(self, start, shape):
+        self.start = np.asarray(start, np.int64).reshape(-1)
+        self.shape = tuple(int(d) for d in shape)
+        self.identity = not self.start.any() and len(self.shape) <= 1  # start 0, flat: the indices themselves
+
+    @classmethod
+    def of(cls, space) -> "DiscreteActions":
+        return cls(getattr(space, "start", 0), space.shape)
+
+    def __call__(self, action: np.ndarray) -> np.ndarray:
+        """``action`` [n] (Discrete) or [n, k] (MultiDiscrete, flat) → the env's actions [n, *shape]."""
+        if self.identity:
+            return action
+        n = action.shape[0]
+        return (action.reshape(n, -1) + self.start).reshape(n, *self.shape)
+
+    def to_json(self) -> dict:
+        return {"discrete_start": self.start.tolist(), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d) -> Optional["DiscreteActions"]:
+        try:
+            return cls([int(v) for v in d["discrete_start"]], [int(v) for v in d["shape"]])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
 class _ContainsOnce:
     """A space's ``contains`` that runs the real check until one action passes, then answers True."""
 
@@ -136,7 +169,7 @@ def validate_actions_once(vec) -> None:
 
     Gymnasium's numpy-vectorised envs assert ``action_space.contains(action)`` in every ``step`` (a quarter of
     CartPole's vector step). The runner's actions are valid by construction — categorical draws lie in
-    [0, n), Box actions are clipped to the bounds (:class:`ActionMap`) — with the same dtype and shape every
+    the space's range (:class:`DiscreteActions`), Box actions are clipped to the bounds (:class:`ActionMap`) — with the same dtype and shape every
     step, so the first one is checked by the env's own code and later ones are not re-checked. Only the
     rollout's env is changed; evaluation and users' envs keep their checks."""
     space = getattr(vec, "action_space", None)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..batch import Batch
-from .envs import ActionMap, ObsNormalizer, RewardScaler, validate_actions_once
-from ..errors import NumericsError
+from .envs import ActionMap, DiscreteActions, ObsNormalizer, RewardScaler, validate_actions_once
+from ..errors import ConfigError, NumericsError
 from .policy import ActorCritic
 
 
@@ -58,6 +58,9 @@ class Runner:
         if self.continuous:
             self.action_map = ActionMap(act_space.low, act_space.high, action_rescale)
             self.act_shape = act_space.shape
+        else:  # category indices → the space's start and shape (None when they are the indices themselves)
+            to_env = DiscreteActions.of(act_space)
+            self.discrete_map = None if to_env.identity else to_env
         self.global_step = 0
         raw, _ = envs.reset(seed=seed + self.rows.start)
         self.raw_obs = self._check_obs(raw)
@@ -104,11 +107,20 @@ class Runner:
             env_action = action.cpu().numpy()
             if self.continuous:  # map/clip what the env sees, keep the sample (DETAILS 7)
                 env_action = self.action_map(env_action.reshape(N, -1)).reshape(N, *self.act_shape)
+            elif self.discrete_map is not None:
+                env_action = self.discrete_map(env_action)
             try:
                 raw, reward, terminated, truncated, _ = self.envs.step(env_action)
                 reward = np.asarray(reward, np.float64).reshape(N)
             except (TypeError, ValueError) as e:  # wrong shapes or types from a custom env
                 raise NumericsError(f"environment step: {str(e).splitlines()[0]} at step {self.global_step}") from None
+            except (ConfigError, NumericsError):
+                raise
+            except Exception as e:  # the env's own code failed: one line naming it, not a traceback
+                raise ConfigError("env", f"the environment's step raised {type(e).__name__}: "
+                                  f"{(str(e).strip().splitlines() or ['(no message)'])[0][:200]} at step "
+                                  f"{self.global_step}", "fix the environment (step it by hand to see the "
+                                  "traceback)") from None
             self.global_step += self.num_envs_global
             if not math.isfinite(reward.sum()) and not np.isfinite(reward).all():  # NaN/inf make the sum non-finite
                 raise NumericsError(f"reward: NaN or inf from the environment at step {self.global_step}")

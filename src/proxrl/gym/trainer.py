@@ -15,7 +15,7 @@ import torch
 
 from ..run import checkpoint
 from .config import TrainConfig, env_kwargs_dict, resolve, saved_fields
-from .envs import make_vec_env
+from .envs import DiscreteActions, make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError
 from ..objective import estimate_advantages
@@ -211,6 +211,10 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
             envs.close()
             raise
         d.barrier()
+        if cfg.steps % cfg.batch_size and d.main and cfg.progress != "off":  # said once, never silently
+            print(f"note: steps {cfg.steps} is not a multiple of the rollout batch {cfg.batch_size} (num_envs × "
+                  f"num_steps): the run takes {cfg.num_updates} updates, {cfg.num_updates * cfg.batch_size} steps",
+                  file=sys.stderr)
     policy = build_policy(envs, cfg).to(device)
     critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
     opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam over actor and critic
@@ -245,6 +249,9 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                 backup = Backup(policy, (opt,)) if cfg.on_nonfinite == "skip" else None
                 line = {k: None for k in METRICS}
                 try:
+                    if len(flat.adv) == 0:  # every step of the rollout was an autoreset step: nothing to learn from
+                        raise NumericsError(f"no valid step in the rollout of update {update} (each was an "
+                                            "autoreset step): raise --num-steps or --num-envs")
                     if rung.update == "trust-region":
                         stats = trust_region_update(policy, opt, flat, rung, cfg, update, old)
                     else:
@@ -256,7 +263,7 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
                     if backup is None:
                         raise  # the last good checkpoint stays untouched
                     backup.restore()  # skipped, and logged: never silent
-                    stats, diag = {"skipped": str(e)}, post_update_diagnostics(policy, flat, old)
+                    stats, diag = {"skipped": str(e)}, post_update_diagnostics(policy, flat, old) if len(flat.adv) else {}
                     print(f"warning: update {update} skipped: {e}", file=sys.stderr)
                 line.update(stats)
                 line.update(diag)
@@ -343,9 +350,10 @@ def save_run(run_dir: Path, runner: Runner, policy: ActorCritic, cfg: TrainConfi
                         "nvec": list(policy.nvec), "critic": policy.critic is not None},
              "optimizers": opt_meta, "beta": beta, "elapsed": elapsed, "runner": runner.state_json(),
              "env_state": env_meta, "rng": rng_meta, "world_size": d.world}
-    bounds = _bounds_json(runner.envs.single_action_space) if policy.kind == "continuous" else None
-    if bounds is not None:
-        state["action_space"] = bounds  # so that load(run).act clips to the env's bounds (optional key)
+    space = runner.envs.single_action_space
+    bounds = _bounds_json(space) if policy.kind == "continuous" else DiscreteActions.of(space).to_json()
+    if bounds is not None:  # so that load(run).act clips to the env's bounds, or answers in its start and shape
+        state["action_space"] = bounds  # (optional key)
     path = checkpoint.save(run_dir / "checkpoints", update, tensors, state, keep=cfg.keep_checkpoints)
     d.barrier()
     return path
@@ -504,6 +512,8 @@ class Agent:
 
             a = ActionMap(self.act_space.low, self.act_space.high, self.config.action_rescale)(a.reshape(a.shape[0], -1))
             a = a.reshape(a.shape[0], *self.act_space.shape)
+        elif self.act_space is not None:  # category indices → the space's start and shape
+            a = (self.act_space if isinstance(self.act_space, DiscreteActions) else DiscreteActions.of(self.act_space))(a)
         return a[0] if single else a
 
     @property
@@ -517,6 +527,8 @@ def load(run_dir: str | os.PathLike) -> Agent:
     from .envs import RunningMeanStd
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError("run_dir", f"{run_dir} is not a directory", "pass the --out directory of `proxrl train`")
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     tensors, state = checkpoint.load(root)
     try:
@@ -533,19 +545,25 @@ def load(run_dir: str | os.PathLike) -> Agent:
     if cfg.obs_norm:
         obs_rms = RunningMeanStd((int(pol["obs_dim"]),))
         obs_rms.load(tensors, "obs_rms")
-    bounds = None
-    if policy.kind == "continuous":
-        if "action_space" in state:
-            bounds = ActionBounds.from_json(state["action_space"], policy.act_dim)
-        else:  # a checkpoint from before the bounds were saved
-            bounds = _registry_bounds(cfg)
+    if policy.kind != "continuous":  # start and shape (an older checkpoint has none: indices from 0, flat)
+        bounds = DiscreteActions.from_json(state["action_space"]) if "action_space" in state else None
+    elif "action_space" in state:
+        bounds = ActionBounds.from_json(state["action_space"], policy.act_dim)
+    else:  # a checkpoint from before the bounds were saved
+        bounds = _registry_bounds(cfg)
     agent = Agent(policy, cfg, obs_rms, cfg.clip_obs, bounds)
     return agent
 
 
+#: the longest evaluation episode: an env whose episodes never end (no TimeLimit) is one error line, not a hang
+EVAL_MAX_STEPS = 100_000
+
+
 def evaluate(run_dir: str | os.PathLike, episodes: int = 20, seed: int = 12345, deterministic: bool = True,
-             env_factory: Optional[Callable] = None) -> dict[str, Any]:
-    """Mean and std of the undiscounted return over ``episodes`` full episodes (one env each, in parallel)."""
+             env_factory: Optional[Callable] = None, max_steps: int = EVAL_MAX_STEPS) -> dict[str, Any]:
+    """Mean and std of the undiscounted return over ``episodes`` full episodes (one env each, in parallel).
+    An episode still running after ``max_steps`` steps is a one-line ConfigError (wrap the env in a
+    ``gymnasium.wrappers.TimeLimit``)."""
     if episodes <= 0:
         raise ConfigError("episodes", f"must be a positive integer, got {episodes}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
@@ -558,11 +576,17 @@ def evaluate(run_dir: str | os.PathLike, episodes: int = 20, seed: int = 12345, 
     returns = np.zeros(episodes)
     finished = np.zeros(episodes, bool)  # each env runs exactly one episode
     try:
-        while not finished.all():
+        for _ in range(max_steps):
             obs, r, term, trunc, _ = envs.step(agent.act(obs, deterministic))
             live = ~finished
             returns += np.where(live, r, 0.0)
             finished |= live & (np.asarray(term) | np.asarray(trunc))
+            if finished.all():
+                break
+        else:
+            raise ConfigError("env", f"{int((~finished).sum())} of {episodes} evaluation episodes did not end "
+                              f"within {max_steps} steps", "wrap the env in gymnasium.wrappers.TimeLimit "
+                              "(or raise max_steps)")
     finally:
         envs.close()
     return {"mean_return": float(returns.mean()), "std_return": float(returns.std()), "episodes": episodes}

@@ -20,8 +20,12 @@ from .guards import FlatGrads, clip_grad_norm
 
 def minibatches(n: int, num_minibatches: int, generator: Optional[torch.Generator] = None) -> list[Tensor]:
     """A fresh permutation of ``range(n)`` split into ``num_minibatches`` near-equal parts covering every
-    index (the global torch RNG when ``generator`` is None)."""
-    return list(torch.randperm(n, generator=generator).tensor_split(num_minibatches))
+    index (the global torch RNG when ``generator`` is None). Never an empty part, whose mean loss would be
+    NaN: with fewer than ``num_minibatches`` indices (a gym batch whose autoreset steps were dropped) each
+    index is a minibatch of its own; ``n = 0`` gives none."""
+    if n <= 0:
+        return []
+    return list(torch.randperm(n, generator=generator).tensor_split(min(num_minibatches, n)))
 
 
 def backward(loss: Tensor, scaler=None) -> None:

@@ -79,6 +79,47 @@ def test_export_adapter_loads_with_peft(trained):
         assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5)
 
 
+def test_an_added_pad_token_exports_the_same_model_every_time(tmp_path):
+    """A tokenizer whose pad is its EOS (and no unk/bos) gets proxrl's own pad token and a grown embedding.
+    The new row is the mean of the others — not a draw of the global RNG, which made every load of a LoRA run
+    (whose checkpoint holds only the adapter) and so every export differ in the pad token's logit. The
+    adapter export loads on the base resized as its result says, with the merged export's logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxrl.lm import sft
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.export import ExportConfig, export
+    from proxrl.lm.tiny import make_tiny
+
+    base = make_tiny(tmp_path / "base", seed=0)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token, tok.bos_token, tok.unk_token = tok.eos_token, None, None
+    tok.save_pretrained(base)
+    n_base = len(tok)
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": "ok"} for i in range(4)])
+    sft(SFTConfig(model=str(base), data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "run"), batch_size=2,
+                  micro_batch_size=2, lora_r=2, chat_template="off"), log=lambda *_: None)
+    for d in ("a", "b"):
+        torch.manual_seed({"a": 1, "b": 2}[d])  # whatever the global RNG holds
+        export(ExportConfig(run=str(tmp_path / "run"), out=str(tmp_path / d)))
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    emb = wa["model.embed_tokens.weight"]
+    assert emb.shape[0] == n_base + 1 and torch.equal(emb[-1], emb[:-1].mean(0))
+    res = export(ExportConfig(run=str(tmp_path / "run"), out=str(tmp_path / "adapter"), adapter=True))
+    assert f"resize_token_embeddings({n_base + 1})" in res["load"]
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    plain.resize_token_embeddings(n_base + 1)
+    m = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    ids = torch.tensor([[5, 6, 7, n_base]])  # the pad token's row too
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["not a run", "out not empty", "adapter of a full run"])
 def test_export_bad_input_is_one_line(trained, case):
     tmp, _, _ = trained

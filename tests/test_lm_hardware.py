@@ -212,6 +212,29 @@ def test_response_length_beyond_the_context_is_refused_before_any_work(tmp_path,
         trainer(model, response_length=600, max_prompt_length=32)
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_beyond_the_context_are_refused_before_any_work(tmp_path, stage):
+    """SFT and the RM append an EOS to each response: prompt + response + 1 must fit. gpt2 has learned
+    positions, which used to index out of their table mid-run (an IndexError traceback)."""
+    from proxrl.lm import reward_model, sft
+    from proxrl.lm.config import RMConfig, SFTConfig
+    from proxrl.lm.data import write_jsonl
+
+    model = str(make_tiny(tmp_path / "gpt2", arch="gpt2", context=64))
+    rec = ({"prompt": "a " * 200, "response": "b " * 200} if stage == "sft" else
+           {"prompt": "a " * 200, "chosen": "b " * 200, "rejected": "c"})
+    write_jsonl(tmp_path / "d.jsonl", [rec] * 4)
+    make = (lambda **kw: sft(SFTConfig(model=model, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "o"),
+                                       batch_size=2, micro_batch_size=2, **kw))) if stage == "sft" else \
+        (lambda **kw: reward_model(RMConfig(model=model, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "o"),
+                                            batch_size=2, micro_batch_size=2, **kw)))
+    with pytest.raises(ConfigError, match=r"^max_response_length: max_prompt_length 32 \+ max_response_length 32 "
+                                          r"\+ the EOS token exceeds the model's context of 64 tokens.*≤ 63"):
+        make(max_prompt_length=32, max_response_length=32)
+    assert not (tmp_path / "o").exists()
+    make(max_prompt_length=32, max_response_length=31, epochs=1)  # fits exactly: trains on the cut examples
+
+
 def test_agent_act_builds_its_tensors_on_the_policys_device():
     """Agent.act used to build CPU tensors whatever the policy's device (a callback's live agent on CUDA
     broke). Checked with the policy on the meta device: the input must be made there."""

@@ -46,7 +46,7 @@ def test_reward_model_learns_a_separable_preference_and_normalises(tiny, tmp_pat
     cfg = RMConfig(model=tiny, data=str(tmp_path / "prefs.jsonl"), out=str(tmp_path / "rm"), epochs=3,
                    batch_size=8, micro_batch_size=4, lr=3e-3, eval_fraction=0.2, finetune="full")
     s = reward_model(cfg, log=lambda *_: None)
-    assert s["eval_pairs"] == 4 and s["eval_accuracy"] == 1.0
+    assert s["eval_pairs"] == 4 and s["eval_accuracy"] == 1.0 and s["score_std"] >= 0.01
     for f in ("config.json", "metrics.jsonl", "summary.json"):
         assert (tmp_path / "rm" / f).is_file()
     from proxrl.lm.policy import load_reward_model
@@ -58,6 +58,18 @@ def test_reward_model_learns_a_separable_preference_and_normalises(tiny, tmp_pat
     with torch.no_grad():
         scores = rm(ids, mask)
     assert abs(scores.mean().item()) < 0.1 and scores[0::2].min() > scores[1::2].max()
+
+
+def test_a_reward_model_that_separates_nothing_is_warned_about(tiny, tmp_path, capsys):
+    """Chosen = rejected: the scores do not vary, and normalising by their std would multiply noise by a
+    million in PPO — one stderr line says so (a learned spread, as in the test above, says nothing)."""
+    write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "same", "rejected": "same"}] * 8)
+    cfg = RMConfig(model=tiny, data=str(tmp_path / "prefs.jsonl"), out=str(tmp_path / "rm"), epochs=1,
+                   batch_size=4, micro_batch_size=4, eval_fraction=0, finetune="full")
+    s = reward_model(cfg, log=lambda *_: None)
+    err = capsys.readouterr().err
+    assert s["score_std"] < 0.01 and err.count("warning: the reward model's scores") == 1, err
+    assert "check that chosen and rejected really differ" in err.splitlines()[-1]
 
 
 def test_sft_then_ppo_from_the_sft_run(tiny, tmp_path):

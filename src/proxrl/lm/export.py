@@ -1,7 +1,8 @@
 """``proxrl export RUN --out DIR``: a trained SFT or RL run as a standard Hugging Face model directory that
 ``AutoModelForCausalLM.from_pretrained(DIR)`` loads without proxrl — LoRA merged into the weights (default)
-or, with ``--adapter``, the peft adapter alone (``PeftModel.from_pretrained(base, DIR)``); the tokenizer
-(with the pad token used in training) beside it; safetensors only."""
+or, with ``--adapter``, the peft adapter alone (``PeftModel.from_pretrained(base, DIR)``; when proxrl added a pad
+token the base is resized first, as the result's ``load`` says); the tokenizer (with the pad token used in
+training) beside it; safetensors only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .loading import load_run_policy, read_run_config
+from .loading import load_run_policy, load_tokenizer, read_run_config
 
 
 @dataclass
@@ -47,5 +48,12 @@ def export(cfg: ExportConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    return {"exported": str(out), "format": "peft adapter" if cfg.adapter else "merged model",
-            "base_model": run["base_model"]}
+    result = {"exported": str(out), "format": "peft adapter" if cfg.adapter else "merged model",
+              "base_model": run["base_model"]}
+    rows = model.get_input_embeddings().weight.shape[0]
+    if cfg.adapter and len(tok) > len(load_tokenizer(run["base_model"])) and rows == len(tok):
+        # proxrl added a pad token and grew the embeddings for it (LM-1): the adapter carries the grown (frozen,
+        # deterministic) embeddings, which the plain base does not fit until it is resized
+        result["load"] = (f"base.resize_token_embeddings({rows}) before PeftModel.from_pretrained(base, "
+                          f"{str(out)!r}): proxrl added the tokenizer's pad token")
+    return result

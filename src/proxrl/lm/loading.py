@@ -171,6 +171,29 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config (None if it declares none)."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_fits_context(model, max_prompt_length: int, response: int, response_field: str, eos: int = 0) -> None:
+    """Checked before any work, for every stage: a prompt of ``max_prompt_length`` tokens plus a response of
+    ``response`` tokens (plus ``eos`` = 1 when the stage appends a stop token) must fit the model's context;
+    past it, learned position embeddings index out of their table (a traceback mid-run) and rotary ones
+    run where the model was never trained. A one-line ConfigError naming ``response_field``."""
+    n_ctx = context_length(model)
+    if n_ctx is not None and max_prompt_length + response + eos > n_ctx:
+        flag = response_field.replace("_", "-")
+        raise ConfigError(response_field, f"max_prompt_length {max_prompt_length} + {response_field} {response}"
+                          + (" + the EOS token" if eos else "") + f" exceeds the model's context of {n_ctx} tokens",
+                          f"keep their sum ≤ {n_ctx - eos} (--max-prompt-length, --{flag})")
+
+
 def ensure_pad_token(tokenizer, model=None) -> int:
     """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id."""
     tokenizer.padding_side = "left"
@@ -183,8 +206,26 @@ def ensure_pad_token(tokenizer, model=None) -> int:
             return tokenizer.pad_token_id
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        add_token_rows(model, len(tokenizer))
     return tokenizer.pad_token_id
+
+
+@torch.no_grad()
+def add_token_rows(model: nn.Module, n: int) -> None:
+    """Grow the vocabulary to ``n`` tokens, each new row of the input and output embeddings (and of an output
+    bias) the mean of the existing ones — deterministic, so that every load of a base model (training, a
+    resume, ``proxrl export`` of a LoRA run, whose checkpoint holds only the adapter) gets the same rows;
+    transformers' own init draws them from the global RNG. The mean row is the usual choice for a new token
+    (its logit is the average logit, Hewitt 2021, "Initializing new word embeddings")."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(n, mean_resizing=False)
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    seen = set()
+    for layer in (m for m in layers if m is not None):
+        for t in (layer.weight, getattr(layer, "bias", None)):
+            if isinstance(t, torch.Tensor) and id(t) not in seen and t.shape[0] == n:  # tied: once
+                seen.add(id(t))
+                t[old:] = t[:old].mean(0)
 
 
 def stop_token_ids(tokenizer, model=None, field: str = "model") -> list[int]:

@@ -29,7 +29,7 @@ from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory, scaler_summary, step_fields
 from .config import RMConfig, check_new_out
 from .data import read_records
-from .loading import encode_prompt, left_pad, use_chat_template
+from .loading import check_fits_context, encode_prompt, left_pad, use_chat_template
 from .policy import build_reward_model, grad_scaler
 
 
@@ -87,6 +87,7 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
                           "leaving none for training", "pass a smaller --eval-fraction (or 0), or add pairs")
     seed_everything(cfg.seed)
     rm = build_reward_model(cfg.model, cfg)
+    check_fits_context(rm.lm, cfg.max_prompt_length, cfg.max_response_length, "max_response_length", eos=1)
     tok = rm.tokenizer
     chat = use_chat_template(tok, cfg.chat_template)
     pairs = encode_pairs(tok, records, chat, cfg.max_prompt_length, cfg.max_response_length)
@@ -165,4 +166,14 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs" if eval_pairs
         else "rm: no held-out pairs (--eval-fraction 0)")
+    if summary["score_std"] < FLAT_SCORE_STD and all_train.numel() > 1:  # normalising would amplify noise
+        print(f"warning: the reward model's scores on its training pairs barely vary (std {summary['score_std']:.2g}, "
+              f"train pairwise accuracy {summary['train_accuracy']:.3f}): it tells responses almost apart by nothing, "
+              f"and its normalised scores multiply that noise by {1 / summary['score_std']:.0f} in PPO; check that "
+              "chosen and rejected really differ, or train longer (--epochs, --lr)", file=sys.stderr)
     return summary
+
+
+#: a score spread below this on the training pairs means the Bradley–Terry model separates nothing (a score
+#: difference of 0.01 is a preference probability of 0.5025)
+FLAT_SCORE_STD = 0.01

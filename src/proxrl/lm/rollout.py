@@ -36,9 +36,9 @@ from ..batch import Batch
 from ..errors import ConfigError, NumericsError
 from ..run.fsdp import gathered
 from ..run.guards import check_finite
-from .loading import encode_prompt, left_pad, stop_token_ids, use_chat_template
+from .loading import check_fits_context, encode_prompt, left_pad, stop_token_ids, use_chat_template
 from .policy import LMPolicy, RewardModel, autocast, last_real_index, load_reward_model
-from .sampling import context_length, sample
+from .sampling import sample
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 MIN_WHITEN_TOKENS = 8
@@ -287,12 +287,7 @@ class TokenRollouts:
         self.chat = use_chat_template(tok, cfg.chat_template)
         self._encoded: dict[str, list[int]] = {}
         self.warned_negative_kl = False
-        n_ctx = context_length(policy.lm)
-        # checked before any work: a prompt of max_prompt_length tokens plus a full response must fit
-        if n_ctx is not None and cfg.max_prompt_length + cfg.response_length > n_ctx:
-            raise ConfigError("response_length", f"max_prompt_length {cfg.max_prompt_length} + response_length "
-                              f"{cfg.response_length} exceeds the model's context of {n_ctx} tokens",
-                              f"keep their sum ≤ {n_ctx}")
+        check_fits_context(policy.lm, cfg.max_prompt_length, cfg.response_length, "response_length")
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Prompt token ids, tokenised once per distinct prompt and cached."""

@@ -49,16 +49,6 @@ class InverseCDFSampler:
 
 
 
-def context_length(model) -> int | None:
-    """The model's maximum sequence length from its config (None if it declares none)."""
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 @torch.inference_mode()
 def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperature: float, stop_ids: list[int],
            pad_id: int, generator: torch.Generator, rows: Optional[tuple[slice, int]] = None, top_k: int = 0,

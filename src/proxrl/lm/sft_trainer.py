@@ -26,8 +26,8 @@ from ..run.state import CHECKPOINT_VERSION, seed_everything
 from .common import Timer, keep_freed_memory, scaler_summary, step_fields
 from .config import SFTConfig, check_new_out
 from .data import read_records
-from .loading import (DTYPES, apply_finetune, encode_prompt, ensure_pad_token, freeze, left_pad, load_causal_lm,
-                      load_tokenizer, stop_token_ids, use_chat_template)
+from .loading import (DTYPES, apply_finetune, check_fits_context, encode_prompt, ensure_pad_token, freeze, left_pad,
+                      load_causal_lm, load_tokenizer, stop_token_ids, use_chat_template)
 from .policy import autocast, float32_head, forward, grad_scaler, to_master
 
 
@@ -59,6 +59,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     records = read_records(cfg.data, "sft")
     seed_everything(cfg.seed)
     base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
+    check_fits_context(base, cfg.max_prompt_length, cfg.max_response_length, "max_response_length", eos=1)
     tok = load_tokenizer(cfg.model)
     pad = ensure_pad_token(tok, base)
     eos = stop_token_ids(tok, base, field="model")[0] if tok.eos_token_id is None else tok.eos_token_id

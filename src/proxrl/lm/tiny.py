@@ -27,8 +27,10 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def make_tiny(out: str | os.PathLike, arch: str = "llama", layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` ∈ {llama, gpt2} model and its tokenizer to ``out``; returns the path."""
+def make_tiny(out: str | os.PathLike, arch: str = "llama", layers: int = 2, hidden: int = 32, seed: int = 0,
+              context: int = 512) -> Path:
+    """Write a tiny random ``arch`` ∈ {llama, gpt2} model (a context of ``context`` positions) and its
+    tokenizer to ``out``; returns the path."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -37,10 +39,10 @@ def make_tiny(out: str | os.PathLike, arch: str = "llama", layers: int = 2, hidd
                   pad_token_id=tok.pad_token_id)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                           tie_word_embeddings=True, **common)
     elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=context, **common)
     else:
         raise ValueError(f"arch must be llama or gpt2, got {arch!r}")
     torch.manual_seed(seed)

@@ -169,6 +169,23 @@ def test_grpo_and_trpo_two_processes_equal_one(setup, algo):
         assert all(r["ls_accepted"] for r in rows(setup / f"{algo}2")), rows(setup / f"{algo}2")
 
 
+def test_ranks_without_rows_agree_and_too_few_rows_are_refused(setup, tmp_path):
+    """ppo-kl with 1-row minibatches on 3 processes: every row lands on rank 0, so ranks 1 and 2 hold no row
+    for the whole update and have no statistics of their own. The ranks agree on the statistics' keys (they
+    used to issue different collectives and wait for gloo's 120 s timeout) and the run is the one of 1
+    process. A batch, or a held-out set, smaller than the number of processes is one line on every rank."""
+    more = ["--num-minibatches", "8", "--updates", "2"]
+    args = lambda out: ["rlhf", "train", "--algo", "ppo-kl", *ppo_args(setup, out)[2:], *more]  # noqa: E731
+    p1, p3 = one(args(tmp_path / "one")), two(args(tmp_path / "three"), procs=3, timeout=200)
+    assert p1.returncode == 0 and p3.returncode == 0, (p1.stderr[-1500:], p3.stderr[-2500:])
+    assert_same_run(tmp_path / "one", tmp_path / "three")
+    for bad, field in ((["--batch-size", "2", "--num-minibatches", "1"], "batch_size"),
+                       (["--eval-prompts", "2"], "eval_prompts")):
+        p = two([*ppo_args(setup, tmp_path / field), *bad], procs=3, timeout=200)
+        assert p.returncode != 0 and p.stderr.count(f"error: {field}: ") == 3, p.stderr[-2000:]
+        assert not (tmp_path / field / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sft_and_rm_two_processes_equal_one(setup, stage, parallel):

@@ -81,12 +81,37 @@ def test_a_conversation_is_formatted_from_its_turns():
     ({"prompt": "q", "chosen": [{"role": "assistant", "content": "b"}],
       "rejected": [{"role": "assistant", "content": "c"}]}, "rm", "must be chat turns"),
     ({"prompt": [{"role": "assistant", "content": "hello"}]}, "ppo", "no turn before the assistant"),
+    ({"prompt": "bad \ud800 surrogate"}, "ppo", "field 'prompt' holds an invalid character at position 4"),
+    ({"prompt": "q", "response": "x\udfff"}, "sft", "field 'response' holds an invalid character"),
+    ({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "x"}]}, "sft",
+     "field 'messages' turn 0 holds an invalid character"),
 ])
 def test_malformed_chat_records_name_the_line_and_field(tmp_path, rec, stage, msg):
-    p = _jsonl(tmp_path, "bad.jsonl", [rec])
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(rec) + "\n")  # ASCII escapes: a lone surrogate as JSON writes it (\\ud800)
     with pytest.raises(DataError, match=msg) as e:
         read_records(p, stage)
     assert "bad.jsonl:1" in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text('{"prompt": "a"}\r\n{"prompt": "b"}\r\n', encoding="utf-8-sig")
+    assert [r["prompt"] for r in read_records(str(p), "ppo")] == ["a", "b"]
+
+
+def test_a_chat_template_that_refuses_a_prompt_is_one_line():
+    from proxrl.errors import ConfigError
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                         "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    assert tok.decode(encode_prompt(tok, "hi", True, 100)) == "hi"
+    with pytest.raises(ConfigError, match=r"^chat_template: the tokenizer's chat template refused a prompt \(System "
+                                          r"role not supported\).*--chat-template off"):
+        encode_prompt(tok, Conversation(CHAT_SFT["messages"][:2]), True, 100)
 
 
 def test_bad_sources_are_one_line(tmp_path):

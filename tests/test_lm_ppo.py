@@ -140,6 +140,30 @@ def test_micro_batch_8x1_equals_1x8(tiny, agg):
     torch.testing.assert_close(params_after[1], params_after[8], atol=1e-6, rtol=0)
 
 
+def test_step_takes_scores_as_a_list_an_array_or_a_tensor_and_refuses_the_wrong_count(tiny):
+    """PPOTrainer.step(rollout, scores): one real number per response, in any of the usual containers, gives
+    the same update; a single score (it used to be broadcast to every response) or a wrong count is one line."""
+    import numpy as np
+
+    from proxrl.errors import ConfigError
+
+    prompts = ["ab", "xyz", "q", "hello"] * 2
+    out = {}
+    for kind in ("tensor", "list", "array"):
+        torch.manual_seed(0)  # the value head's initialisation
+        tr = make_trainer(tiny)
+        rollout = tr.generate(prompts)
+        raw = tr.score(rollout)
+        given = {"tensor": raw, "list": raw.tolist(), "array": raw.numpy()}[kind]
+        tr.step(rollout, given)
+        out[kind] = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
+        for bad in (raw[:1], raw.tolist() + [0.0], np.zeros((8, 1)), "0.5"):
+            with pytest.raises(ConfigError, match="^scores: "):
+                tr.step(rollout, bad)
+    for kind in ("list", "array"):
+        assert all(torch.equal(a, b) for a, b in zip(out["tensor"], out[kind]))
+
+
 def test_micro_weight_sums_to_one():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.float64)
     for agg in ("token-mean", "seq-mean"):

@@ -303,6 +303,30 @@ def test_malicious_checkpoint_through_cli(tmp_path):
     assert not marker.exists()
 
 
+def test_an_optimizer_moment_of_the_wrong_shape_is_one_line(tmp_path):
+    """A checkpoint whose Adam moment no longer fits its parameter (a well-formed safetensors file): the fused
+    Adam kernel checks no sizes and used to write out of bounds on resume (glibc aborted the process). Now one
+    CheckpointError line, exit 2, the run's files untouched."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "proxrl", "train", "--env", "CartPole-v1", "--algo", "ppo-clip",
+                        "--steps", "256", "--num-envs", "2", "--num-steps", "64", "--progress", "off", "--out", str(run)],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    path = checkpoint.latest(run / "checkpoints") / "tensors.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if k.startswith("optimizer/") and k.endswith("/exp_avg"))
+    tensors[key] = torch.zeros(3)
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    p = subprocess.run([sys.executable, "-m", "proxrl", "train", "--resume", str(run), "--steps", "512"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "optimizer moment exp_avg" in lines[0], (p.returncode, p.stderr)
+    assert path.read_bytes() == before
+
+
 def test_trust_remote_code_never_switched_on():
     """No source file turns on transformers' trust_remote_code (it stays at its default, False)."""
     import re

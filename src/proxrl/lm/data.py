@@ -91,7 +91,7 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     with f:
@@ -182,7 +182,19 @@ def _text_fields(rec: dict, names: Sequence[str], where: str, need: str) -> dict
             rec = {**rec, "prompt": Conversation(_turns(rec[name], name, where))}
         elif not isinstance(rec[name], str):
             raise DataError(f"{where}: field '{name}' must be a string, got {type(rec[name]).__name__}")
+        else:
+            _encodable(rec[name], f"field '{name}'", where)
     return rec
+
+
+def _encodable(text: str, what: str, where: str) -> None:
+    """A text a tokenizer can take: valid Unicode (JSON's "\\ud800" escapes decode to a lone surrogate, which
+    has no UTF-8 form and made the tokenizer raise a TypeError at the first rollout)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} holds an invalid character at position {e.start} (a lone "
+                        "surrogate such as \\ud800: not Unicode text)") from None
 
 
 def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
@@ -195,6 +207,7 @@ def _turns(value: Any, name: str, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: field '{name}' turn {i} must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: field '{name}' turn {i} has role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        _encodable(m["content"], f"field '{name}' turn {i}", where)
         turns.append({"role": m["role"], "content": m["content"]})
     return turns
 

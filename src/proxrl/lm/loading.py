@@ -258,7 +258,13 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
     chat template (``chat_template`` off) it is its readable text."""
     if chat:
         turns = getattr(text, "messages", None) or [{"role": "user", "content": str(text)}]
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template's own refusal (jinja2 TemplateError, ...): one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError("chat_template", f"the tokenizer's chat template refused a prompt ({first}): "
+                              f"{str(text)[:60]!r}", "give the turns the template accepts, or pass "
+                              "--chat-template off") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(str(text))["input_ids"]

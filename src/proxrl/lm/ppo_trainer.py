@@ -46,8 +46,8 @@ from .common import keep_freed_memory
 from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
 from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy, grad_scaler, scaler_state
-from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, apply_missing_eos_penalty, load_reward_fn,  # noqa: F401
-                      token_batch, token_rewards, truncate_at_stop)
+from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, real_scores, apply_missing_eos_penalty,  # noqa: F401
+                      load_reward_fn, token_batch, token_rewards, truncate_at_stop)
 from .update import accumulate, exact_kl_to_old, importance_weights_after, micro_weight, sgd_update  # noqa: F401
 
 #: the name kept for the step-wise API (one class for every stage's interruption)
@@ -76,6 +76,9 @@ class PPOTrainer:
         from ..run.dist import context
 
         self.dist = context(cfg.device)
+        if self.dist.on and cfg.batch_size < self.dist.world:  # every rank generates and scores its rows
+            raise ConfigError("batch_size", f"{cfg.batch_size} responses per update cannot give each of the "
+                              f"{self.dist.world} processes one", f"pass --batch-size {self.dist.world} or more")
         if cfg.update_rule == "trust-region" and self.dist.on and cfg.parallel == "fsdp":
             raise ConfigError("parallel", "trpo's conjugate gradient works on the whole flat gradient, which "
                               "--parallel fsdp shards", "use --parallel ddp (the default) for trpo")
@@ -166,6 +169,7 @@ class PPOTrainer:
         last good checkpoint is intact). With ``on_nonfinite='skip'`` the weights and optimizer are put back
         as they were before the update, the update counts, and its metrics line says ``skipped`` (also
         printed on stderr) — never silently."""
+        scores = self._checked_scores(rollout, scores)
         if self.cfg.rollout_lag:  # the weights this update starts from: a later update's sampler
             self.lagged.append({k: v.clone() for k, v in self.policy.trainable_state().items()})
         backup = None
@@ -185,6 +189,17 @@ class PPOTrainer:
             print(f"warning: update {self.step_count} skipped: {e}", file=sys.stderr)
             return {"step": self.step_count, "beta": self.kl_coef, "beta_next": self.kl_coef,
                     "penalty_beta": self.penalty_beta, "skipped": str(e), "update_time": 0.0}
+
+    def _checked_scores(self, rollout: Rollout, scores) -> Tensor:
+        """The scores a caller passes to :meth:`step`: one real number per response of the rollout (a list,
+        an array or a 1-D tensor), as float64 ``[B]``; anything else is one ConfigError line (a single score
+        used to be broadcast to every response, a list to fail deep inside)."""
+        where = f" at update {self.step_count + 1}"
+        vals = torch.tensor(real_scores(scores, "the scores", where, field="scores", verb="are"), dtype=torch.float64)
+        if vals.shape != (len(rollout),):
+            raise ConfigError("scores", f"{vals.numel()} scores for the rollout's {len(rollout)} responses{where}",
+                              "pass one score per response, in the rollout's order")
+        return vals
 
     def _step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -485,10 +500,14 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             raise
         raise ConfigError("policy", str(e).split(": ", 1)[1]) from None
     d = trainer.dist  # several processes (torchrun): rank 0 prints and writes, every rank computes
+    if d.on and 0 < len(eval_prompts) < d.world:  # the held-out prompts are shared out like a batch
+        raise ConfigError("eval_prompts", f"{len(eval_prompts)} held-out prompts cannot give each of the {d.world} "
+                          "processes one", f"pass --eval-prompts {d.world} or more, or 0")
     if not d.main:
         log = lambda *_: None  # noqa: E731
     out = Path(cfg.out)
     cursor, order = 0, []
+    trainer.encode(train_prompts + eval_prompts)  # every prompt tokenised (chat template applied) before any work
     if resumed is None:
         elapsed0 = 0.0
         if d.main:  # the old run (with --overwrite) is removed only now that the models have loaded

@@ -173,7 +173,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def _real_scores(out, name: str, where: str) -> list[float]:
+def real_scores(out, name: str, where: str, field: str = "reward", verb: str = "returned") -> list[float]:
     """The reward function's output as floats: a list/tuple (or 1-D array/tensor) of real numbers. Strings,
     numeric strings, bools, dicts, sets, None are refused with one line (``float()`` would accept "0.5",
     True, and iterate a dict's keys)."""
@@ -189,18 +189,18 @@ def _real_scores(out, name: str, where: str) -> list[float]:
         else:
             real = out.dtype.kind in "iuf"
         if not real or out.ndim != 1:
-            raise ConfigError("reward", f"{name} returned a {out.ndim}-D {type(out).__name__} of {out.dtype}{where}",
+            raise ConfigError(field, f"{name} {verb} a {out.ndim}-D {type(out).__name__} of {out.dtype}{where}",
                               fix)
         return [float(x) for x in out.tolist()]
     if not isinstance(out, (list, tuple)):
-        raise ConfigError("reward", f"{name} returned a {type(out).__name__}{where}, not a list of numbers", fix)
+        raise ConfigError(field, f"{name} {verb} a {type(out).__name__}{where}, not a list of numbers", fix)
     vals = []
     for i, x in enumerate(out):
         if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 and not isinstance(x, np.bool_):
             x = x.item()
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
             shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
-            raise ConfigError("reward", f"{name} returned {shown} ({type(x).__name__}) for response {i}{where}, "
+            raise ConfigError(field, f"{name} {verb} {shown} ({type(x).__name__}) for response {i}{where}, "
                               "not a real number", fix)
         vals.append(float(x))
     return vals
@@ -252,7 +252,7 @@ class Scorer:
             except Exception as e:  # the user's code: one line naming it, the update and the problem
                 raise ConfigError("reward", f"{self.name} raised {type(e).__name__}{where}: {_first_line(e)}",
                                   "fix the function (call it by hand to see the traceback)") from None
-            scores = torch.tensor(_real_scores(out, self.name, where), dtype=torch.float64)
+            scores = torch.tensor(real_scores(out, self.name, where), dtype=torch.float64)
             if scores.shape != (len(rollout),):
                 raise ConfigError("reward", f"{self.name} returned {scores.numel()} values for {len(rollout)} "
                                   f"responses{where}")

@@ -105,10 +105,14 @@ def sgd_update(policy: LMPolicy, optimizer: torch.optim.Optimizer, cfg, batch: B
         for k, v in sums.items():
             totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
     if dist is not None and dist.on:  # this rank's shares → the batch's statistics
-        keys = sorted(k for k in totals if k != "ratio_max")
+        # the keys every rank saw: a rank that held no row of any minibatch (1-row minibatches) has none, and
+        # collectives decided by local keys would differ between ranks (a deadlock until gloo's timeout)
+        seen = sorted(set().union(*dist.gather_objects(sorted(totals))))
+        totals.update({k: totals.get(k, 0.0) for k in seen})
+        keys = [k for k in seen if k != "ratio_max"]
         summed = dist.all_reduce_(torch.tensor([totals[k] for k in keys], dtype=torch.float64))
         totals.update(zip(keys, summed.tolist()))
-        if "ratio_max" in totals:
+        if "ratio_max" in seen:
             totals["ratio_max"] = float(dist.all_reduce_(torch.tensor([totals["ratio_max"]], dtype=torch.float64), "max"))
     n = max(len(res.stats), 1)
     out = {k: (v if k == "ratio_max" else v / n) for k, v in totals.items()}

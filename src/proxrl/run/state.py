@@ -29,7 +29,24 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
+    check_moments(opt, state)
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_moments(opt: torch.optim.Optimizer, state: dict[int, dict]) -> None:
+    """Each saved per-parameter moment has its parameter's shape and a floating dtype: a fused optimizer
+    kernel does not check sizes, and a tensor of the wrong shape written into a checkpoint made it write out
+    of bounds (a heap corruption, not an error line). Raises ValueError naming the first mismatch."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, st in state.items():
+        if not 0 <= i < len(params):
+            raise ValueError(f"optimizer state for parameter {i}, the optimizer has {len(params)}")
+        for k, t in st.items():
+            if k == "step":
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(params[i].shape):
+                raise ValueError(f"optimizer moment {k} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                                 f"the parameter {tuple(params[i].shape)}")
 
 
 def load_optimizer_states_flattened(opt: torch.optim.Optimizer, parts: list[tuple[str, dict]], tensors: dict,
@@ -71,6 +88,7 @@ def load_optimizer_states_flattened(opt: torch.optim.Optimizer, parts: list[tupl
             merged["betas"] = tuple(merged["betas"])
         groups.append(merged)
         leaf += len(group["params"])
+    check_moments(opt, state)
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

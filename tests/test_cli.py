@@ -55,7 +55,7 @@ def test_ladder(tmp_path):
     (["train", "--gamma", "1.5"], "gamma"),
     (["train", "--algo", "ppo3"], "algo"),
     (["train", "--preset", "Nope"], "preset"),
-    (["eval", "/nonexistent/run"], "checkpoint"),
+    (["eval", "/nonexistent/run"], "run_dir"),
     (["frobnicate"], "command"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field):

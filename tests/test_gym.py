@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import gymnasium as gym
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -342,6 +344,63 @@ def test_an_exception_in_the_envs_step_is_one_line(tmp_path):
 def test_loading_a_run_that_does_not_exist_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^run_dir: .*nope is not a directory"):
         proxrl.load(tmp_path / "nope")
+
+
+def test_a_hand_built_train_config_is_checked_and_gets_its_preset(tmp_path):
+    """proxrl.train(TrainConfig(...)) used to run any value unchecked (γ = 1.5 trained on, a bad lr was a torch
+    traceback) and without the env's preset; now as the keyword form: checked, and the preset applied."""
+    from proxrl.gym.config import TrainConfig
+
+    for bad, field in ((dict(gamma=1.5), "gamma"), (dict(lr=-1.0), "lr"), (dict(num_minibatches=3), "num_minibatches"),
+                       (dict(algo="nosuch"), "algo")):
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            proxrl.train(TrainConfig(env="CartPole-v1", steps=1024, out=str(tmp_path / field), **bad))
+        assert not (tmp_path / field).exists()
+    res = proxrl.train(TrainConfig(env="Pendulum-v1", algo="ppo-clip", steps=2048, num_envs=2, num_steps=64,
+                                   out=str(tmp_path / "p"), progress="off"))
+    kw = proxrl.train(env="Pendulum-v1", algo="ppo-clip", steps=2048, num_envs=2, num_steps=64,
+                      out=str(tmp_path / "k"), progress="off")
+    assert res.config == dataclasses.replace(kw.config, out=str(tmp_path / "p")) and res.config.preset != "none"
+
+
+def test_act_refuses_an_observation_of_the_wrong_size(tmp_path):
+    res = proxrl.train(env="Pendulum-v1", algo="pg", steps=256, num_envs=2, num_steps=64, obs_norm=True,
+                       out=str(tmp_path / "r"), progress="off")
+    agent = proxrl.load(res.run_dir)
+    assert agent.act(np.zeros(3)).shape == (1,) and agent.act(np.zeros((5, 3))).shape == (5, 1)
+    for bad in (np.zeros(4), np.zeros((2, 4)), np.zeros((0, 3)), np.float32(1.0), "obs"):
+        with pytest.raises(ConfigError, match="^obs: "):
+            agent.act(bad)
+
+
+def test_a_failed_start_with_overwrite_keeps_the_old_run(tmp_path, monkeypatch):
+    """--overwrite removes the old run only once the new one has started: a start that fails (TensorBoard
+    missing, a device that holds no data, a network that cannot be built) leaves it as it was."""
+    import builtins
+
+    out = tmp_path / "r"
+    proxrl.train(env="CartPole-v1", algo="pg", steps=128, num_envs=2, num_steps=64, out=str(out), progress="off")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **kw):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("no tensorboard")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    fresh = dict(env="CartPole-v1", algo="pg", steps=128, num_envs=2, num_steps=64, out=str(out), progress="off",
+                 overwrite=True)
+    for bad, field in ((dict(tensorboard=True), "tensorboard"), (dict(device="meta"), "device")):
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            proxrl.train(**fresh, **bad)
+    monkeypatch.undo()
+    import proxrl.gym.trainer as gt
+
+    monkeypatch.setattr(gt, "build_policy", lambda *a, **kw: (_ for _ in ()).throw(MemoryError("too big")))
+    with pytest.raises(MemoryError):
+        proxrl.train(**fresh)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_minibatches_are_never_empty():

@@ -362,6 +362,13 @@ def test_ladder_validated_before_any_work(tmp_path, capsys):
     (run / "metrics.jsonl").write_text("")
     one_line(*cli(capsys, "ladder", "--algos", "ppo-clip", "--seeds", "1", "--steps", "4096",
                   "--out", str(out))[::2], "out")
+    # a rung given twice (two jobs, one directory); a file where a run directory goes
+    one_line(*cli(capsys, "ladder", "--algos", "pg", "pg", "--seeds", "1", "--steps", "4096",
+                  "--out", str(tmp_path / "twice"))[::2], "algos")
+    (tmp_path / "lad2" / "pg").mkdir(parents=True)
+    (tmp_path / "lad2" / "pg" / "seed1").write_text("x")
+    one_line(*cli(capsys, "ladder", "--algos", "pg", "--seeds", "1", "--steps", "4096", "--overwrite",
+                  "--out", str(tmp_path / "lad2"))[::2], "out")
 
 
 def test_ladder_worker_error_is_one_line(monkeypatch):

@@ -107,6 +107,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("unexpected positional argument", T + ["positional"], "arguments"),
     ("resume from a directory without checkpoints", T + ["--resume", "/nonexistent/run"], "checkpoint"),
     ("eval: no such run", ["eval", "/nonexistent/run"], "is not a directory"),
+    ("networks too big for memory", T + ["--hidden", "1000000", "1000000", "--out", "/nonexistent/oom"], "memory"),
     ("eval: run_dir missing", ["eval"], "run_dir"),
     ("eval: episodes zero", ["eval", "/nonexistent/run", "--episodes", "0"], "episodes"),
     ("eval: episodes not a number", ["eval", "/nonexistent/run", "--episodes", "abc"], "episodes"),

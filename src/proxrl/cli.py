@@ -244,6 +244,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         say("error: interrupted")
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch's allocator failing (CPU RuntimeError, CUDA OutOfMemoryError)
+        text = str(e).strip()
+        if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text.lower():
+            raise
+        first = (text.splitlines() or [type(e).__name__])[0][:160]
+        say(f"error: memory: out of memory ({first}) (lower the sizes: --num-envs, --num-steps, --hidden, "
+            "--batch-size, --micro-batch-size, --episodes)")
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ def _check(cfg: LadderConfig, jobs: list[tuple]) -> None:
             raise ConfigError(name, f"must be a {'non-negative' if name == 'workers' else 'positive'} integer, got {v!r}")
     if not cfg.algos:
         raise ConfigError("algos", "no rungs given", f"choose from {', '.join(RUNGS)}")
+    twice = sorted({a for a in cfg.algos if list(cfg.algos).count(a) > 1})
+    if twice:  # two jobs would share one run directory
+        raise ConfigError("algos", f"rung {twice[0]} is given twice", "give each rung once")
     batches = {}
     for a in cfg.algos:
         try:
@@ -89,6 +92,9 @@ def _check(cfg: LadderConfig, jobs: list[tuple]) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("out", f"{out} is a file, not a directory", "give proxrl ladder a directory for --out")
+    for job in jobs:
+        if Path(job[4]).exists() and not Path(job[4]).is_dir():
+            raise ConfigError("out", f"{job[4]} is a file, not a run directory", "remove it or choose another --out")
     if not cfg.overwrite:
         for job in jobs:
             if holds_run(job[4]):
@@ -148,6 +154,8 @@ def run_ladder(cfg: LadderConfig) -> Path:
     from ..run.rundir import prepare_out
 
     prepare_out(out, overwrite=False, field="out", command="proxrl ladder")  # writable; its runs checked above
+    for name in ("ladder.md", "ladder.json", "ladder.png"):  # an older ladder's summary never sits beside new runs
+        (out / name).unlink(missing_ok=True)
     workers = cfg.workers or min(4, os.cpu_count() or 1)
     t0 = time.perf_counter()
     if workers == 1:
@@ -162,7 +170,8 @@ def run_ladder(cfg: LadderConfig) -> Path:
         from ..errors import ProxrlError
 
         raise ProxrlError(f"rung {failed[0]['algo']} seed {failed[0]['seed']}: {failed[0]['error']}"
-                          + (f" (and {len(failed) - 1} more runs failed)" if len(failed) > 1 else ""))
+                          + (f" (and {len(failed) - 1} more runs failed)" if len(failed) > 1 else "")
+                          + f"; {len(results) - len(failed)} of {len(results)} runs finished, their directories kept")
     total = time.perf_counter() - t0
     rows = summarise(results, cfg.algos, threshold)
     write_markdown(out / "ladder.md", cfg, rows, threshold, total)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..run import checkpoint
-from .config import TrainConfig, env_kwargs_dict, resolve, saved_fields
+from .config import TrainConfig, env_kwargs_dict, resolve, saved_fields, validate
 from .envs import DiscreteActions, make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError
@@ -23,7 +23,7 @@ from .policy import ActorCritic
 from .rollout import Runner
 from ..rungs import RUNGS
 from ..run.guards import Backup, check_parameters
-from ..run.progress import Progress, tensorboard
+from ..run.progress import Progress, tensorboard, tensorboard_available
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, load_optimizer_states_flattened, optimizer_state,
@@ -173,6 +173,13 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
             explicit = set(fields)
     elif fields:
         raise TypeError("pass either a TrainConfig or keyword fields, not both")
+    elif not config.resume:  # a TrainConfig built by hand is checked like the keyword fields and the CLI's
+        if config.preset == "auto":  # its fields away from the defaults over rung → preset, as keywords are
+            default = TrainConfig()
+            config, _ = resolve({f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                 if getattr(config, f.name) != getattr(default, f.name)})
+        else:
+            validate(config)
     cfg, resumed = config, None
     if cfg.resume:
         cfg, ckpt_tensors, ckpt_state = _resolve_resume(cfg, explicit)
@@ -185,6 +192,10 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     from ..run.device import resolve_device
 
     device = resolve_device(cfg.device)
+    if torch.device(device).type == "meta":
+        raise ConfigError("device", "meta holds no data: a gym run acts in its envs", "use --device cpu, cuda or auto")
+    if cfg.tensorboard:  # checked before the run directory is touched
+        tensorboard_available()
     d = _dist_context(cfg, device, resumed)  # several processes (torchrun): each rank steps its share of the envs
     saved_world = int(resumed[1].get("world_size", 1)) if resumed is not None else 1
     if resumed is not None:  # this rank's share of the checkpoint's envs, whatever number of processes wrote it
@@ -198,30 +209,31 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     envs = make_vec_env(env_factory if env_factory is not None else cfg.env, n_local,
                         "sync" if (d.on or saved_world > 1) and cfg.vectorization == "auto" else cfg.vectorization,
                         env_kwargs)
-    if resumed is None:  # an env that cannot be made leaves no directory behind, and an old run untouched
-        cfg_dict = cfg.to_dict()
-        cfg_dict["out"] = str(run_dir)
-        try:
+    try:
+        policy = build_policy(envs, cfg).to(device)
+        critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
+        opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam over actor and critic
+        base_lr = {"actor": cfg.lr, "actor+critic": cfg.lr, "critic": critic_lr}
+        runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
+                        cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs,
+                        action_rescale=cfg.action_rescale)
+        if resumed is None:  # only now that env, networks and runner exist: an old run is untouched by a failed start
+            cfg_dict = cfg.to_dict()
+            cfg_dict["out"] = str(run_dir)
             if d.main:
                 prepare_out(run_dir, overwrite=cfg.overwrite)
                 writer = RunWriter(run_dir, cfg_dict, fsync_each=False, samples=False)
             else:
                 writer = NullWriter()
-        except BaseException:
-            envs.close()
-            raise
+    except BaseException:
+        envs.close()
+        raise
+    if resumed is None:
         d.barrier()
         if cfg.steps % cfg.batch_size and d.main and cfg.progress != "off":  # said once, never silently
             print(f"note: steps {cfg.steps} is not a multiple of the rollout batch {cfg.batch_size} (num_envs × "
                   f"num_steps): the run takes {cfg.num_updates} updates, {cfg.num_updates * cfg.batch_size} steps",
                   file=sys.stderr)
-    policy = build_policy(envs, cfg).to(device)
-    critic_lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr
-    opt = make_optimizer(policy, cfg.lr, critic_lr)  # one Adam over actor and critic
-    base_lr = {"actor": cfg.lr, "actor+critic": cfg.lr, "critic": critic_lr}
-    runner = Runner(envs, policy, cfg.seed, cfg.gamma, cfg.obs_norm, cfg.reward_norm, cfg.clip_obs,
-                    cfg.clip_reward, device, dist=d, num_envs_global=cfg.num_envs,
-                    action_rescale=cfg.action_rescale)
     beta = cfg.beta_init if rung.surrogate == "kl-penalty" else None
     first_update, time_offset = 1, 0.0
     metrics: list[dict[str, Any]] = []
@@ -498,9 +510,16 @@ class Agent:
 
     def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         """Actions for a batch of observations ``[n, *obs_shape]`` (or one observation)."""
-        obs = np.asarray(obs, np.float32)
+        try:
+            obs = np.asarray(obs, np.float32)
+        except (TypeError, ValueError):
+            raise ConfigError("obs", f"is not an array of numbers ({type(obs).__name__})",
+                              "pass one observation or a batch [n, *obs_shape]") from None
         # one observation, or a batch [n, *obs_shape] — a batch of one ([1, d], evaluate with episodes=1) too
         single = obs.size == self.policy_obs_dim and (obs.ndim <= 1 or obs.shape[0] != 1)
+        if not single and (obs.ndim == 0 or obs.shape[0] == 0 or obs.size != obs.shape[0] * self.policy_obs_dim):
+            raise ConfigError("obs", f"shape {obs.shape} is neither one observation nor a batch of observations of "
+                              f"{self.policy_obs_dim} values", "pass one observation or a batch [n, *obs_shape]")
         x = obs.reshape(1 if single else obs.shape[0], -1)
         if self._normalize is not None:
             x = self._normalize(x, update=False)

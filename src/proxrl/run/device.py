@@ -26,6 +26,8 @@ def resolve_device(spec: str, field: str = "device") -> str:
                               f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError(field, f"{spec!r} is not available on this machine", "use --device cpu or auto")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(field, f"{spec!r} is not available: this torch cannot use an XPU", "use --device cpu or auto")
     elif dev.type not in ("cpu", "cuda", "mps", "meta", "xpu"):
         raise ConfigError(field, f"device type {dev.type!r} is not supported", "use auto, cpu, cuda, cuda:N or mps")
     return str(dev)

@@ -72,10 +72,9 @@ class TensorBoard:
     """Numeric fields of each metrics line as TensorBoard scalars under ``run_dir/tb`` (``x`` = the step)."""
 
     def __init__(self, run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("tensorboard", "TensorBoard is not installed", "pip install tensorboard") from None
+        tensorboard_available()
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def log(self, line: dict, x: int) -> None:
@@ -85,6 +84,14 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def tensorboard_available() -> None:
+    """One ConfigError line when TensorBoard's writer cannot be imported (checked before a run starts)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ConfigError("tensorboard", "TensorBoard is not installed", "pip install tensorboard") from None
 
 
 def tensorboard(run_dir: Path, enabled: bool) -> Optional[TensorBoard]:

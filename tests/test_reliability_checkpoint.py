@@ -327,6 +327,27 @@ def test_an_optimizer_moment_of_the_wrong_shape_is_one_line(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_flipped_bit_in_the_tensor_data_is_one_line(tmp_path):
+    """The header checks cannot see the data: a checksum of every tensor (name, dtype, shape, bytes) is written
+    into the safetensors header and checked at load. A checkpoint written before it (no checksum) still loads."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.randn(4, 3), "step": torch.tensor(7), "h": torch.zeros(5, dtype=torch.bfloat16)}
+    path = checkpoint.save(tmp_path / "c", 1, tensors, {"stage": "sft", "step": 1}) / "tensors.safetensors"
+    got, _ = checkpoint.load(tmp_path / "c")
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    raw = bytearray(path.read_bytes())
+    for i in (len(raw) - 1, len(raw) - 20):  # a bit of the last tensor's data, then of an earlier one
+        bad = bytearray(raw)
+        bad[i] ^= 0x04
+        path.write_bytes(bytes(bad))
+        with pytest.raises(CheckpointError, match="does not match the checksum") as e:
+            checkpoint.load(tmp_path / "c")
+        assert "\n" not in str(e.value)
+    save_file(tensors, str(path), metadata={"format": "proxrl"})  # the format before the checksum
+    assert torch.equal(checkpoint.load(tmp_path / "c")[0]["w"], tensors["w"])
+
+
 def test_trust_remote_code_never_switched_on():
     """No source file turns on transformers' trust_remote_code (it stays at its default, False)."""
     import re

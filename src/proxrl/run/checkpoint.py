@@ -10,6 +10,7 @@ malformed is a one-line :class:`~proxrl.errors.CheckpointError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
@@ -108,7 +110,7 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
     try:
         _follow_umask(tmp, 0o777)
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / TENSORS), metadata={"format": "proxrl"})
+        save_file(contiguous, str(tmp / TENSORS), metadata={"format": "proxrl", "sha256": tensors_digest(contiguous)})
         _follow_umask(tmp / TENSORS, 0o666)  # safetensors writes it 0600
         with open(tmp / TENSORS, "rb+") as f:
             os.fsync(f.fileno())
@@ -141,6 +143,18 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
         if junk.name.startswith(".tmp-ckpt-") and junk != tmp:
             shutil.rmtree(junk, ignore_errors=True)
     return final
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: written into the safetensors
+    header at save and checked at load, so that a flipped bit in the data (which the header checks cannot see)
+    is one error line instead of a silently different resume."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -324,10 +338,15 @@ def load(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Tensor
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path / STATE}: missing")
     state = validate_state(read_json(path / STATE), path / STATE)
-    check_safetensors(path / TENSORS)
+    header = check_safetensors(path / TENSORS)
     try:
         tensors = load_file(str(path / TENSORS), device=device)
     except Exception as e:  # safetensors raises its own SafetensorError (not exported under a stable name)
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path / TENSORS}: not a valid safetensors file ({first})") from None
+    meta = header.get("__metadata__")
+    want = meta.get("sha256") if isinstance(meta, dict) else None  # absent in checkpoints written before it
+    if want is not None and tensors_digest(tensors) != want:
+        raise CheckpointError(f"{path / TENSORS}: its data does not match the checksum written with it (a corrupted "
+                              f"file); an earlier checkpoint, if one is kept, resumes once {path.name} is removed")
     return tensors, state

@@ -403,6 +403,32 @@ def test_a_failed_start_with_overwrite_keeps_the_old_run(tmp_path, monkeypatch):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_options_a_rung_does_not_use_are_said_once(tmp_path, capsys):
+    """An entropy bonus, a clipped value loss or a KL early stop on trpo were accepted and changed nothing."""
+    common = dict(env="CartPole-v1", steps=512, num_envs=2, num_steps=128, progress="off")
+    proxrl.train(algo="trpo", ent_coef=0.05, clip_vloss=True, target_kl=0.01, out=str(tmp_path / "t"), **common)
+    err = capsys.readouterr().err
+    for name in ("ent_coef", "clip_vloss", "target_kl"):
+        assert err.count(f"warning: {name}: has no effect on trpo") == 1, err
+    proxrl.train(algo="ppo-clip", ent_coef=0.05, clip_vloss=True, target_kl=0.01, out=str(tmp_path / "p"), **common)
+    assert "has no effect" not in capsys.readouterr().err
+
+
+def test_policy_loss_is_the_surrogate_and_early_stop_means_epochs_were_left(tmp_path):
+    """policy_loss is the surrogate alone (it used to include vf_coef·value_loss and the entropy term): with no
+    gradient clip coupling actor and critic, update 1's actor steps do not depend on vf_coef, nor does its
+    policy_loss. early_stop is true only when epochs were left (it was also set after the last epoch)."""
+    common = dict(env="CartPole-v1", algo="ppo-clip", steps=256, num_envs=2, num_steps=128, max_grad_norm=1e9,
+                  progress="off")
+    a = proxrl.train(vf_coef=0.5, out=str(tmp_path / "a"), **common).metrics[0]
+    b = proxrl.train(vf_coef=2.0, out=str(tmp_path / "b"), **common).metrics[0]
+    assert a["policy_loss"] == b["policy_loss"] and a["value_loss"] != b["value_loss"]
+    runs = [proxrl.train(target_kl=1e-9, update_epochs=e, out=str(tmp_path / f"e{e}"), **common).metrics[0]
+            for e in (1, 4)]
+    assert (runs[0]["epochs_done"], runs[0]["early_stop"]) == (1, False)  # one epoch: nothing left to stop
+    assert (runs[1]["epochs_done"], runs[1]["early_stop"]) == (1, True)
+
+
 def test_minibatches_are_never_empty():
     """A gym batch loses its autoreset steps, so it may hold fewer rows than minibatches: each row is then a
     minibatch of its own (no empty minibatch, whose mean loss is NaN); no rows, no minibatch."""

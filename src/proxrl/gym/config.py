@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Collection, Literal, Optional, Union
 
 from ..errors import ConfigError, check
 from ..rungs import RUNGS
@@ -194,6 +194,24 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     for name, value in values.items():
         check_type(name, value)
     return dataclasses.replace(cfg, **values)
+
+
+def ignored_by_rung(cfg: TrainConfig, given: Collection[str]) -> list[str]:
+    """The options in ``given`` that the rung of ``cfg`` does not use, each as ``field: why`` — said on
+    stderr rather than silently accepted (e.g. an entropy bonus on trpo, whose step has no loss to add it to)."""
+    rung = RUNGS[cfg.algo]
+    trust_region = rung.update == "trust-region"
+    separate_critic = rung.critic and (trust_region or rung.surrogate == "vanilla")
+    checks = {
+        "ent_coef": (cfg.ent_coef > 0 and trust_region, "the trust-region step maximises the surrogate alone"),
+        "clip_vloss": (cfg.clip_vloss and (separate_critic or not rung.critic),
+                       "this rung fits its critic apart, by plain regression, or has none"),
+        "target_kl": (cfg.target_kl is not None and (trust_region or cfg.update_epochs == 1),
+                      "it stops the SGD epochs early, and this rung takes one pass" if not trust_region
+                      else "the trust region, max_kl, bounds the KL itself"),
+    }
+    return [f"{name}: has no effect on {cfg.algo} ({why})" for name, (ignored, why) in checks.items()
+            if ignored and name in given]
 
 
 def resolve(explicit: dict[str, Any]) -> tuple[TrainConfig, Optional[str]]:

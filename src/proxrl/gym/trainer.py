@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..run import checkpoint
-from .config import TrainConfig, env_kwargs_dict, resolve, saved_fields, validate
+from .config import TrainConfig, env_kwargs_dict, ignored_by_rung, resolve, saved_fields, validate
 from .envs import DiscreteActions, make_vec_env
 from ..core import explained_variance, ppo_beta_update
 from ..errors import CheckpointError, ConfigError, NumericsError
@@ -174,10 +174,13 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
     elif fields:
         raise TypeError("pass either a TrainConfig or keyword fields, not both")
     elif not config.resume:  # a TrainConfig built by hand is checked like the keyword fields and the CLI's
+        default = TrainConfig()
+        away = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if getattr(config, f.name) != getattr(default, f.name)}
+        if explicit is None:
+            explicit = set(away)
         if config.preset == "auto":  # its fields away from the defaults over rung → preset, as keywords are
-            default = TrainConfig()
-            config, _ = resolve({f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                                 if getattr(config, f.name) != getattr(default, f.name)})
+            config, _ = resolve(away)
         else:
             validate(config)
     cfg, resumed = config, None
@@ -230,6 +233,8 @@ def train(config: Optional[TrainConfig] = None, *, env_factory: Optional[Callabl
         raise
     if resumed is None:
         d.barrier()
+        for line in ignored_by_rung(cfg, explicit or ()) if d.main else ():  # accepted, but said: never silently
+            print(f"warning: {line}", file=sys.stderr)
         if cfg.steps % cfg.batch_size and d.main and cfg.progress != "off":  # said once, never silently
             print(f"note: steps {cfg.steps} is not a multiple of the rollout batch {cfg.batch_size} (num_envs × "
                   f"num_steps): the run takes {cfg.num_updates} updates, {cfg.num_updates * cfg.batch_size} steps",
@@ -488,7 +493,13 @@ def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
         set_rng_state(tensors, state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
-    if env_state.get("unsupported"):
+    if not runner.dist.main:  # said once (rank 0), as every other line
+        pass
+    elif type(runner.envs).__name__ == "AsyncVectorEnv":  # the envs live in worker processes: nothing of them saved
+        print("warning: resume is not exact: --vectorization async keeps its envs in worker processes, whose "
+              "state (physics, counters, generators) a checkpoint cannot hold; use sync for an exact resume",
+              file=sys.stderr)
+    elif env_state.get("unsupported"):
         print(f"warning: resume may not be exact: environment attributes not captured: "
               f"{', '.join(env_state['unsupported'][:5])}", file=sys.stderr)
     update = int(state["update"])

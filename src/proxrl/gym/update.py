@@ -98,6 +98,7 @@ def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batc
                                   kl_stats=cfg.target_kl is not None)  # only target_kl reads it per minibatch
         if not first_dev:  # θ = θ_old here: the ratio must be exactly 1 (DETAILS 6)
             first_dev.append(float((torch.exp(logp.detach() - logp_old[idx]) - 1).abs().max()))
+        surrogate = loss.detach()  # the logged policy_loss: the surrogate alone (METRICS), not the total
         if cfg.ent_coef > 0:
             loss = loss - cfg.ent_coef * dist_.entropy().mean()
         if joint_critic:
@@ -106,11 +107,11 @@ def sgd_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, flat: Batc
             loss = loss + cfg.vf_coef * v_loss
             st["value_loss"] = v_loss.detach()
         check_finite("policy_loss", loss, update, where)
+        st["policy_loss"] = surrogate
         if split:
             loss = loss * share
             st = {k: v * share if isinstance(v, Tensor) else v for k, v in st.items()}
         loss.backward()
-        st["policy_loss"] = loss.detach()
         return st
 
     stop = (lambda st: float(st["approx_kl"]) > cfg.target_kl) if cfg.target_kl is not None else None

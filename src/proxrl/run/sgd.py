@@ -137,7 +137,7 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
             if after_step is not None:
                 after_step(epoch, st, norm)
         out.epochs_done = epoch + 1
-        if stop_after_epoch is not None and stop_after_epoch(st):
+        if stop_after_epoch is not None and epoch < epochs - 1 and stop_after_epoch(st):  # early: epochs were left
             out.stopped_early = True
             break
     return out

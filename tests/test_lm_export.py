@@ -77,6 +77,13 @@ def test_export_adapter_loads_with_peft(trained):
     m = PeftModel.from_pretrained(base, str(tmp / "adapter")).eval()
     with torch.no_grad():
         assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5)
+    # --dtype bfloat16: the adapter itself in bf16 (peft kept it in float32: rounded, yet no smaller)
+    from safetensors.torch import load_file
+
+    p = _cli("export", str(tmp / "run"), "--out", str(tmp / "adapter-bf16"), "--adapter", "--dtype", "bfloat16")
+    assert p.returncode == 0, p.stderr
+    w = load_file(str(tmp / "adapter-bf16" / "adapter_model.safetensors"))
+    assert w and {t.dtype for t in w.values()} == {torch.bfloat16}
 
 
 def test_an_added_pad_token_exports_the_same_model_every_time(tmp_path):

@@ -399,3 +399,36 @@ def test_not_moving_counter_survives_a_checkpoint(tiny, capsys):
     ro = tr2.generate(["ab", "xyz"] * 4)
     tr2.step(ro, tr2.score(ro))
     assert tr2.warned_not_moving and "not moving" in capsys.readouterr().err
+
+
+def test_options_a_rung_does_not_use_are_named_and_bad_clip_bounds_refused(tiny):
+    """trpo's one natural-gradient step takes no epochs, minibatches or clip bounds, nor a clipped surrogate;
+    max_kl is trpo's alone; a clip bound ε_low ≥ 1 leaves no lower clip; top-p with an exact-KL rung is named
+    as top_p (it was reported as top_k)."""
+    from proxrl.lm.config import ignored_options
+
+    trpo = RLConfig(algo="trpo", policy=tiny, reward="m:f", prompts="p")
+    got = ignored_options(trpo, {"update_epochs", "num_minibatches", "clip_coef_high", "max_kl", "lr"})
+    assert [g.split(":")[0] for g in got] == ["update_epochs", "num_minibatches", "clip_coef_high"]
+    clip = RLConfig(algo="ppo-clip", policy=tiny, reward="m:f", prompts="p")
+    got = ignored_options(clip, {"max_kl", "clip_coef_high", "train_layers", "scale_by_std"})
+    assert sorted(g.split(":")[0] for g in got) == ["max_kl", "scale_by_std", "train_layers"]
+    assert ignored_options(RLConfig(algo="grpo", policy=tiny, reward="m:f", prompts="p"), {"scale_by_std"}) == []
+    for kw, field in ((dict(algo="ppo-clip", clip_coef_low=1.5), "clip_coef_low"),
+                      (dict(algo="trpo", surrogate="clip"), "surrogate"),
+                      (dict(algo="trpo", top_p=0.9), "top_p")):
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            RLConfig(policy=tiny, reward="m:f", prompts="p", **kw).validate(need_prompts=False)
+
+
+def test_ladder_first_and_last_rewards_never_share_an_update():
+    from proxrl.lm.ladder import summarise
+
+    def run(rewards):  # the fields summarise reads of a finished run
+        return {"algo": "pg", "seed": 1, "metrics": [{"reward_mean": r} for r in rewards], "reward_before": 0.0,
+                "reward_after": 0.0, "kl_ref_after": 0.0, "wall_time": 1.0}
+
+    for rewards, first, last in (([0.1, 0.5], 0.1, 0.5), ([0.0, 0.2, 1.0], 0.0, 1.0),
+                                 ([0, 0, 0, 1, 1, 1, 1], 0.0, 1.0)):
+        row = summarise([run(rewards)], ["pg"])[0]
+        assert (row["train_reward_first"], row["train_reward_last"]) == pytest.approx((first, last)), row

@@ -64,7 +64,7 @@ def _tyro_error(text: str, prog: str):
         return m.group(1)[2:].replace("-", "_"), first.group(0) if first else msg
     m = re.search(r"Unrecognized options?: (\S+)", msg)
     if m:
-        tok = m.group(1)
+        tok = m.group(1).rstrip(",")  # tyro lists several as "--a, --b"
         if tok.startswith("-"):
             return tok.lstrip("-").replace("-", "_"), f"unknown option {tok}"
         return "arguments", f"unexpected argument {tok!r}"

@@ -319,7 +319,8 @@ class PPOConfig(ModelOptions):
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer ≥ 0 (0: off), got {self.top_k}")
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1: off), got {self.top_p}")
         truncated = self.top_k > 0 or self.top_p < 1
-        check(not (truncated and (self.surrogate == "kl-penalty" or self.update_rule == "trust-region")), "top_k",
+        check(not (truncated and (self.surrogate == "kl-penalty" or self.update_rule == "trust-region")),
+              "top_k" if self.top_k > 0 else "top_p",
               "top-k/top-p sampling with an exact KL(π_old‖π_θ) (ppo-kl's β, trpo's trust region): the truncated "
               "supports of π_old and π_θ can differ, which makes that KL infinite",
               "use a clipped or importance-sampled rung (ppo-clip, grpo, is-pg), or sample without truncation")
@@ -524,8 +525,9 @@ class RLConfig(PPOConfig):
               "advantage=gae needs a critic", "pass --critic head, or --advantage sequence/baseline")
         check(self.advantage == "gae" or self.critic == "none", "critic",
               f"advantage={self.advantage} trains no critic", "pass --critic none, or --advantage gae")
-        check(self.clip_coef_low > 0 and self.clip_coef_high > 0, "clip_coef_high",
-              f"clip bounds must be > 0, got low={self.clip_coef_low}, high={self.clip_coef_high}")
+        check(0 < self.clip_coef_low < 1, "clip_coef_low", f"must be in (0, 1) (the ratio's lower bound 1 − ε must be "
+              f"positive), got {self.clip_coef_low}")
+        check(self.clip_coef_high > 0, "clip_coef_high", f"must be > 0, got {self.clip_coef_high}")
         check(self.kl_in in ("reward", "loss"), "kl_in", f"must be reward or loss, got {self.kl_in!r}")
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
         check(self.loss_agg in ("token-mean", "seq-mean", "constant"), "loss_agg",
@@ -536,6 +538,8 @@ class RLConfig(PPOConfig):
               f"must be none, truncate or mask, got {self.is_correction!r}")
         check(self.is_cap >= 1, "is_cap", f"must be ≥ 1 (weights up to C are kept), got {self.is_cap}")
         if self.update_rule == "trust-region":
+            check(self.surrogate == "is", "surrogate", f"trpo maximises the importance-sampled surrogate under its "
+                  f"KL constraint, got {self.surrogate!r}", "drop --surrogate (trpo's is fixed)")
             check(self.critic == "none", "critic", "trpo fits no critic (a value head trained by SGD on the policy's "
                   "trunk would move the policy outside the trust region)",
                   "pass --critic none with --advantage baseline (the default: rloo)")
@@ -547,6 +551,24 @@ class RLConfig(PPOConfig):
             check(0 < self.backtrack_coef < 1, "backtrack_coef", f"must be in (0, 1), got {self.backtrack_coef}")
             check(isinstance(self.backtrack_iters, int) and self.backtrack_iters >= 0, "backtrack_iters",
                   f"must be an integer ≥ 0, got {self.backtrack_iters}")
+
+
+def ignored_options(cfg, given) -> list[str]:
+    """The options in ``given`` that ``cfg``'s rung and settings do not use, each as ``field: why`` (said on
+    stderr rather than accepted in silence)."""
+    trust = getattr(cfg, "update_rule", "sgd") == "trust-region"
+    clipped = getattr(cfg, "surrogate", "clip") == "clip" and not trust
+    checks = {
+        "update_epochs": (trust, "trpo takes one natural-gradient step per update"),
+        "num_minibatches": (trust, "trpo takes one natural-gradient step on the whole batch"),
+        "clip_coef_low": (not clipped, "only the clipped surrogate (ppo-clip, grpo) clips the ratio"),
+        "clip_coef_high": (not clipped, "only the clipped surrogate (ppo-clip, grpo) clips the ratio"),
+        "max_kl": (not trust and hasattr(cfg, "max_kl"), "only trpo has a trust region"),
+        "train_layers": (getattr(cfg, "finetune", "lora") != "layers", "it counts blocks for --finetune layers"),
+        "scale_by_std": (getattr(cfg, "baseline", "group-norm") != "group-norm",
+                         "only the group-norm baseline divides by the group's std"),
+    }
+    return [f"{name}: has no effect here ({why})" for name, (ignored, why) in checks.items() if ignored and name in given]
 
 
 @dataclass

@@ -45,6 +45,8 @@ def export(cfg: ExportConfig) -> dict:
         raise ConfigError("adapter", f"the run fine-tuned {run['config'].get('finetune')!r} weights, not LoRA",
                           "export merged weights (drop --adapter)")
     model, tok = load_run_policy(cfg.run, run, dtypes[cfg.dtype], merge=not cfg.adapter, with_tokenizer=True)
+    for p in model.parameters():  # peft keeps its adapter in float32 whatever the base: written in --dtype
+        p.data = p.data.to(dtypes[cfg.dtype])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))

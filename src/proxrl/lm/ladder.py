@@ -73,15 +73,22 @@ def _mean(xs: list[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
+def _window(n: int) -> int:
+    """Updates averaged for "first" and for "last": 3, or as many as keep the two apart (n // 2, at least 1)."""
+    return max(1, min(3, n // 2))
+
+
 def summarise(results: list[dict], algos) -> list[dict]:
-    """One row per rung, over its seeds: training reward of the first and last 3 updates, held-out reward
+    """One row per rung, over its seeds: training reward of the first and last 3 updates (fewer when the run has
+    fewer than 6, so that the two never share an update), held-out reward
     before/after, KL to the reference after, the largest importance-weight variance, the medians of the wall
     time per update and per 1,000 generated tokens."""
     table = []
     for a in algos:
         rs = [r for r in results if r["algo"] == a]
-        firsts = [_mean(_values(r["metrics"][:3], "reward_mean")) for r in rs]
-        lasts = [_mean(_values(r["metrics"][-3:], "reward_mean")) for r in rs]
+        w = [_window(len(r["metrics"])) for r in rs]  # never overlapping: with ≤ 5 updates the halves, or fewer
+        firsts = [_mean(_values(r["metrics"][:k], "reward_mean")) for r, k in zip(rs, w)]
+        lasts = [_mean(_values(r["metrics"][-k:], "reward_mean")) for r, k in zip(rs, w)]
         parts = ("generate_time", "score_time", "update_time")
         per_update = [sum(m[k] for k in parts) for r in rs for m in r["metrics"] if all(_real(m.get(k)) for k in parts)]
         per_ktok = [1000 / m["tokens_per_s"] for r in rs for m in r["metrics"] if (m.get("tokens_per_s") or 0) > 0]
@@ -107,7 +114,7 @@ def markdown(cfg: LMLadderConfig, table: list[dict], total: float) -> str:
              f"Reward `{cfg.reward}`, prompts `{cfg.prompts}`; {cfg.seeds} seed(s) × {cfg.updates} updates × "
              f"{cfg.batch_size} responses of ≤ {cfg.response_length} tokens per rung, lr {cfg.lr:g}, β {cfg.kl_coef:g}, "
              f"{cfg.finetune}. Held-out: {cfg.eval_prompts} prompts, one sample each, before and after. Training "
-             f"reward: mean of the first / last 3 updates. Costs: medians over all updates. Total wall time "
+             f"reward: mean of the first / last 3 updates (of ⌊n/2⌋ when n < 6). Costs: medians over all updates. Total wall time "
              f"{total:.0f} s.", "",
              "| rung | training reward first → last | held-out before → after | KL to ref after (nats/seq) "
              "| max importance-weight variance | s / update | s / 1k tokens |",

@@ -43,7 +43,7 @@ from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
                          set_rng_state)
 from .common import keep_freed_memory
-from .config import PPOConfig, RLConfig, absolute_path, restarted_by_torchrun
+from .config import PPOConfig, RLConfig, absolute_path, ignored_options, restarted_by_torchrun
 from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy, grad_scaler, scaler_state
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, real_scores, apply_missing_eos_penalty,  # noqa: F401
@@ -480,6 +480,9 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         policy = None
     cfg = config
     name = "ppo" if cfg.COMMAND == "ppo" else cfg.algo  # the log prefix
+    if resumed is None and explicit is not None:  # options given that the rung does not use: said, not ignored
+        for line in ignored_options(cfg, set(explicit)) if int(os.environ.get("RANK", "0")) == 0 else ():
+            print(f"warning: {line}", file=sys.stderr)
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()

@@ -493,13 +493,11 @@ def _restore(run_dir: Path, resumed, policy, opt, runner: Runner):
         set_rng_state(tensors, state["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run_dir}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
-    if not runner.dist.main:  # said once (rank 0), as every other line
-        pass
-    elif type(runner.envs).__name__ == "AsyncVectorEnv":  # the envs live in worker processes: nothing of them saved
+    if runner.dist.main and type(runner.envs).__name__ == "AsyncVectorEnv":  # envs in worker processes: unsaved
         print("warning: resume is not exact: --vectorization async keeps its envs in worker processes, whose "
               "state (physics, counters, generators) a checkpoint cannot hold; use sync for an exact resume",
               file=sys.stderr)
-    elif env_state.get("unsupported"):
+    elif runner.dist.main and env_state.get("unsupported"):  # said once (rank 0)
         print(f"warning: resume may not be exact: environment attributes not captured: "
               f"{', '.join(env_state['unsupported'][:5])}", file=sys.stderr)
     update = int(state["update"])
@@ -543,7 +541,9 @@ class Agent:
             a = ActionMap(self.act_space.low, self.act_space.high, self.config.action_rescale)(a.reshape(a.shape[0], -1))
             a = a.reshape(a.shape[0], *self.act_space.shape)
         elif self.act_space is not None:  # category indices → the space's start and shape
-            a = (self.act_space if isinstance(self.act_space, DiscreteActions) else DiscreteActions.of(self.act_space))(a)
+            if not isinstance(self.act_space, DiscreteActions):  # a gym space (evaluate, a live agent): read once
+                self.act_space = DiscreteActions.of(self.act_space)
+            a = self.act_space(a)
         return a[0] if single else a
 
     @property

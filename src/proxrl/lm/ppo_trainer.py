@@ -480,9 +480,6 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         policy = None
     cfg = config
     name = "ppo" if cfg.COMMAND == "ppo" else cfg.algo  # the log prefix
-    if resumed is None and explicit is not None:  # options given that the rung does not use: said, not ignored
-        for line in ignored_options(cfg, set(explicit)) if int(os.environ.get("RANK", "0")) == 0 else ():
-            print(f"warning: {line}", file=sys.stderr)
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
@@ -503,6 +500,9 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
             raise
         raise ConfigError("policy", str(e).split(": ", 1)[1]) from None
     d = trainer.dist  # several processes (torchrun): rank 0 prints and writes, every rank computes
+    if resumed is None and explicit is not None and d.main:  # options given that the rung does not use: said
+        for line in ignored_options(cfg, set(explicit)):
+            print(f"warning: {line}", file=sys.stderr)
     if d.on and 0 < len(eval_prompts) < d.world:  # the held-out prompts are shared out like a batch
         raise ConfigError("eval_prompts", f"{len(eval_prompts)} held-out prompts cannot give each of the {d.world} "
                           "processes one", f"pass --eval-prompts {d.world} or more, or 0")

@@ -113,11 +113,15 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     if args.tiny:
+        import atexit
+        import shutil
         import tempfile
 
         from proxrl.lm.tiny import make_tiny
 
-        model = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny", hidden=64, seed=0))
+        tmp = tempfile.mkdtemp(prefix="proxrl-lm-memory-")
+        atexit.register(shutil.rmtree, tmp, True)  # the tiny model is removed at exit
+        model = str(make_tiny(Path(tmp) / "tiny", hidden=64, seed=0))
     else:
         from proxrl.lm.demo_pipeline import smollm2_gguf
 

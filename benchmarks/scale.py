@@ -96,7 +96,11 @@ def main() -> int:
     args = ap.parse_args()
     args.out = args.out or str(RESULTS / (f"scale-{args.gym}" if args.gym else
                                           "scale" if args.parallel == "ddp" else f"scale-{args.parallel}"))
-    tmp = Path(tempfile.mkdtemp(prefix="proxrl-scale-"))
+    with tempfile.TemporaryDirectory(prefix="proxrl-scale-") as tmp:  # run directories and the tiny model: removed
+        return measure(args, Path(tmp))
+
+
+def measure(args, tmp: Path) -> int:
     (tmp / "reward.py").write_text(REWARD)
     (tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": f"The movie was {i} and"}) + "\n" for i in range(64)))
     if args.tiny:

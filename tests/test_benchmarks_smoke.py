@@ -38,6 +38,13 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert data["runs"]["proxrl"][0]["steps"] == 1024 and data["summary"]["proxrl"]["median_sps"] > 0
 
 
+def test_vector_async_smoke(tmp_path: Path) -> None:
+    _run("vector_async.py", ["--env", "CartPole-v1", "--algo", "ppo-clip", "--envs", "2", "--steps", "1024",
+                             "--reps", "1", "--tag", "smoke"], tmp_path)
+    data = json.loads((tmp_path / "vector_async-smoke.json").read_text())
+    assert data["sps"]["2-sync"][0] > 0 and data["sps"]["2-async"][0] > 0 and "2" in map(str, data["async_over_sync"])
+
+
 def test_ladder_cost_smoke(tmp_path: Path) -> None:
     _run("ladder_cost.py", ["--reps", "1", "--steps", "1024", "--rungs", "pg", "ppo-clip", "trpo",
                             "--settings", "same-batch", "--tag", "smoke"], tmp_path)

@@ -124,6 +124,42 @@ def test_existing_run_refused_unless_overwrite(tmp_path, capsys):
     assert train(capsys, other)[0] == 0 and (other / "README").read_text() == "mine"
 
 
+def test_a_run_still_running_is_never_written_by_a_second_process(tmp_path, capsys):
+    """A second process on the directory of a run that is still running — the same --out, --overwrite, --resume
+    — is refused in one line (it used to interleave: the resume replaced metrics.jsonl under the first, both
+    wrote checkpoints); the running run goes on untouched and stops cleanly."""
+    import signal
+    import time
+
+    run = tmp_path / "r"
+    child = subprocess.Popen([sys.executable, "-m", "proxrl", "train", "--progress", "off", *TINY, "--steps",
+                              "10000000", "--out", str(run)], env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((run / "checkpoints").glob("ckpt-*")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((run / "checkpoints").glob("ckpt-*")), child.stderr.read() if child.poll() is not None else ""
+        config = (run / "config.json").read_text()
+        one_line(*cli(capsys, "train", "--progress", "off", "--resume", str(run))[::2], "resume")
+        one_line(*train(capsys, run, "--overwrite")[::2], "out")
+        one_line(*train(capsys, run)[::2], "out")
+        assert (run / "config.json").read_text() == config
+        n = len((run / "metrics.jsonl").read_text().splitlines())
+        time.sleep(1.0)
+        assert len((run / "metrics.jsonl").read_text().splitlines()) > n  # still the running run's file
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == list(range(1, len(rows) + 1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"ckpt-{len(rows):012d}"
+    # once it has ended the directory is free: resumed in this process
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", str(32 * (len(rows) + 1)))
+    assert rc == 0, err
+
+
 RESUME_CHANGES = [
     (["--lr", "0.1"], "lr"),
     (["--env", "Acrobot-v1"], "env"),

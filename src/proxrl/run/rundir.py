@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,52 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples.md", "summa
 def holds_run(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES[:4])
+
+
+#: Run directories this process holds: resolved path → [directory fd, number of open RunWriters].
+_LOCKS: dict[str, list] = {}
+
+
+def lock_run(path: str | Path, field: str = "out") -> None:
+    """Hold ``path`` (an existing directory) for this process: an exclusive ``flock`` on the directory, kept
+    until the last :class:`RunWriter` of it closes (or the process ends), so that a second process writing the
+    same run — the same ``--out``, ``--overwrite`` or ``--resume`` of a run still running — is refused in one
+    line instead of interleaving its checkpoints and metrics with the first. Reentrant within a process."""
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: unguarded, as before
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(field, f"{path} is in use by another running proxrl process",
+                          "wait for that run to end or stop it, or choose another directory") from None
+    except OSError:  # a filesystem without locks: unguarded, as before
+        os.close(fd)
+        return
+    _LOCKS[key] = [fd, 0]
+
+
+def _hold(path: Path) -> None:
+    lock_run(path)
+    entry = _LOCKS.get(str(path.resolve()))
+    if entry is not None:
+        entry[1] += 1
+
+
+def _release(key: str) -> None:
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _LOCKS[key]
+        os.close(entry[0])  # releases the flock
 
 
 def _flag(field: str) -> str:
@@ -47,6 +94,13 @@ def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out"
     place, or a directory that already holds a run (unless ``overwrite``: then the old run's files —
     ``RUN_FILES`` and ``extra`` — are removed first; other files are left alone)."""
     path = check_out(path, overwrite=overwrite, field=field, command=command)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path} ({e.strerror or e})",
+                          f"choose a writable directory for {_flag(field)}") from None
+    lock_run(path, field)  # before anything is removed: never the files of a run another process is writing
+    path = check_out(path, overwrite=overwrite, field=field, command=command)  # again, now that we hold it
     if holds_run(path):
         for name in RUN_FILES + tuple(extra):
             p = path / name
@@ -111,6 +165,8 @@ class RunWriter:
         self.samples_path = self.out / "samples.md"
         self.fsync_each = fsync_each
         self._f = None
+        _hold(self.out)  # refused while another process writes this run; released by close() (or when collected)
+        self._unlock = weakref.finalize(self, _release, str(self.out.resolve()))
         if config_obj is None:  # reopened by resume()
             return
         checkpoint.write_json_atomic(self.out / "config.json", config_obj)
@@ -124,6 +180,7 @@ class RunWriter:
         """Reopen a run's files cut back to the checkpoint: metrics lines whose ``key`` exceeds ``last``
         (and everything from a malformed line on) are dropped, ``samples.md`` is truncated to
         ``samples_bytes``. Returns the writer and the metrics rows kept."""
+        lock_run(out, "resume")  # before the files are cut back: never under a process still writing them
         w = cls(out, None, fsync_each)
         raws, rows = [], []
         if w.metrics_path.is_file():
@@ -161,6 +218,7 @@ class RunWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+        self._unlock()
 
     def samples(self, title: str, items: list[tuple[str, str, float]]) -> int:
         """Append a section; returns the file's size afterwards (fsynced: a checkpoint records it)."""

@@ -244,6 +244,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         say("error: interrupted")
         return 130
+    except OSError as e:  # the disk under a run's files (metrics, samples, config, summary) full or failing
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        say(f"error: disk: cannot write{where} ({e.strerror}) (free disk space; a run resumes from its last "
+            "complete checkpoint with --resume)")
+        return 2
     except (MemoryError, RuntimeError) as e:  # torch's allocator failing (CPU RuntimeError, CUDA OutOfMemoryError)
         text = str(e).strip()
         if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text.lower():

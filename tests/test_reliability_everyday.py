@@ -225,6 +225,27 @@ def test_bad_out_one_line(tmp_path, capsys):
             ro.chmod(0o700)
 
 
+def test_out_inside_another_runs_checkpoints_is_refused(tmp_path, capsys):
+    """A run written inside another run's checkpoints/ (or a checkpoint of it, or its tb/) was silently
+    deleted by that run's rotation or --overwrite; now refused in one line, also through a symlink. A folder
+    of a run beside those, and a folder named checkpoints outside any run, are fine."""
+    run = tmp_path / "r"
+    assert train(capsys, run, steps=64)[0] == 0
+    ckpt = checkpoint_dirs(run)[-1]
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    for out in (ckpt / "nested", run / "checkpoints", run / "tb", tmp_path / "link" / "x"):
+        one_line(*train(capsys, out, steps=32)[::2], "out")
+        assert not (out / "config.json").exists()
+    for out in (run / "notes", tmp_path / "plain" / "checkpoints"):
+        assert train(capsys, out, steps=32)[0] == 0
+    assert train(capsys, run, "--overwrite", steps=32)[0] == 0
+    assert (run / "notes" / "config.json").is_file()
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt-"))
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_run_files_follow_the_umask(tmp_path, capsys, mask):
     old = os.umask(mask)

@@ -75,12 +75,29 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+#: The folders of a run that proxrl itself rotates or removes (old checkpoints, ``--overwrite``).
+MANAGED_DIRS = ("checkpoints", "tb")
+
+
+def check_not_inside_run(path: str | Path, field: str = "out") -> None:
+    """Refuse a directory inside another run's ``checkpoints/`` or ``tb/`` (or equal to one): that run's
+    checkpoint rotation or ``--overwrite`` would delete whatever is written there."""
+    path = Path(path).resolve()
+    for parent in path.parents:
+        rel = path.relative_to(parent)
+        if rel.parts[0] in MANAGED_DIRS and any((parent / n).exists() for n in RUN_FILES[:4] if n != rel.parts[0]):
+            raise ConfigError(field, f"{path} is inside the run {parent}'s {rel.parts[0]}/, which that run rotates "
+                              "and --overwrite removes", "choose a directory outside it")
+
+
 def check_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train") -> Path:
-    """Refuse, before anything is created or removed, an ``out`` that is a file or that already holds a run
-    (unless ``overwrite``); one ConfigError line naming ``field`` and the fix."""
+    """Refuse, before anything is created or removed, an ``out`` that is a file, that lies inside another
+    run's checkpoints (:func:`check_not_inside_run`) or that already holds a run (unless ``overwrite``); one
+    ConfigError line naming ``field`` and the fix."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(field, f"{path} is a file, not a directory", f"give {command} a directory for {_flag(field)}")
+    check_not_inside_run(path, field)
     if holds_run(path) and not overwrite:
         raise ConfigError(field, f"{path} already holds a run",
                           f"continue it with --resume {path}, replace it with --overwrite, or choose another "

@@ -195,6 +195,23 @@ def test_resume_refuses_changes_and_extends_steps(tmp_path, capsys):
     assert metrics in (run / "metrics.jsonl").read_text()
 
 
+def test_resume_says_when_metrics_lines_the_checkpoint_covers_are_gone(tmp_path, capsys):
+    """A line cut after the checkpoint (a kill) is dropped without a word; a cut or edited line the checkpoint
+    covers used to vanish silently from the resumed metrics (a gap at that update): now one warning names it."""
+    run = tmp_path / "r"
+    assert train(capsys, run, "--checkpoint-every", "4", steps=256)[0] == 0  # 8 updates, checkpoint at 8
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"update": 9, "step"')  # a line cut by a kill
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", "288")
+    assert rc == 0 and "warning" not in err, err
+    metrics.write_text(metrics.read_text()[:-30])  # the last line (update 9, under the checkpoint) cut by hand
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", "320")
+    assert rc == 0, err
+    warn = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert len(warn) == 1 and "metrics.jsonl" in warn[0] and "9..9" in warn[0], err
+    assert [json.loads(l)["update"] for l in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+
+
 def test_resume_through_the_api_refuses_changes(tmp_path):
     import proxrl
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from dataclasses import asdict
@@ -210,6 +211,10 @@ class RunWriter:
                     break
                 raws.append(raw + "\n")
                 rows.append(row)
+        have = rows[-1][key] if rows else 0
+        if have < last:  # lines the checkpoint covers are gone (a file cut or edited by hand): said, never silently
+            print(f"warning: {w.metrics_path} holds {key}s up to {have} but the checkpoint is at {key} {last}: "
+                  f"{key}s {have + 1}..{last} have no metrics line (the file was cut or edited)", file=sys.stderr)
         tmp = w.metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(raws))
         os.replace(tmp, w.metrics_path)

@@ -241,7 +241,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ProxrlError as e:
         say(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .run.signals import StoppedAtOnce
+
+        if isinstance(e, StoppedAtOnce):
+            say(f"stopped: {e}")
+            return e.exit_code
         say("error: interrupted")
         return 130
     except OSError as e:  # the disk under a run's files (metrics, samples, config, summary) full or failing

@@ -128,7 +128,7 @@ def test_an_added_pad_token_exports_the_same_model_every_time(tmp_path):
 
 
 EDITED = {"config.json without config": lambda c: c.pop("config"), "config a list": lambda c: c.update(config=[1]),
-          "config.json without base_model": lambda c: c.pop("base_model")}
+          "config.json without base_model": lambda c: c.pop("base_model"), "run_dir a list": lambda c: c.update(run_dir=[1])}
 
 
 @pytest.mark.parametrize("case", ["not a run", "out not empty", "adapter of a full run", *EDITED,

@@ -41,6 +41,9 @@ def read_run_config(path: str | Path) -> Optional[dict]:
         if not isinstance(obj.get(key), kind):  # a run's config.json edited by hand: one line, not a KeyError
             raise CheckpointError(f"{cfg}: '{key}' must be {want} in a proxrl run's config.json, got "
                                   f"{type(obj.get(key)).__name__} (written by proxrl; was it edited?)")
+    if not isinstance(obj.get("run_dir", ""), str):
+        raise CheckpointError(f"{cfg}: 'run_dir' must be a string in a proxrl run's config.json, got "
+                              f"{type(obj['run_dir']).__name__} (written by proxrl; was it edited?)")
     if isinstance(obj.get("base_model"), str):  # the run moved, its base model with it: found again
         from ..run.rundir import relocate
 

@@ -421,6 +421,13 @@ def test_a_full_disk_during_a_run_is_one_line_and_the_earlier_checkpoints_stay(t
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", nospace)  # the metrics lines synced before the checkpoint
         assert one_line("error: disk: ").count("No space left on device") == 1
+
+    def readonly(fd):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", readonly)  # the disk remounted read-only: the fix said is not "free disk space"
+        assert "make it writable" in one_line("error: disk: ")
     assert main(["train", "--progress", "off", "--resume", str(run), "--steps", "128"]) == 0
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows] == [1, 2, 3, 4]

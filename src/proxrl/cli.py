@@ -255,8 +255,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
             raise
         where = f" {e.filename}" if e.filename else ""
-        say(f"error: disk: cannot write{where} ({e.strerror}) (free disk space; a run resumes from its last "
-            "complete checkpoint with --resume)")
+        fix = {errno.EROFS: "make it writable", errno.EIO: "check the disk"}.get(e.errno, "free disk space")
+        say(f"error: disk: cannot write{where} ({e.strerror}) ({fix}; a run resumes from its last complete "
+            "checkpoint with --resume)")
         return 2
     except (MemoryError, RuntimeError) as e:  # torch's allocator failing (CPU RuntimeError, CUDA OutOfMemoryError)
         text = str(e).strip()

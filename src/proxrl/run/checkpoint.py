@@ -156,7 +156,7 @@ def _not_written(final: Path, e: BaseException) -> CheckpointError:
     reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e)
               else type(e).__name__)
     return CheckpointError(f"{final}: cannot write this checkpoint ({reason}); nothing of it was kept and the "
-                           "checkpoints before it are intact (free disk space, then resume the run)")
+                           "checkpoints before it are intact (free disk space or make it writable, then resume the run)")
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:

@@ -127,19 +127,38 @@ def test_an_added_pad_token_exports_the_same_model_every_time(tmp_path):
         torch.testing.assert_close(m(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["not a run", "out not empty", "adapter of a full run"])
+EDITED = {"config.json without config": lambda c: c.pop("config"), "config a list": lambda c: c.update(config=[1]),
+          "config.json without base_model": lambda c: c.pop("base_model"), "run_dir a list": lambda c: c.update(run_dir=[1])}
+
+
+@pytest.mark.parametrize("case", ["not a run", "out not empty", "adapter of a full run", *EDITED,
+                                  "killed before its first checkpoint", "out inside the run's checkpoints"])
 def test_export_bad_input_is_one_line(trained, case):
+    import shutil
+
     tmp, _, _ = trained
+    if case in EDITED:  # a run directory's config.json edited by hand: one line, not a KeyError/AttributeError
+        shutil.copytree(tmp / "run", tmp / "edited", dirs_exist_ok=True)
+        c = json.loads((tmp / "run" / "config.json").read_text())
+        EDITED[case](c)
+        (tmp / "edited" / "config.json").write_text(json.dumps(c))
+    if case == "killed before its first checkpoint":
+        (tmp / "early").mkdir(exist_ok=True)
+        shutil.copy(tmp / "run" / "config.json", tmp / "early" / "config.json")
     (tmp / "full").mkdir(exist_ok=True)
     (tmp / "full" / "config.json").write_text(json.dumps({"stage": "sft", "base_model": "x", "config": {"finetune": "full"}}))
     (tmp / "busy").mkdir(exist_ok=True)
     (tmp / "busy" / "f").write_text("x")
     args = {"not a run": [str(tmp), "--out", str(tmp / "o1")],
             "out not empty": [str(tmp / "run"), "--out", str(tmp / "busy")],
-            "adapter of a full run": [str(tmp / "full"), "--out", str(tmp / "o2"), "--adapter"]}[case]
+            "adapter of a full run": [str(tmp / "full"), "--out", str(tmp / "o2"), "--adapter"],
+            **{k: [str(tmp / "edited"), "--out", str(tmp / "o3")] for k in EDITED},
+            "killed before its first checkpoint": [str(tmp / "early"), "--out", str(tmp / "o4")],
+            "out inside the run's checkpoints": [str(tmp / "run"), "--out", str(tmp / "run" / "checkpoints" / "x")]}[case]
     p = _cli("export", *args)
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("Loading weights")]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert not (tmp / "o3").exists() and not (tmp / "o4").exists() and not (tmp / "run" / "checkpoints" / "x").exists()
 
 
 def test_a_run_moved_with_its_models_still_resumes_and_exports(tmp_path, monkeypatch, capsys):

@@ -375,3 +375,59 @@ def test_a_valid_checkpoint_whose_header_length_starts_with_0x80_loads(tmp_path)
             assert checkpoint.load(root)[0][next(iter(tensors))].shape == (1,)
             return
     pytest.fail("no header length with low byte 0x80 was produced")
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_the_earlier_checkpoints_stay(tmp_path, monkeypatch, capsys):
+    """The disk filling up while a checkpoint is written (safetensors' own I/O error) or while a metrics line
+    is synced (an OSError): one line, exit 2, no traceback; the complete checkpoints before it untouched, no
+    temporary left, and the run resumes once there is space again."""
+    import errno
+
+    import safetensors
+    import safetensors.torch
+
+    from proxrl.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--env", "CartPole-v1", "--algo", "ppo-clip", "--num-envs", "2", "--num-steps", "16", "--preset", "none",
+            "--num-minibatches", "2", "--update-epochs", "1", "--checkpoint-every", "1"]
+    assert main(["train", "--progress", "off", *tiny, "--steps", "64", "--out", str(run)]) == 0
+    before = {p.name: (p / "tensors.safetensors").read_bytes() for p in checkpoint.list_checkpoints(run / "checkpoints")}
+    capsys.readouterr()
+
+    def one_line(field_or_text: str) -> str:
+        rc = main(["train", "--progress", "off", "--resume", str(run), "--steps", "128"])
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+        assert lines[0].startswith("error: ") and field_or_text in lines[0], lines[0]
+        assert {p.name: (p / "tensors.safetensors").read_bytes()
+                for p in checkpoint.list_checkpoints(run / "checkpoints")} == before
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-ckpt-")]
+        return lines[0]
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)  # part of the file, then the disk is full
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full)
+        line = one_line("ckpt-000000000003")
+        assert "No space left on device" in line and "intact" in line
+
+    def nospace(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", nospace)  # the metrics lines synced before the checkpoint
+        assert one_line("error: disk: ").count("No space left on device") == 1
+
+    def readonly(fd):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", readonly)  # the disk remounted read-only: the fix said is not "free disk space"
+        assert "make it writable" in one_line("error: disk: ")
+    assert main(["train", "--progress", "off", "--resume", str(run), "--steps", "128"]) == 0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4]

@@ -124,6 +124,42 @@ def test_existing_run_refused_unless_overwrite(tmp_path, capsys):
     assert train(capsys, other)[0] == 0 and (other / "README").read_text() == "mine"
 
 
+def test_a_run_still_running_is_never_written_by_a_second_process(tmp_path, capsys):
+    """A second process on the directory of a run that is still running — the same --out, --overwrite, --resume
+    — is refused in one line (it used to interleave: the resume replaced metrics.jsonl under the first, both
+    wrote checkpoints); the running run goes on untouched and stops cleanly."""
+    import signal
+    import time
+
+    run = tmp_path / "r"
+    child = subprocess.Popen([sys.executable, "-m", "proxrl", "train", "--progress", "off", *TINY, "--steps",
+                              "10000000", "--out", str(run)], env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((run / "checkpoints").glob("ckpt-*")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((run / "checkpoints").glob("ckpt-*")), child.stderr.read() if child.poll() is not None else ""
+        config = (run / "config.json").read_text()
+        one_line(*cli(capsys, "train", "--progress", "off", "--resume", str(run))[::2], "resume")
+        one_line(*train(capsys, run, "--overwrite")[::2], "out")
+        one_line(*train(capsys, run)[::2], "out")
+        assert (run / "config.json").read_text() == config
+        n = len((run / "metrics.jsonl").read_text().splitlines())
+        time.sleep(1.0)
+        assert len((run / "metrics.jsonl").read_text().splitlines()) > n  # still the running run's file
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == list(range(1, len(rows) + 1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"ckpt-{len(rows):012d}"
+    # once it has ended the directory is free: resumed in this process
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", str(32 * (len(rows) + 1)))
+    assert rc == 0, err
+
+
 RESUME_CHANGES = [
     (["--lr", "0.1"], "lr"),
     (["--env", "Acrobot-v1"], "env"),
@@ -159,6 +195,23 @@ def test_resume_refuses_changes_and_extends_steps(tmp_path, capsys):
     assert metrics in (run / "metrics.jsonl").read_text()
 
 
+def test_resume_says_when_metrics_lines_the_checkpoint_covers_are_gone(tmp_path, capsys):
+    """A line cut after the checkpoint (a kill) is dropped without a word; a cut or edited line the checkpoint
+    covers used to vanish silently from the resumed metrics (a gap at that update): now one warning names it."""
+    run = tmp_path / "r"
+    assert train(capsys, run, "--checkpoint-every", "4", steps=256)[0] == 0  # 8 updates, checkpoint at 8
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"update": 9, "step"')  # a line cut by a kill
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", "288")
+    assert rc == 0 and "warning" not in err, err
+    metrics.write_text(metrics.read_text()[:-30])  # the last line (update 9, under the checkpoint) cut by hand
+    rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--steps", "320")
+    assert rc == 0, err
+    warn = [l for l in err.splitlines() if l.startswith("warning: ")]
+    assert len(warn) == 1 and "metrics.jsonl" in warn[0] and "9..9" in warn[0], err
+    assert [json.loads(l)["update"] for l in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+
+
 def test_resume_through_the_api_refuses_changes(tmp_path):
     import proxrl
 
@@ -187,6 +240,27 @@ def test_bad_out_one_line(tmp_path, capsys):
             one_line(*train(capsys, ro / "run")[::2], "out")
         finally:
             ro.chmod(0o700)
+
+
+def test_out_inside_another_runs_checkpoints_is_refused(tmp_path, capsys):
+    """A run written inside another run's checkpoints/ (or a checkpoint of it, or its tb/) was silently
+    deleted by that run's rotation or --overwrite; now refused in one line, also through a symlink. A folder
+    of a run beside those, and a folder named checkpoints outside any run, are fine."""
+    run = tmp_path / "r"
+    assert train(capsys, run, steps=64)[0] == 0
+    ckpt = checkpoint_dirs(run)[-1]
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    for out in (ckpt / "nested", run / "checkpoints", run / "tb", tmp_path / "link" / "x"):
+        one_line(*train(capsys, out, steps=32)[::2], "out")
+        assert not (out / "config.json").exists()
+    for out in (run / "notes", tmp_path / "plain" / "checkpoints"):
+        assert train(capsys, out, steps=32)[0] == 0
+    assert train(capsys, run, "--overwrite", steps=32)[0] == 0
+    assert (run / "notes" / "config.json").is_file()
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt-"))
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])

@@ -159,3 +159,32 @@ def test_env_state_dealt_to_other_vector_envs(env_id):
         with pytest.raises(ValueError, match="share their state"):
             envstate.split_envs(*envstate.get_state(n))
         n.close()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_during_the_checkpoint_stops_at_once_and_says_so(sig, code, tmp_path, monkeypatch, capsys):
+    """A second signal that lands while the stop's checkpoint is being written: the run stops at once, that
+    checkpoint is discarded whole (the one before it intact, no temporary left), the exit status is the
+    signal's (it was 130, "error: interrupted", even for SIGTERM) and the line says the run resumes."""
+    import safetensors.torch
+
+    from proxrl.cli import main
+
+    real = safetensors.torch.save_file
+
+    def signalled(*a, **k):  # every checkpoint write receives a signal midway: the 1st stops, the 2nd is "twice"
+        os.kill(os.getpid(), sig)
+        real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", signalled)
+    run = tmp_path / "r"
+    rc = main(["train", "--env", "CartPole-v1", "--num-envs", "2", "--num-steps", "16", "--preset", "none",
+               "--num-minibatches", "2", "--update-epochs", "1", "--checkpoint-every", "1", "--steps", "320",
+               "--progress", "off", "--out", str(run)])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == code and len(lines) == 1 and signal.Signals(sig).name in lines[0] and "--resume" in lines[0], err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt-000000000001"]
+    monkeypatch.undo()
+    assert main(["train", "--progress", "off", "--resume", str(run)]) == 0
+    assert [json.loads(l)["update"] for l in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))

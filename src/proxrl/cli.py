@@ -241,9 +241,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ProxrlError as e:
         say(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .run.signals import StoppedAtOnce
+
+        if isinstance(e, StoppedAtOnce):
+            say(f"stopped: {e}")
+            return e.exit_code
         say("error: interrupted")
         return 130
+    except OSError as e:  # the disk under a run's files (metrics, samples, config, summary) full or failing
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        fix = {errno.EROFS: "make it writable", errno.EIO: "check the disk"}.get(e.errno, "free disk space")
+        say(f"error: disk: cannot write{where} ({e.strerror}) ({fix}; a run resumes from its last complete "
+            "checkpoint with --resume)")
+        return 2
     except (MemoryError, RuntimeError) as e:  # torch's allocator failing (CPU RuntimeError, CUDA OutOfMemoryError)
         text = str(e).strip()
         if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text.lower():

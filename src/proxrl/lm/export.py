@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..run.rundir import check_not_inside_run
 from .loading import load_run_policy, load_tokenizer, read_run_config
 
 
@@ -37,6 +38,7 @@ def export(cfg: ExportConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError("out", f"{out} exists and is not an empty directory", "choose a new directory")
+    check_not_inside_run(out)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if cfg.dtype not in dtypes:
         raise ConfigError("dtype", f"must be float32 or bfloat16, got {cfg.dtype!r}")

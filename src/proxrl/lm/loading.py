@@ -37,6 +37,13 @@ def read_run_config(path: str | Path) -> Optional[dict]:
         return None
     if not (isinstance(obj, dict) and "stage" in obj):
         return None
+    for key, kind, want in (("stage", str, "a string"), ("base_model", str, "a string"), ("config", dict, "an object")):
+        if not isinstance(obj.get(key), kind):  # a run's config.json edited by hand: one line, not a KeyError
+            raise CheckpointError(f"{cfg}: '{key}' must be {want} in a proxrl run's config.json, got "
+                                  f"{type(obj.get(key)).__name__} (written by proxrl; was it edited?)")
+    if not isinstance(obj.get("run_dir", ""), str):
+        raise CheckpointError(f"{cfg}: 'run_dir' must be a string in a proxrl run's config.json, got "
+                              f"{type(obj['run_dir']).__name__} (written by proxrl; was it edited?)")
     if isinstance(obj.get("base_model"), str):  # the run moved, its base model with it: found again
         from ..run.rundir import relocate
 
@@ -142,12 +149,12 @@ def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype, merge: b
     LoRA adapter merged unless ``merge=False``, which returns the peft model). With ``with_tokenizer`` also
     the tokenizer (pad token as in training)."""
     opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
+    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")  # first: a run without one fails before any loading
     base = load_causal_lm(run["base_model"], dtype)
     tok = load_tokenizer(run["base_model"])
     ensure_pad_token(tok, base)
     freeze(base)
     lm = apply_finetune(base, opts)
-    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
     prefix = "policy.lm."
     own = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
     if not own:

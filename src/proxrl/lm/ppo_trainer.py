@@ -376,7 +376,10 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
                               "or another stage)")
     from .loading import read_run_config
 
-    moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
+    try:
+        moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
+    except CheckpointError:  # config.json edited: the checkpoint holds the config; only moving the run needs it
+        moved_from = None
     for name in ("policy", "prompts", "reward"):  # moved together with the run: found at the same relative place
         if isinstance(saved.get(name), str):
             saved[name] = relocate(saved[name], moved_from, run_dir)

@@ -104,9 +104,12 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
     from safetensors.torch import save_file
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{step:012d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-"))
+    except OSError as e:
+        raise _not_written(final, e) from None
     try:
         _follow_umask(tmp, 0o777)
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -132,8 +135,10 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
         else:
             os.replace(tmp, final)
             _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # disk full, read-only, I/O error
+            raise _not_written(final, e) from None
         raise
     if keep > 0:
         for stale in list_checkpoints(root)[:-keep]:
@@ -143,6 +148,15 @@ def save(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], state: 
         if junk.name.startswith(".tmp-ckpt-") and junk != tmp:
             shutil.rmtree(junk, ignore_errors=True)
     return final
+
+
+def _not_written(final: Path, e: BaseException) -> CheckpointError:
+    """A checkpoint that could not be written (disk full, read-only, I/O error): one line saying that nothing of
+    it was kept and that the complete checkpoints before it are untouched."""
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e)
+              else type(e).__name__)
+    return CheckpointError(f"{final}: cannot write this checkpoint ({reason}); nothing of it was kept and the "
+                           "checkpoints before it are intact (free disk space or make it writable, then resume the run)")
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:

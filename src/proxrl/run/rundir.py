@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -24,16 +26,79 @@ def holds_run(path: str | Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES[:4])
 
 
+#: Run directories this process holds: resolved path → [directory fd, number of open RunWriters].
+_LOCKS: dict[str, list] = {}
+
+
+def lock_run(path: str | Path, field: str = "out") -> None:
+    """Hold ``path`` (an existing directory) for this process: an exclusive ``flock`` on the directory, kept
+    until the last :class:`RunWriter` of it closes (or the process ends), so that a second process writing the
+    same run — the same ``--out``, ``--overwrite`` or ``--resume`` of a run still running — is refused in one
+    line instead of interleaving its checkpoints and metrics with the first. Reentrant within a process."""
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: unguarded, as before
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(field, f"{path} is in use by another running proxrl process",
+                          "wait for that run to end or stop it, or choose another directory") from None
+    except OSError:  # a filesystem without locks: unguarded, as before
+        os.close(fd)
+        return
+    _LOCKS[key] = [fd, 0]
+
+
+def _hold(path: Path) -> None:
+    lock_run(path)
+    entry = _LOCKS.get(str(path.resolve()))
+    if entry is not None:
+        entry[1] += 1
+
+
+def _release(key: str) -> None:
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _LOCKS[key]
+        os.close(entry[0])  # releases the flock
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+#: The folders of a run that proxrl itself rotates or removes (old checkpoints, ``--overwrite``).
+MANAGED_DIRS = ("checkpoints", "tb")
+
+
+def check_not_inside_run(path: str | Path, field: str = "out") -> None:
+    """Refuse a directory inside another run's ``checkpoints/`` or ``tb/`` (or equal to one): that run's
+    checkpoint rotation or ``--overwrite`` would delete whatever is written there."""
+    path = Path(path).resolve()
+    for parent in path.parents:
+        rel = path.relative_to(parent)
+        if rel.parts[0] in MANAGED_DIRS and any((parent / n).exists() for n in RUN_FILES[:4] if n != rel.parts[0]):
+            raise ConfigError(field, f"{path} is inside the run {parent}'s {rel.parts[0]}/, which that run rotates "
+                              "and --overwrite removes", "choose a directory outside it")
+
+
 def check_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train") -> Path:
-    """Refuse, before anything is created or removed, an ``out`` that is a file or that already holds a run
-    (unless ``overwrite``); one ConfigError line naming ``field`` and the fix."""
+    """Refuse, before anything is created or removed, an ``out`` that is a file, that lies inside another
+    run's checkpoints (:func:`check_not_inside_run`) or that already holds a run (unless ``overwrite``); one
+    ConfigError line naming ``field`` and the fix."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(field, f"{path} is a file, not a directory", f"give {command} a directory for {_flag(field)}")
+    check_not_inside_run(path, field)
     if holds_run(path) and not overwrite:
         raise ConfigError(field, f"{path} already holds a run",
                           f"continue it with --resume {path}, replace it with --overwrite, or choose another "
@@ -47,6 +112,13 @@ def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out"
     place, or a directory that already holds a run (unless ``overwrite``: then the old run's files —
     ``RUN_FILES`` and ``extra`` — are removed first; other files are left alone)."""
     path = check_out(path, overwrite=overwrite, field=field, command=command)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(field, f"cannot write to {path} ({e.strerror or e})",
+                          f"choose a writable directory for {_flag(field)}") from None
+    lock_run(path, field)  # before anything is removed: never the files of a run another process is writing
+    path = check_out(path, overwrite=overwrite, field=field, command=command)  # again, now that we hold it
     if holds_run(path):
         for name in RUN_FILES + tuple(extra):
             p = path / name
@@ -111,6 +183,8 @@ class RunWriter:
         self.samples_path = self.out / "samples.md"
         self.fsync_each = fsync_each
         self._f = None
+        _hold(self.out)  # refused while another process writes this run; released by close() (or when collected)
+        self._unlock = weakref.finalize(self, _release, str(self.out.resolve()))
         if config_obj is None:  # reopened by resume()
             return
         checkpoint.write_json_atomic(self.out / "config.json", config_obj)
@@ -124,6 +198,7 @@ class RunWriter:
         """Reopen a run's files cut back to the checkpoint: metrics lines whose ``key`` exceeds ``last``
         (and everything from a malformed line on) are dropped, ``samples.md`` is truncated to
         ``samples_bytes``. Returns the writer and the metrics rows kept."""
+        lock_run(out, "resume")  # before the files are cut back: never under a process still writing them
         w = cls(out, None, fsync_each)
         raws, rows = [], []
         if w.metrics_path.is_file():
@@ -136,6 +211,10 @@ class RunWriter:
                     break
                 raws.append(raw + "\n")
                 rows.append(row)
+        have = rows[-1][key] if rows else 0
+        if have < last:  # lines the checkpoint covers are gone (a file cut or edited by hand): said, never silently
+            print(f"warning: {w.metrics_path} holds {key}s up to {have} but the checkpoint is at {key} {last}: "
+                  f"{key}s {have + 1}..{last} have no metrics line (the file was cut or edited)", file=sys.stderr)
         tmp = w.metrics_path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(raws))
         os.replace(tmp, w.metrics_path)
@@ -161,6 +240,7 @@ class RunWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+        self._unlock()
 
     def samples(self, title: str, items: list[tuple[str, str, float]]) -> int:
         """Append a section; returns the file's size afterwards (fsynced: a checkpoint records it)."""

@@ -22,6 +22,16 @@ class RunInterrupted(ProxrlError):
                          f"resume with: {command} --resume {run_dir}{extra}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run stops where it is (no checkpoint of the update in progress; a checkpoint
+    being written is discarded whole). ``exit_code`` is 128 + signal, like :class:`RunInterrupted`."""
+
+    def __init__(self, signum: int):
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}; the run resumes from its last "
+                         "complete checkpoint with --resume")
+
+
 class StopSignals:
     """Context manager turning SIGINT/SIGTERM into a flag (``signum``) checked between updates. Installs
     handlers only on the main thread (elsewhere it is a no-op flag) and restores the previous ones."""
@@ -38,7 +48,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
 
     def __exit__(self, *exc):

@@ -180,3 +180,17 @@ def test_fused_gelu_is_the_same_function(tmp_path):
         torch.testing.assert_close(fused(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     llama = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "llama", arch="llama"))
     assert fuse_activations(llama) == 0
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_one_line(tmp_path):
+    """A tokenizer holding tokens the model has no embedding row for was an IndexError at the first prompt
+    holding one (a device-side assert on CUDA): now one ConfigError line at load, naming both sizes."""
+    from proxrl.errors import ConfigError
+    from proxrl.lm.tiny import byte_tokenizer
+
+    path = make_tiny(tmp_path / "m")
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra1>", "<extra2>"])
+    tok.save_pretrained(path)
+    with pytest.raises(ConfigError, match="261 tokens but the model's embedding has 259 rows"):
+        build_policy(str(path), ModelOptions(finetune="full"))

@@ -195,7 +195,27 @@ def check_fits_context(model, max_prompt_length: int, response: int, response_fi
 
 
 def ensure_pad_token(tokenizer, model=None) -> int:
-    """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id."""
+    """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id. With the
+    ``model``, also fit its vocabulary to the tokenizer's (:func:`fit_vocabulary`)."""
+    if model is not None:
+        fit_vocabulary(tokenizer, model)  # before a pad token is added
+    return _pad_token(tokenizer, model)
+
+
+def fit_vocabulary(tokenizer, model) -> None:
+    """Token ids and embedding rows must match. A tokenizer with ids the model has no embedding row for (a
+    tokenizer of another model, tokens added without resizing) is a one-line ConfigError — an id ≥ the rows
+    was an IndexError (a device-side assert on CUDA) at the first prompt holding it."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError("model", f"its tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                          f"{rows} rows: ids {rows}..{len(tokenizer) - 1} have no embedding (the tokenizer of "
+                          "another model, or tokens added without resizing the model)",
+                          "use the model's own tokenizer, or save the model after "
+                          "model.resize_token_embeddings(len(tokenizer))")
+
+
+def _pad_token(tokenizer, model=None) -> int:
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:

@@ -182,6 +182,52 @@ def test_fused_gelu_is_the_same_function(tmp_path):
     assert fuse_activations(llama) == 0
 
 
+def _padded_vocab_model(path, extra: int = 64, dominant: bool = True):
+    """A tiny llama whose embedding has ``extra`` rows beyond its byte tokenizer (as Qwen2, Phi-3 and OLMo
+    ship), untied; with ``dominant`` the extra rows' logits dwarf every real token's."""
+    from transformers import LlamaConfig
+
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok) + extra, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if dominant:
+        with torch.no_grad():
+            model.lm_head.weight[len(tok):] *= 100.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), len(tok)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_embedding_rows_beyond_the_tokenizer_are_never_sampled_or_scored(tmp_path, finetune):
+    """Rows beyond the tokenizer are no tokens: the sampler never draws them (it drew them, the tokenizer
+    decoded them to nothing, rewards never saw them) and the log-probs are those of the tokenizer's ids
+    alone — a plain forward of each sequence, log-softmax over the first len(tokenizer) logits."""
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.rollout import TokenRollouts
+
+    path, n = _padded_vocab_model(tmp_path / "padded")
+    cfg = PPOConfig(policy=path, prompts="x", reward="x:y", finetune=finetune, response_length=6, batch_size=4,
+                    dtype="float64", temperature=1.0)
+    pol = build_policy(path, cfg)
+    tr = TokenRollouts(pol, cfg)
+    r = tr.generate(["hello", "abc", "x y", "q"], 0)
+    assert int(r.response_ids.max()) < n
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    lp = tr.logp(r)
+    for i in range(len(r)):
+        q = r.query_ids[i][r.query_mask[i].bool()].tolist()
+        a = r.response_ids[i][r.response_mask[i].bool()].tolist()
+        logits = plain(input_ids=torch.tensor([q + a])).logits[0, len(q) - 1:-1, :n]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(a)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[i, :len(a)], ref.detach(), atol=1e-10, rtol=0)
+
+
 def test_a_tokenizer_with_ids_beyond_the_embedding_is_one_line(tmp_path):
     """A tokenizer holding tokens the model has no embedding row for was an IndexError at the first prompt
     holding one (a device-side assert on CUDA): now one ConfigError line at load, naming both sizes."""

@@ -199,13 +199,19 @@ def ensure_pad_token(tokenizer, model=None) -> int:
     ``model``, also fit its vocabulary to the tokenizer's (:func:`fit_vocabulary`)."""
     if model is not None:
         fit_vocabulary(tokenizer, model)  # before a pad token is added
-    return _pad_token(tokenizer, model)
+    pad = _pad_token(tokenizer, model)
+    if model is not None:
+        model.proxrl_vocab = len(tokenizer)  # the actions: the tokenizer's ids (a pad it added included)
+    return pad
 
 
 def fit_vocabulary(tokenizer, model) -> None:
     """Token ids and embedding rows must match. A tokenizer with ids the model has no embedding row for (a
     tokenizer of another model, tokens added without resizing) is a one-line ConfigError — an id ≥ the rows
-    was an IndexError (a device-side assert on CUDA) at the first prompt holding it."""
+    was an IndexError (a device-side assert on CUDA) at the first prompt holding it. Rows beyond the
+    tokenizer (the embedding padded to a multiple, as Qwen2, Phi-3 and OLMo ship) are no tokens: the
+    policy never samples or scores them — :func:`token_logits` cuts the logits to the tokenizer's ids, in
+    the sampler and in every log-prob (they were drawn, decoded to nothing, and invisible to rewards)."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ConfigError("model", f"its tokenizer has {len(tokenizer)} tokens but the model's embedding has "
@@ -213,6 +219,13 @@ def fit_vocabulary(tokenizer, model) -> None:
                           "another model, or tokens added without resizing the model)",
                           "use the model's own tokenizer, or save the model after "
                           "model.resize_token_embeddings(len(tokenizer))")
+
+
+def token_logits(model, logits: Tensor) -> Tensor:
+    """``logits`` ``[..., V]`` of ``model`` cut to the ids of its tokenizer (``[..., n]``, n ≤ V) when the
+    embedding has rows beyond it (:func:`fit_vocabulary`); unchanged otherwise."""
+    n = getattr(model, "proxrl_vocab", None)
+    return logits[..., :n] if isinstance(n, int) and n < logits.shape[-1] else logits
 
 
 def _pad_token(tokenizer, model=None) -> int:

@@ -301,6 +301,10 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(str(text))["input_ids"]
+    if not ids:  # a fully padded row: the first token would be drawn from (and trained on) a masked position
+        raise ConfigError("prompt", f"{str(text)[:60]!r} tokenises to no token at all (no BOS is added), so a "
+                          "causal LM has nothing to condition the first response token on",
+                          "give every prompt some text, or use a chat template (--chat-template on)")
     return ids[-max_len:]
 
 

@@ -240,3 +240,36 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_one_line(tmp_path):
     tok.save_pretrained(path)
     with pytest.raises(ConfigError, match="261 tokens but the model's embedding has 259 rows"):
         build_policy(str(path), ModelOptions(finetune="full"))
+
+
+def test_the_pad_is_none_of_the_generation_configs_stop_ids(tmp_path):
+    """Qwen2.5-Instruct pads with <|endoftext|>, which its generation config also stops at (eos_token_id
+    [<|im_end|>, <|endoftext|>]); proxrl kept that pad and dropped it from the stop ids, so responses ran on
+    past it. Now the pad is none of the stop ids, every stop id of the generation config stops a response,
+    and none appears inside one."""
+    from transformers import LlamaConfig
+
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.rollout import TokenRollouts
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    eot, eot_text = tok.convert_tokens_to_ids("<|eot|>"), tok.convert_tokens_to_ids("</s>")
+    tok.eos_token, tok.pad_token, tok.bos_token = "<|eot|>", "</s>", None
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), eos_token_id=[eot, eot_text], pad_token_id=eot_text)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ppo = PPOConfig(policy=str(tmp_path), prompts="x", reward="x:y", finetune="full", response_length=40)
+    tr = TokenRollouts(build_policy(str(tmp_path), ppo), ppo)
+    assert tr.stop_ids == sorted([eot, eot_text]) and tr.pad_id not in tr.stop_ids
+    r = tr.generate([f"p{i}" for i in range(64)], 1)
+    ends = set()
+    for ids, m, stopped in zip(r.response_ids, r.response_mask, r.stopped):
+        real = ids[m.bool()].tolist()
+        assert not set(real[:-1]) & {eot, eot_text}
+        if stopped:
+            ends.add(real[-1])
+    assert ends == {eot, eot_text}

@@ -2,8 +2,9 @@
 
 Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.py``:
 
-* LM-1 **pad ≠ eos.** When a tokenizer has no pad token, or pads with EOS, an existing non-EOS special
-  token (unk, then bos) becomes the pad; only if there is none is ``<|pad|>`` added (embeddings resized).
+* LM-1 **pad ≠ eos.** When a tokenizer has no pad token, or pads with EOS or another token its model's
+  generation config stops at, an existing special token that is none of them (unk, then bos) becomes the
+  pad; only if there is none is ``<|pad|>`` added (embeddings resized).
   Masks are never derived from the pad id anyway: responses are cut at their first stop token.
 * Only safetensors weights are read (a ``pytorch_model.bin`` would be unpickled); ``trust_remote_code``
   stays off.
@@ -195,8 +196,8 @@ def check_fits_context(model, max_prompt_length: int, response: int, response_fi
 
 
 def ensure_pad_token(tokenizer, model=None) -> int:
-    """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id. With the
-    ``model``, also fit its vocabulary to the tokenizer's (:func:`fit_vocabulary`)."""
+    """Make the pad token distinct from EOS and every stop id of the model (DETAILS LM-1); pad on the left.
+    Returns the pad id. With the ``model``, also fit its vocabulary to the tokenizer's (:func:`fit_vocabulary`)."""
     if model is not None:
         fit_vocabulary(tokenizer, model)  # before a pad token is added
     pad = _pad_token(tokenizer, model)
@@ -230,11 +231,13 @@ def token_logits(model, logits: Tensor) -> Tensor:
 
 def _pad_token(tokenizer, model=None) -> int:
     tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+    # every stop token, not only the tokenizer's EOS: Qwen2.5-Instruct pads with <|endoftext|>, which its
+    # generation config also stops at (stop_token_ids drops the pad: responses ran on past it)
+    stops = {tokenizer.eos_token_id} | generation_stop_ids(model)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops:
         return tokenizer.pad_token_id
     for cand in (tokenizer.unk_token, tokenizer.bos_token):
-        if cand is not None and tokenizer.convert_tokens_to_ids(cand) != eos:
+        if cand is not None and tokenizer.convert_tokens_to_ids(cand) not in stops:
             tokenizer.pad_token = cand
             return tokenizer.pad_token_id
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
@@ -265,17 +268,21 @@ def stop_token_ids(tokenizer, model=None, field: str = "model") -> list[int]:
     """EOS of the tokenizer plus those of the model's generation config (chat models stop at end-of-turn).
     None at all: a one-line ConfigError naming ``field`` (the option that named the model)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(int(i) for i in extra)
+    ids |= generation_stop_ids(model)
     ids.discard(tokenizer.pad_token_id)
     if not ids:
         raise ConfigError(field, "its tokenizer has no EOS token and its generation config names none, so "
                           "responses could never stop", "use a model whose tokenizer sets eos_token")
     return sorted(ids)
+
+
+def generation_stop_ids(model) -> set[int]:
+    """The ids the model's generation config stops at (``eos_token_id``: an id or a list); none without one."""
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        return {extra}
+    return {int(i) for i in extra} if extra else set()
 
 
 def use_chat_template(tokenizer, mode: str) -> bool:

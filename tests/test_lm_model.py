@@ -273,3 +273,19 @@ def test_the_pad_is_none_of_the_generation_configs_stop_ids(tmp_path):
         if stopped:
             ends.add(real[-1])
     assert ends == {eot, eot_text}
+
+
+def test_sft_at_a_huge_lr_warns_on_a_padded_vocabulary_too(tmp_path, capsys):
+    """The SFT loss is over the tokenizer's ids (the logits are cut to them): its uniform-guess level is
+    ln(len(tokenizer)), not ln(embedding rows) — with 64 padded rows the diverged loss 5.557 = ln 259 sat
+    below 0.98·ln 323 and the warning never came."""
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.sft_trainer import sft
+
+    path, n = _padded_vocab_model(tmp_path / "padded", dominant=False)
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"answer {i}"} for i in range(8)])
+    sft(SFTConfig(model=path, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "sft"), dtype="float64", lr=1e6,
+                  epochs=2, finetune="full"), log=lambda *_: None)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: lr:")]
+    assert len(warnings) == 1 and "ln(vocab) = 5.557" in warnings[0]

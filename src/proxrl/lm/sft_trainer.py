@@ -76,7 +76,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     # several processes: each takes its rows of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
     d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log)
-    uniform = math.log(base.get_input_embeddings().weight.shape[0])  # the loss of a uniform next-token guess
+    uniform = math.log(len(tok))  # the loss of a uniform guess over the tokenizer's ids (the logits' width)
     warned = False
     g = torch.Generator().manual_seed(cfg.seed)
     log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")

@@ -114,6 +114,29 @@ def test_a_chat_template_that_refuses_a_prompt_is_one_line():
         encode_prompt(tok, Conversation(CHAT_SFT["messages"][:2]), True, 100)
 
 
+def test_a_tokenizer_that_appends_eos_does_not_end_the_prompt():
+    """A tokenizer with add_eos_token (a post-processor appending </s>) ended every plain-text prompt with EOS:
+    the policy answered after an end of text, and SFT/RM examples had an EOS between prompt and response.
+    The appended EOS is dropped (BOS kept); an EOS written in the prompt's text stays."""
+    from tokenizers import processors
+
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.rm import encode_pairs
+    from proxrl.lm.sft_trainer import sft_examples
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    assert tok("hi")["input_ids"] == [1, 74, 75, 2]
+    assert encode_prompt(tok, "hi", False, 100) == [1, 74, 75]
+    assert encode_prompt(tok, "hi</s>", False, 100) == [1, 74, 75, 2]
+    (ids, loss_mask), = sft_examples(tok, [{"prompt": "hi", "response": "yo"}], False, 100, 10, 2)
+    assert ids == [1, 74, 75, 91, 81, 2] and loss_mask == [0, 0, 0, 1, 1, 1]
+    (chosen, _), = encode_pairs(tok, [{"prompt": "hi", "chosen": "yo", "rejected": "no"}], False, 100, 10)
+    assert chosen == [1, 74, 75, 91, 81, 2]
+
+
 def test_a_prompt_of_no_token_is_one_line_before_any_work(tmp_path):
     """A prompt that tokenises to nothing (an empty prompt, a tokenizer without BOS): PPO drew its first
     token from a fully masked position when other prompts shared the batch, and a batch of only such prompts

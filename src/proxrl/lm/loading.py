@@ -308,6 +308,9 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(str(text))["input_ids"]
+        plain = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        if len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id and ids[len(ids) - 1 - len(plain):-1] == plain:
+            ids = ids[:-1]  # a tokenizer that appends EOS (add_eos_token): a prompt to answer does not end the text
     if not ids:  # a fully padded row: the first token would be drawn from (and trained on) a masked position
         raise ConfigError("prompt", f"{str(text)[:60]!r} tokenises to no token at all (no BOS is added), so a "
                           "causal LM has nothing to condition the first response token on",

@@ -289,3 +289,21 @@ def test_sft_at_a_huge_lr_warns_on_a_padded_vocabulary_too(tmp_path, capsys):
                   epochs=2, finetune="full"), log=lambda *_: None)
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: lr:")]
     assert len(warnings) == 1 and "ln(vocab) = 5.557" in warnings[0]
+
+
+def test_sft_greedy_samples_never_choose_rows_beyond_the_tokenizer(tmp_path):
+    """SFT's greedy samples (samples.md) come from transformers' generate, not proxrl's sampler: rows beyond
+    the tokenizer are suppressed there too (with dominant padded rows every greedy token was one of them,
+    decoded to an empty answer)."""
+    import re
+
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.sft_trainer import sft
+
+    path, n = _padded_vocab_model(tmp_path / "padded")
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"answer {i}"} for i in range(4)])
+    sft(SFTConfig(model=path, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "sft"), lr=1e-6, epochs=1,
+                  max_response_length=8, finetune="full"), log=lambda *_: None)
+    answers = re.findall(r"\*\*response\*\* \(reward [^)]*\): (.*)", (tmp_path / "sft" / "samples.md").read_text())
+    assert len(answers) == 3 and all(answers), answers

@@ -114,6 +114,58 @@ def test_a_chat_template_that_refuses_a_prompt_is_one_line():
         encode_prompt(tok, Conversation(CHAT_SFT["messages"][:2]), True, 100)
 
 
+def test_a_tokenizer_that_appends_eos_does_not_end_the_prompt():
+    """A tokenizer with add_eos_token (a post-processor appending </s>) ended every plain-text prompt with EOS:
+    the policy answered after an end of text, and SFT/RM examples had an EOS between prompt and response.
+    The appended EOS is dropped (BOS kept); an EOS written in the prompt's text stays."""
+    from tokenizers import processors
+
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.rm import encode_pairs
+    from proxrl.lm.sft_trainer import sft_examples
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    assert tok("hi")["input_ids"] == [1, 74, 75, 2]
+    assert encode_prompt(tok, "hi", False, 100) == [1, 74, 75]
+    assert encode_prompt(tok, "hi</s>", False, 100) == [1, 74, 75, 2]
+    (ids, loss_mask), = sft_examples(tok, [{"prompt": "hi", "response": "yo"}], False, 100, 10, 2)
+    assert ids == [1, 74, 75, 91, 81, 2] and loss_mask == [0, 0, 0, 1, 1, 1]
+    (chosen, _), = encode_pairs(tok, [{"prompt": "hi", "chosen": "yo", "rejected": "no"}], False, 100, 10)
+    assert chosen == [1, 74, 75, 91, 81, 2]
+
+
+def test_a_prompt_of_no_token_is_one_line_before_any_work(tmp_path):
+    """A prompt that tokenises to nothing (an empty prompt, a tokenizer without BOS): PPO drew its first
+    token from a fully masked position when other prompts shared the batch, and a batch of only such prompts
+    (or SFT's greedy samples) was a reshape traceback after the run directory was made. Now one line for
+    every stage, before any run directory; with a chat template the same prompt has tokens and runs."""
+    import subprocess
+    import sys
+
+    from proxrl.lm.tiny import make_tiny
+
+    model = make_tiny(tmp_path / "m")
+    prompts = _jsonl(tmp_path, "p.jsonl", [{"prompt": "hi"}, {"prompt": ""}, {"prompt": "yo"}, {"prompt": "ok"}])
+    sft_data = _jsonl(tmp_path, "s.jsonl", [{"prompt": "", "response": "a"}, {"prompt": "q", "response": "b"}])
+    rm_data = _jsonl(tmp_path, "r.jsonl", [{"prompt": "", "chosen": "a", "rejected": "b"}] * 2)
+    (tmp_path / "rew.py").write_text("def f(p, r):\n    return [0.0] * len(r)\n")
+    cmds = {"ppo": ["ppo", "--policy", str(model), "--prompts", str(prompts), "--reward", f"{tmp_path}/rew.py:f",
+                    "--batch-size", "2", "--eval-prompts", "2", "--updates", "1", "--response-length", "4"],
+            "sft": ["sft", "--model", str(model), "--data", str(sft_data)],
+            "rm": ["rm", "--model", str(model), "--data", str(rm_data)]}
+    for stage, args in cmds.items():
+        out = tmp_path / f"out_{stage}"
+        p = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", *args, "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+        lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (stage, p.stderr[-2000:])
+        assert lines == [lines[0]] and lines[0].startswith("error: prompt: '' tokenises to no token"), p.stderr
+        assert not out.exists()
+
+
 def test_bad_sources_are_one_line(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match="not a saved Hugging Face dataset"):

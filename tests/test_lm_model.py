@@ -180,3 +180,130 @@ def test_fused_gelu_is_the_same_function(tmp_path):
         torch.testing.assert_close(fused(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     llama = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "llama", arch="llama"))
     assert fuse_activations(llama) == 0
+
+
+def _padded_vocab_model(path, extra: int = 64, dominant: bool = True):
+    """A tiny llama whose embedding has ``extra`` rows beyond its byte tokenizer (as Qwen2, Phi-3 and OLMo
+    ship), untied; with ``dominant`` the extra rows' logits dwarf every real token's."""
+    from transformers import LlamaConfig
+
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok) + extra, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if dominant:
+        with torch.no_grad():
+            model.lm_head.weight[len(tok):] *= 100.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), len(tok)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_embedding_rows_beyond_the_tokenizer_are_never_sampled_or_scored(tmp_path, finetune):
+    """Rows beyond the tokenizer are no tokens: the sampler never draws them (it drew them, the tokenizer
+    decoded them to nothing, rewards never saw them) and the log-probs are those of the tokenizer's ids
+    alone — a plain forward of each sequence, log-softmax over the first len(tokenizer) logits."""
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.rollout import TokenRollouts
+
+    path, n = _padded_vocab_model(tmp_path / "padded")
+    cfg = PPOConfig(policy=path, prompts="x", reward="x:y", finetune=finetune, response_length=6, batch_size=4,
+                    dtype="float64", temperature=1.0)
+    pol = build_policy(path, cfg)
+    tr = TokenRollouts(pol, cfg)
+    r = tr.generate(["hello", "abc", "x y", "q"], 0)
+    assert int(r.response_ids.max()) < n
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    lp = tr.logp(r)
+    for i in range(len(r)):
+        q = r.query_ids[i][r.query_mask[i].bool()].tolist()
+        a = r.response_ids[i][r.response_mask[i].bool()].tolist()
+        logits = plain(input_ids=torch.tensor([q + a])).logits[0, len(q) - 1:-1, :n]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(a)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[i, :len(a)], ref.detach(), atol=1e-10, rtol=0)
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_one_line(tmp_path):
+    """A tokenizer holding tokens the model has no embedding row for was an IndexError at the first prompt
+    holding one (a device-side assert on CUDA): now one ConfigError line at load, naming both sizes."""
+    from proxrl.errors import ConfigError
+    from proxrl.lm.tiny import byte_tokenizer
+
+    path = make_tiny(tmp_path / "m")
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra1>", "<extra2>"])
+    tok.save_pretrained(path)
+    with pytest.raises(ConfigError, match="261 tokens but the model's embedding has 259 rows"):
+        build_policy(str(path), ModelOptions(finetune="full"))
+
+
+def test_the_pad_is_none_of_the_generation_configs_stop_ids(tmp_path):
+    """Qwen2.5-Instruct pads with <|endoftext|>, which its generation config also stops at (eos_token_id
+    [<|im_end|>, <|endoftext|>]); proxrl kept that pad and dropped it from the stop ids, so responses ran on
+    past it. Now the pad is none of the stop ids, every stop id of the generation config stops a response,
+    and none appears inside one."""
+    from transformers import LlamaConfig
+
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.rollout import TokenRollouts
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    eot, eot_text = tok.convert_tokens_to_ids("<|eot|>"), tok.convert_tokens_to_ids("</s>")
+    tok.eos_token, tok.pad_token, tok.bos_token = "<|eot|>", "</s>", None
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), eos_token_id=[eot, eot_text], pad_token_id=eot_text)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ppo = PPOConfig(policy=str(tmp_path), prompts="x", reward="x:y", finetune="full", response_length=40)
+    tr = TokenRollouts(build_policy(str(tmp_path), ppo), ppo)
+    assert tr.stop_ids == sorted([eot, eot_text]) and tr.pad_id not in tr.stop_ids
+    r = tr.generate([f"p{i}" for i in range(64)], 1)
+    ends = set()
+    for ids, m, stopped in zip(r.response_ids, r.response_mask, r.stopped):
+        real = ids[m.bool()].tolist()
+        assert not set(real[:-1]) & {eot, eot_text}
+        if stopped:
+            ends.add(real[-1])
+    assert ends == {eot, eot_text}
+
+
+def test_sft_at_a_huge_lr_warns_on_a_padded_vocabulary_too(tmp_path, capsys):
+    """The SFT loss is over the tokenizer's ids (the logits are cut to them): its uniform-guess level is
+    ln(len(tokenizer)), not ln(embedding rows) — with 64 padded rows the diverged loss 5.557 = ln 259 sat
+    below 0.98·ln 323 and the warning never came."""
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.sft_trainer import sft
+
+    path, n = _padded_vocab_model(tmp_path / "padded", dominant=False)
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"answer {i}"} for i in range(8)])
+    sft(SFTConfig(model=path, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "sft"), dtype="float64", lr=1e6,
+                  epochs=2, finetune="full"), log=lambda *_: None)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: lr:")]
+    assert len(warnings) == 1 and "ln(vocab) = 5.557" in warnings[0]
+
+
+def test_sft_greedy_samples_never_choose_rows_beyond_the_tokenizer(tmp_path):
+    """SFT's greedy samples (samples.md) come from transformers' generate, not proxrl's sampler: rows beyond
+    the tokenizer are suppressed there too (with dominant padded rows every greedy token was one of them,
+    decoded to an empty answer)."""
+    import re
+
+    from proxrl.lm.config import SFTConfig
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.sft_trainer import sft
+
+    path, n = _padded_vocab_model(tmp_path / "padded")
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"answer {i}"} for i in range(4)])
+    sft(SFTConfig(model=path, data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "sft"), lr=1e-6, epochs=1,
+                  max_response_length=8, finetune="full"), log=lambda *_: None)
+    answers = re.findall(r"\*\*response\*\* \(reward [^)]*\): (.*)", (tmp_path / "sft" / "samples.md").read_text())
+    assert len(answers) == 3 and all(answers), answers

@@ -164,6 +164,21 @@ def test_step_takes_scores_as_a_list_an_array_or_a_tensor_and_refuses_the_wrong_
         assert all(torch.equal(a, b) for a, b in zip(out["tensor"], out[kind]))
 
 
+def test_step_refuses_a_rollout_with_ids_beyond_the_tokenizer(tiny):
+    """A rollout built outside proxrl (another engine) holding an id the policy's tokenizer does not have —
+    a padded embedding row, or an id past the embedding — was an index error inside the update; now one
+    line naming the id, the weights untouched."""
+    from proxrl.errors import ConfigError
+
+    tr = make_trainer(tiny)
+    rollout = tr.generate(["ab", "xyz", "q", "hello"] * 2)
+    before = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
+    rollout.response_ids[3, 0] = len(tr.policy.tokenizer)
+    with pytest.raises(ConfigError, match=r"^rollout: holds token id 259, beyond the policy's 259 token ids"):
+        tr.step(rollout, [0.0] * len(rollout))
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for p in tr.policy.parameters() if p.requires_grad)))
+
+
 def test_micro_weight_sums_to_one():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.float64)
     for agg in ("token-mean", "seq-mean"):

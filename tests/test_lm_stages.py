@@ -224,3 +224,51 @@ def test_keep_freed_memory_is_applied_once_and_can_be_turned_off():
         env = dict(os.environ, PROXRL_KEEP_FREED_MEMORY="0")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == "False"
+
+
+def test_a_reward_model_scores_every_stop_token_as_the_eos_it_was_trained_on(tmp_path):
+    """A generation config with a list of stop ids (Llama 3 style): the sampler stops at each and the mask
+    treats them alike; the reward model — trained on responses ending in its tokenizer's EOS — scores a
+    response that ended at the other stop id as if it ended in EOS, on the path that reuses the policy's
+    token ids as on the one that re-encodes the text, and as each sequence alone (it read the score at the
+    other stop token, a different score for the same response)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from proxrl.lm.config import ModelOptions
+    from proxrl.lm.loading import left_pad, right_pad
+    from proxrl.lm.policy import build_policy, build_reward_model
+    from proxrl.lm.rollout import Rollout, Scorer, TokenRollouts
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                      eos_token_id=[tok.eos_token_id, eot], pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path / "m"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    ppo = PPOConfig(policy=str(path), prompts="x", reward="x:y", finetune="full", dtype="float64")
+    pol = build_policy(str(path), ppo)
+    tr = TokenRollouts(pol, ppo)
+    assert tr.stop_ids == [tok.eos_token_id, eot]
+    rm = build_reward_model(str(path), ModelOptions(finetune="full", dtype="float64"))
+    scorer = Scorer(rm, pol, tr.chat, ppo.max_prompt_length, 8)
+    assert scorer.same_tokens
+    prompts, texts = ["hello there", "hello there", "abc", "abc"], ["fine thanks", "fine thanks", "ok", "ok"]
+    stops = [tok.eos_token_id, eot, tok.eos_token_id, eot]
+    enc = tr.encode(prompts)
+    q_ids, q_mask = left_pad(enc, tr.pad_id)
+    resp = [tok(t, add_special_tokens=False)["input_ids"] + [s] for t, s in zip(texts, stops)]
+    r_ids, r_mask = right_pad(resp, tr.pad_id)
+    rollout = Rollout(prompts, q_ids, q_mask, r_ids, r_mask, torch.ones(4, dtype=torch.bool), texts, enc)
+    reused = scorer(rollout)
+    scorer.same_tokens = False
+    reencoded = scorer(rollout)
+    alone = torch.stack([rm(torch.tensor([q + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]),
+                            torch.ones(1, len(q) + len(t) + 1, dtype=torch.long))[0] for q, t in zip(enc, texts)])
+    torch.testing.assert_close(reused, alone.double(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(reencoded, alone.double(), atol=1e-10, rtol=0)
+    assert torch.equal(rollout.response_ids[1, len(resp[1]) - 1], torch.tensor(eot))  # the rollout itself untouched

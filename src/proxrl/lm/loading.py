@@ -2,8 +2,9 @@
 
 Named choices (DETAILS LM side), each pinned by a test in ``tests/test_lm_model.py``:
 
-* LM-1 **pad ≠ eos.** When a tokenizer has no pad token, or pads with EOS, an existing non-EOS special
-  token (unk, then bos) becomes the pad; only if there is none is ``<|pad|>`` added (embeddings resized).
+* LM-1 **pad ≠ eos.** When a tokenizer has no pad token, or pads with EOS or another token its model's
+  generation config stops at, an existing special token that is none of them (unk, then bos) becomes the
+  pad; only if there is none is ``<|pad|>`` added (embeddings resized).
   Masks are never derived from the pad id anyway: responses are cut at their first stop token.
 * Only safetensors weights are read (a ``pytorch_model.bin`` would be unpickled); ``trust_remote_code``
   stays off.
@@ -202,13 +203,48 @@ def check_fits_context(model, max_prompt_length: int, response: int, response_fi
 
 
 def ensure_pad_token(tokenizer, model=None) -> int:
-    """Make the pad token distinct from EOS (DETAILS LM-1); pad on the left. Returns the pad id."""
+    """Make the pad token distinct from EOS and every stop id of the model (DETAILS LM-1); pad on the left.
+    Returns the pad id. With the ``model``, also fit its vocabulary to the tokenizer's (:func:`fit_vocabulary`)."""
+    if model is not None:
+        fit_vocabulary(tokenizer, model)  # before a pad token is added
+    pad = _pad_token(tokenizer, model)
+    if model is not None:
+        model.proxrl_vocab = len(tokenizer)  # the actions: the tokenizer's ids (a pad it added included)
+    return pad
+
+
+def fit_vocabulary(tokenizer, model) -> None:
+    """Token ids and embedding rows must match. A tokenizer with ids the model has no embedding row for (a
+    tokenizer of another model, tokens added without resizing) is a one-line ConfigError — an id ≥ the rows
+    was an IndexError (a device-side assert on CUDA) at the first prompt holding it. Rows beyond the
+    tokenizer (the embedding padded to a multiple, as Qwen2, Phi-3 and OLMo ship) are no tokens: the
+    policy never samples or scores them — :func:`token_logits` cuts the logits to the tokenizer's ids, in
+    the sampler and in every log-prob (they were drawn, decoded to nothing, and invisible to rewards)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError("model", f"its tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                          f"{rows} rows: ids {rows}..{len(tokenizer) - 1} have no embedding (the tokenizer of "
+                          "another model, or tokens added without resizing the model)",
+                          "use the model's own tokenizer, or save the model after "
+                          "model.resize_token_embeddings(len(tokenizer))")
+
+
+def token_logits(model, logits: Tensor) -> Tensor:
+    """``logits`` ``[..., V]`` of ``model`` cut to the ids of its tokenizer (``[..., n]``, n ≤ V) when the
+    embedding has rows beyond it (:func:`fit_vocabulary`); unchanged otherwise."""
+    n = getattr(model, "proxrl_vocab", None)
+    return logits[..., :n] if isinstance(n, int) and n < logits.shape[-1] else logits
+
+
+def _pad_token(tokenizer, model=None) -> int:
     tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+    # every stop token, not only the tokenizer's EOS: Qwen2.5-Instruct pads with <|endoftext|>, which its
+    # generation config also stops at (stop_token_ids drops the pad: responses ran on past it)
+    stops = {tokenizer.eos_token_id} | generation_stop_ids(model)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops:
         return tokenizer.pad_token_id
     for cand in (tokenizer.unk_token, tokenizer.bos_token):
-        if cand is not None and tokenizer.convert_tokens_to_ids(cand) != eos:
+        if cand is not None and tokenizer.convert_tokens_to_ids(cand) not in stops:
             tokenizer.pad_token = cand
             return tokenizer.pad_token_id
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
@@ -239,17 +275,21 @@ def stop_token_ids(tokenizer, model=None, field: str = "model") -> list[int]:
     """EOS of the tokenizer plus those of the model's generation config (chat models stop at end-of-turn).
     None at all: a one-line ConfigError naming ``field`` (the option that named the model)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(int(i) for i in extra)
+    ids |= generation_stop_ids(model)
     ids.discard(tokenizer.pad_token_id)
     if not ids:
         raise ConfigError(field, "its tokenizer has no EOS token and its generation config names none, so "
                           "responses could never stop", "use a model whose tokenizer sets eos_token")
     return sorted(ids)
+
+
+def generation_stop_ids(model) -> set[int]:
+    """The ids the model's generation config stops at (``eos_token_id``: an id or a list); none without one."""
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        return {extra}
+    return {int(i) for i in extra} if extra else set()
 
 
 def use_chat_template(tokenizer, mode: str) -> bool:
@@ -275,6 +315,13 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_len: int) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(str(text))["input_ids"]
+        plain = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        if len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id and ids[len(ids) - 1 - len(plain):-1] == plain:
+            ids = ids[:-1]  # a tokenizer that appends EOS (add_eos_token): a prompt to answer does not end the text
+    if not ids:  # a fully padded row: the first token would be drawn from (and trained on) a masked position
+        raise ConfigError("prompt", f"{str(text)[:60]!r} tokenises to no token at all (no BOS is added), so a "
+                          "causal LM has nothing to condition the first response token on",
+                          "give every prompt some text, or use a chat template (--chat-template on)")
     return ids[-max_len:]
 
 

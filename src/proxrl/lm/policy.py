@@ -31,7 +31,7 @@ from ..run import checkpoint
 from ..run.fsdp import full, shard_model, to_layout
 from .config import ModelOptions
 from .loading import (DTYPES, apply_finetune, ensure_pad_token, freeze, load_causal_lm, load_into, load_tokenizer,
-                      read_run_config)
+                      read_run_config, token_logits)
 
 
 def position_ids(mask: Tensor) -> Tensor:
@@ -55,7 +55,7 @@ def forward(model: nn.Module, ids: Tensor, mask: Tensor, keep_logits: int, hidde
     finally:
         if handle is not None:
             handle.remove()
-    logits = out.logits[:, -keep_logits:] if keep_logits else out.logits
+    logits = token_logits(model, out.logits[:, -keep_logits:] if keep_logits else out.logits)  # the tokenizer's ids
     h = None
     if hidden:
         h = captured[-1]

@@ -169,7 +169,7 @@ class PPOTrainer:
         last good checkpoint is intact). With ``on_nonfinite='skip'`` the weights and optimizer are put back
         as they were before the update, the update counts, and its metrics line says ``skipped`` (also
         printed on stderr) — never silently."""
-        scores = self._checked_scores(rollout, scores)
+        scores = self._agreed(lambda: self._checked_scores(rollout, scores))  # a rank's bad rows: every rank stops
         if self.cfg.rollout_lag:  # the weights this update starts from: a later update's sampler
             self.lagged.append({k: v.clone() for k, v in self.policy.trainable_state().items()})
         backup = None
@@ -199,6 +199,13 @@ class PPOTrainer:
         if vals.shape != (len(rollout),):
             raise ConfigError("scores", f"{vals.numel()} scores for the rollout's {len(rollout)} responses{where}",
                               "pass one score per response, in the rollout's order")
+        lm = self.policy.lm  # its actions: the tokenizer's ids (the logits cut to them: loading.token_logits)
+        n = getattr(lm, "proxrl_vocab", None) or lm.get_input_embeddings().weight.shape[0]
+        top = int((rollout.ids * rollout.mask).max()) if rollout.ids.numel() else 0
+        if top >= n:  # an outside engine's rollout: an id past them was an index error deep in the update
+            raise ConfigError("rollout", f"holds token id {top}, beyond the policy's {n} token ids{where} (an "
+                              "engine that samples the model's padded embedding rows, or another tokenizer)",
+                              "sample only the tokenizer's ids (e.g. mask logits past len(tokenizer))")
         return vals
 
     def _step(self, rollout: Rollout, scores: Tensor) -> dict[str, float]:

@@ -260,6 +260,14 @@ class Scorer:
         rm = self.rm
         if self.same_tokens:
             ids, mask = rollout.ids, rollout.mask
+            eos = rm.tokenizer.eos_token_id
+            if eos is not None and bool(rollout.stopped.any()):
+                # a response that stopped at another stop token (a generation config's list, e.g. Llama 3's
+                # end-of-turn) ends in the reward model's EOS, as it was trained (rm.encode_pairs) and as
+                # the re-encoding path below scores it: the score is read there
+                rows = rollout.stopped.nonzero().flatten()
+                ids = ids.clone()
+                ids[rows, rollout.query_ids.shape[1] + last_real_index(rollout.response_mask)[rows]] = eos
         else:  # a different tokenizer: decode and re-encode (documented cost)
             tok = rm.tokenizer
             seqs = []

@@ -65,6 +65,7 @@ def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperatur
     Returns ``[B, R']``, R' ≤ ``max_new_tokens``."""
     import inspect
 
+    from .loading import token_logits
     from .policy import position_ids
 
     sampler = InverseCDFSampler(temperature, generator, top_k, top_p)
@@ -75,7 +76,7 @@ def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperatur
     stop = torch.tensor(stop_ids, device=dev)
     pos = position_ids(q_mask)                                            # [B, P]
     out = model(input_ids=q_ids, attention_mask=q_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = _cache(out), out.logits[:, -1]                         # [B, V]
+    past, logits = _cache(out), token_logits(model, out.logits[:, -1])    # [B, V]: the tokenizer's ids
     mask, next_pos = q_mask, pos[:, -1:] + 1                              # [B, P], [B, 1]
     finished = torch.zeros(q_ids.shape[0], dtype=torch.bool, device=dev)
     tokens = []
@@ -89,7 +90,7 @@ def sample(model, q_ids: Tensor, q_mask: Tensor, max_new_tokens: int, temperatur
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
                     **{cache_kw: past})
-        past, logits = _cache(out), out.logits[:, -1]
+        past, logits = _cache(out), token_logits(model, out.logits[:, -1])
         next_pos = next_pos + 1
     return torch.stack(tokens, 1)
 

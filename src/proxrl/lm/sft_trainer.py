@@ -76,7 +76,7 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     # several processes: each takes its rows of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
     d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log)
-    uniform = math.log(base.get_input_embeddings().weight.shape[0])  # the loss of a uniform next-token guess
+    uniform = math.log(len(tok))  # the loss of a uniform guess over the tokenizer's ids (the logits' width)
     warned = False
     g = torch.Generator().manual_seed(cfg.seed)
     log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
@@ -137,11 +137,13 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
 def greedy_answers(model, tok, records: list[dict], chat: bool, cfg, pad: int, stop: list[int]) -> list[tuple]:
     """``(prompt, greedy answer, nan)`` for each record: the readable samples of an SFT run."""
     items = []
+    rows = getattr(model.config, "vocab_size", None) or len(tok)
+    beyond = list(range(len(tok), rows)) or None  # embedding rows that are no tokens: never chosen (fit_vocabulary)
     with torch.inference_mode():
         for rec in records:
             q = torch.tensor([encode_prompt(tok, rec["prompt"], chat, cfg.max_prompt_length)], device=cfg.device)
             out = model.generate(input_ids=q, attention_mask=torch.ones_like(q), max_new_tokens=cfg.max_response_length,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=stop,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=stop, suppress_tokens=beyond,
                                  synced_gpus=False)  # one rank generates (fsdp: with the weights gathered)
             items.append((rec["prompt"], tok.decode(out[0, q.shape[1]:], skip_special_tokens=True), float("nan")))
     return items

@@ -354,6 +354,12 @@ assert d.gather_rows(torch.full((2 - r, 2), float(r)), rows=[2, 1]).tolist() == 
 flat = torch.full((4,), float(r + 1))
 st = d.sum_step(None, flat, {"loss": torch.tensor(r + 0.5), "note": "x"}, ["loss"])
 assert flat.tolist() == [3.0] * 4 and float(st["loss"]) == 2.0 and st["note"] == "x"
+# gradients: one held by rank 1 only is summed onto every rank; one held by no rank stays None (as on one
+# process, where Adam skips it: a zero gradient gave it optimizer state and steps that depend on the ranks)
+a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+a.grad = torch.full((2,), 1.5) if r == 1 else None
+d.all_reduce_grads([a, b])
+assert a.grad.tolist() == [1.5, 1.5] and b.grad is None, (a.grad, b.grad)
 # an error on rank 1 only (or a missing statistic) stops both ranks with rank 1's line, no hang
 for bad in ({"error": ValueError("loss: NaN at update 7")}, {"stats": {}}):
     try:

@@ -301,6 +301,21 @@ BAD_REWARDS = [["0.5", 1.0], {"a": 1.0, "b": 2.0}, [True, 1.0], [np.bool_(True),
                np.ones((2, 1)), {1.0, 2.0}, [1.0], [1.0, 2.0, 3.0]]
 
 
+def test_a_nonfinite_reward_names_the_response_by_its_place_in_the_whole_batch():
+    """On several processes a rank scores rows 6–8 of a batch of 9: a NaN for its first row is response 6 of the
+    batch (it said "3 of 3 responses … response 0", the rank's own numbering, on 3 processes)."""
+    from proxrl.errors import NumericsError
+
+    class Shard(_Rollout):
+        rows = slice(6, 8)
+
+    nan = _scorer(lambda p, r: [float("nan"), 1.0])
+    with pytest.raises(NumericsError, match=r"for 1 of 2 responses 6–7 at update 1 \(first: response 6, 'x'\)"):
+        nan(Shard(), " at update 1")
+    with pytest.raises(NumericsError, match=r"for 1 of 2 responses at update 1 \(first: response 0, 'x'\)"):
+        nan(_Rollout(), " at update 1")  # one process: as before
+
+
 def test_reward_values_only_real_numbers():
     from proxrl.errors import ProxrlError
 

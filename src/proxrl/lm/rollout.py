@@ -237,9 +237,12 @@ class Scorer:
         """Scores ``[B]`` (float64). NaN/inf is a one-line NumericsError naming the reward and ``where``."""
         scores = self._scores(rollout, where)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-        if bad:
+        if bad:  # on several processes: this rank's rows, numbered as in the global batch
+            off = rollout.rows.start if getattr(rollout, "rows", None) is not None else 0
+            span = f" {off}–{off + len(scores) - 1}" if getattr(rollout, "rows", None) is not None else ""
             raise NumericsError(f"{self.name} returned {scores[bad[0]].item()} for {len(bad)} of {len(scores)} "
-                                f"responses{where} (first: response {bad[0]}, {rollout.responses[bad[0]][:40]!r})")
+                                f"responses{span}{where} (first: response {off + bad[0]}, "
+                                f"{rollout.responses[bad[0]][:40]!r})")
         return scores
 
     @torch.inference_mode()

@@ -44,7 +44,8 @@ def sft_examples(tokenizer, records: list[dict], chat: bool, max_prompt: int, ma
 def sft_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the tokens where ``loss_mask`` is 1 (positions t ≥ 1, predicted from t−1)."""
     logits, _ = forward(model, ids, mask, 0)
-    logits = logits.float()  # the cross-entropy in float32 even under autocast
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the cross-entropy in float32 under autocast (a
+        logits = logits.float()  # float64 model keeps float64: a float32 cast rounds its loss and gradients)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return (ce.view(ids.shape[0], -1) * loss_mask[:, 1:]).sum()
 

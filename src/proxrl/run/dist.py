@@ -91,8 +91,11 @@ class Dist:
         return t
 
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum every gradient over ranks, in one flat buffer (parameters without a gradient count as 0). FSDP2
-        shards (``--parallel fsdp``) are left alone: their backward already reduce-scattered the sum."""
+        """Sum every gradient over ranks, in one flat buffer (parameters without a gradient count as 0). A
+        parameter that has a gradient on no rank (a value head no loss uses) keeps none, as on one process —
+        Adam skips it there, and a zero gradient would give it optimizer state and steps that depend on the
+        process count. FSDP2 shards (``--parallel fsdp``) are left alone: their backward already
+        reduce-scattered the sum."""
         if not self.on:
             return
         if self.fsdp:
@@ -102,12 +105,13 @@ class Dist:
             if not params:
                 return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        has = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [has])  # the flags travel with the gradients
         self.all_reduce_(flat)  # on the parameters' device (moved for gloo when they are on a GPU)
-        off = 0
-        for p, g in zip(params, grads):
+        off, held = 0, flat[-len(params):].tolist()
+        for p, g, h in zip(params, grads, held):
             n = g.numel()
-            p.grad = flat[off:off + n].view_as(g).clone()
+            p.grad = flat[off:off + n].view_as(g).clone() if h > 0 else None
             off += n
 
     def sum_step(self, error: Optional[BaseException], flat: Tensor, stats: dict, keys: Sequence[str]) -> dict:

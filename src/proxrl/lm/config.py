@@ -224,7 +224,8 @@ class PPOConfig(ModelOptions):
     num_minibatches: int = 2
     """minibatches per epoch, one optimizer step each"""
     micro_batch_size: int = 8
-    """sequences per forward pass (gradient accumulation; does not change the result)"""
+    """sequences per forward pass (gradient accumulation; does not change the result beyond float rounding —
+    which trpo's conjugate gradient can amplify over updates at a small --cg-damping)"""
     forward_batch_size: int = 32
     """sequences per no-grad forward: the rollout's log-probs, values and reference log-probs, and reward-model
     scoring (no activations are kept for backward, so larger chunks than micro_batch_size fit and run faster)"""

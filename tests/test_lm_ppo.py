@@ -106,6 +106,21 @@ def test_ziegler_controller_matches_formula():
     assert core.ziegler_beta_update(0.1, 0.0, 6.0, 16, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.16))
 
 
+def test_a_horizon_that_would_turn_beta_negative_is_refused():
+    # batch 8, horizon 1: a KL below target (0 at the start) multiplied β by 1 − 0.2·8 = −0.6, so the
+    # penalty −β·KL became a bonus for moving away from the reference (0.05 → −0.03 → 0.018 → …)
+    from proxrl.errors import ConfigError
+
+    for horizon in (1, 2):  # 2: factor exactly 0, β stuck at 0 for good
+        cfg = PPOConfig(policy="p", reward="x:y", batch_size=10, kl_horizon=horizon)
+        with pytest.raises(ConfigError, match=r"^kl_horizon: .*β by 1 − 0\.2·batch_size/kl_horizon = .*--kl-horizon > 2,"):
+            cfg.validate(need_prompts=False)
+    PPOConfig(policy="p", reward="x:y", batch_size=10, kl_horizon=3).validate(need_prompts=False)
+    PPOConfig(policy="p", reward="x:y", batch_size=10, kl_horizon=1, adaptive_kl=False).validate(need_prompts=False)
+    with pytest.raises(ValueError, match="horizon > n_steps/5"):
+        core.ziegler_beta_update(0.05, 0.0, 6.0, 8, 1)
+
+
 def test_trainer_applies_the_controller_once_per_update(tiny):
     tr = make_trainer(tiny, kl_coef=0.2, target_kl_ref=0.01, kl_horizon=40, lr=1e-2)
     for _ in range(2):

@@ -313,7 +313,11 @@ def ppo_beta_update(beta: float, kl: float, kl_target: float, factor: float = 2.
 
 def ziegler_beta_update(beta: float, kl: float, kl_target: float, n_steps: int, horizon: int) -> float:
     """Adaptive KL controller of Ziegler et al. 2019 (arXiv:1909.08593, §2.2):
-    β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)."""
+    β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon). Needs horizon > n_steps/5: else a KL below
+    target would make β zero or negative (a bonus for moving away from the reference)."""
+    if 5 * horizon <= n_steps:
+        raise ValueError(f"ziegler_beta_update needs horizon > n_steps/5 (β would turn ≤ 0), got horizon={horizon}, "
+                         f"n_steps={n_steps}")
     error = min(max(kl / kl_target - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n_steps / horizon)
 

@@ -329,6 +329,11 @@ class PPOConfig(ModelOptions):
               "fp16 needs a gradient scaler, and the trust-region update (trpo) takes no optimizer step to scale",
               "use --precision bf16 or fp32 with trpo")
         check(self.target_kl_ref > 0, "target_kl_ref", f"must be > 0, got {self.target_kl_ref}")
+        factor = 1 - 0.2 * self.batch_size / self.kl_horizon  # the controller's step when the KL is below target
+        check(not self.adaptive_kl or factor > 0, "kl_horizon",
+              f"{self.kl_horizon} with batch_size={self.batch_size}: a KL to the reference below target multiplies "
+              f"β by 1 − 0.2·batch_size/kl_horizon = {factor:.3g} (≤ 0: a β of 0 or below, a bonus for moving away "
+              "from the reference)", f"use --kl-horizon > {self.batch_size / 5:g}, or --no-adaptive-kl")
         check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
         check(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")

@@ -118,6 +118,20 @@ def make_trainer(tiny, **kw):
     return PPOTrainer(RLConfig(**args), reward=mean_byte)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "pg-baseline"])
+def test_a_score_offset_does_not_change_the_baselined_advantages_in_float32(tiny, algo):
+    # the baselines are shift-invariant; in float32 the scores 1e6 + 0.01·i rounded to 1e6 (an ulp of 0.06)
+    # before the group mean was taken: GRPO's advantages were all 0, a silent update of nothing
+    t = make_trainer(tiny, algo=algo, dtype="float32", kl_coef=0.0)
+    ro = t.generate([p for p in ("ab", "xyz") for _ in range(4)])
+    small = torch.tensor([0.01 * (i % 4) + 0.003 * (i // 4) for i in range(8)], dtype=torch.float64)
+    want = t.make_batch(ro, small)[0].adv
+    for offset in (1e6, -3e7):
+        got = t.make_batch(ro, small + offset)[0].adv
+        assert got.dtype == torch.float32 and got.abs().max() > 0.005
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (offset, got[:, 0], want[:, 0])
+
+
 def test_grpo_one_epoch_one_minibatch_equals_pg_baseline_group_norm(tiny):
     grpo = make_trainer(tiny, algo="grpo", update_epochs=1, num_minibatches=1)
     pgb = make_trainer(tiny, algo="pg-baseline", baseline="group-norm")

@@ -404,7 +404,16 @@ class TokenRollouts:
         if cfg.advantage == "gae":
             batch = objective.estimate_advantages(batch, "gae", cfg.gamma, cfg.gae_lambda)
         else:  # LM rungs 1–2: the response's return (minus a baseline over the prompt's K samples) on every token
-            batch = sequence_advantages(batch, rollout.prompts, cfg)
+            # in float64 from the float64 scores, then the batch's dtype: in float32 a score offset (1e6: an ulp
+            # of 0.06) rounded away the differences between responses the baseline keeps (GRPO's all 0)
+            f64 = torch.float64
+            exact = token_rewards(apply_missing_eos_penalty(scores.to(dev, f64), stopped, cfg.missing_eos_penalty),
+                                  kl_reward.to(f64), mask.to(f64), kl_coef)
+            if whitened:
+                exact = core.masked_whiten(exact, mask.to(f64), shift_mean=False)
+            seq = sequence_advantages(token_batch(batch.actions, mask.to(f64), stopped, logp_old.to(f64), exact,
+                                                  values.to(f64)), rollout.prompts, cfg)
+            batch = batch.replace(adv=seq.adv.to(dtype), ret=seq.ret.to(dtype))
         adv = objective.normalize_advantages(batch.adv, mask, cfg.norm_adv)
         batch = batch.replace(adv=adv)
         off_stats = {}

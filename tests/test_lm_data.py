@@ -30,6 +30,37 @@ def test_text_records_from_jsonl_parquet_and_a_saved_dataset_are_the_same(tmp_pa
         assert [(r["prompt"], r["response"]) for r in got] == [(r["prompt"], r["response"]) for r in want], src
 
 
+def test_records_with_different_fields_read_the_same_from_every_source(tmp_path):
+    """A table (parquet, a datasets directory, datasets' to_json) holds every column in every row, null where a
+    record lacks the field: records mixing `response`/`completion`, text/`messages`, `prompt`/`messages` were
+    read from JSONL and refused from parquet ("field 'response' must be a string, got NoneType")."""
+    pd = pytest.importorskip("pandas")
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+    cases = {"sft": [{"prompt": "a", "response": "b"}, {"prompt": "c", "completion": "d"}, {"messages": chat}],
+             "ppo": [{"prompt": "x"}, {"messages": chat[:1]}],
+             "rm": [{"prompt": "p", "chosen": "a", "rejected": "b", "note": None}, {"prompt": "p", "chosen": "c",
+                                                                                     "rejected": "d", "note": "n"}]}
+    for stage, rows in cases.items():
+        write_jsonl(tmp_path / f"{stage}.jsonl", rows)
+        ds = datasets.Dataset.from_pandas(pd.DataFrame(rows))  # every row has every column (from_list: the first's)
+        ds.to_parquet(str(tmp_path / f"{stage}.parquet"))
+        ds.save_to_disk(str(tmp_path / f"{stage}-dir"))
+        ds.to_json(str(tmp_path / f"{stage}-hf.jsonl"))
+        fields = STAGE_FIELDS[stage]
+        want = [tuple(r[f] for f in fields) for r in read_records(tmp_path / f"{stage}.jsonl", stage)]
+        for src in (f"{stage}.parquet", f"{stage}-dir", f"{stage}-hf.jsonl"):
+            got = read_records(tmp_path / src, stage)
+            assert [tuple(r[f] for f in fields) for r in got] == want, src
+            assert [getattr(r["prompt"], "messages", None) for r in got] == \
+                [getattr(r["prompt"], "messages", None) for r in read_records(tmp_path / f"{stage}.jsonl", stage)]
+    write_jsonl(tmp_path / "null.jsonl", [{"prompt": "a", "response": None}])
+    with pytest.raises(DataError, match=r"null.jsonl:1: missing field 'response'"):
+        read_records(tmp_path / "null.jsonl", "sft")
+
+
+STAGE_FIELDS = {"sft": ("prompt", "response"), "ppo": ("prompt",), "rm": ("prompt", "chosen", "rejected")}
+
+
 def test_chat_records_for_each_stage(tmp_path):
     sft = read_records(_jsonl(tmp_path, "sft.jsonl", [CHAT_SFT]), "sft")[0]
     assert isinstance(sft["prompt"], Conversation) and sft["response"] == "hello!"

@@ -67,6 +67,9 @@ def read_records(path: str | os.PathLike, stage: str) -> list[dict]:
     for where, rec in _rows(path):
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        # a null field is a missing one: parquet and datasets rows (and datasets' to_json) hold every column of
+        # the table, null where a record has no such field, so the same records read the same from every source
+        rec = {k: v for k, v in rec.items() if v is not None}
         records.append(_normalise(rec, stage, where))
     if not records:
         raise DataError(f"{path}: no records (expected {', '.join(required)} per record, or chat messages)")

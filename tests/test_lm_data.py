@@ -61,6 +61,26 @@ def test_records_with_different_fields_read_the_same_from_every_source(tmp_path)
 STAGE_FIELDS = {"sft": ("prompt", "response"), "ppo": ("prompt",), "rm": ("prompt", "chosen", "rejected")}
 
 
+def test_csv_and_json_array_files_are_told_what_the_data_is_read_as(tmp_path):
+    """A CSV file or a JSON array (Alpaca's format) was refused as 'not valid JSON (Expecting value)' or
+    'expected a JSON object, got list' with no word of which formats are read."""
+    rows = [{"prompt": "q", "response": "a"}]
+    (tmp_path / "d.csv").write_text("prompt,response\nq,a\n")
+    (tmp_path / "one.json").write_text(json.dumps(rows))
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
+    for name, first in (("d.csv", "not valid JSON"), ("one.json", "expected a JSON object, got list"),
+                        ("pretty.json", "not valid JSON")):
+        with pytest.raises(DataError) as e:
+            read_records(tmp_path / name, "sft")
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}:1: {first}") and "\n" not in msg, msg
+        assert "read as JSON lines (one object per line), a .parquet file or a datasets.save_to_disk" in msg, msg
+    write_jsonl(tmp_path / "d.jsonl", rows + rows)
+    (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text() + "{oops\n")
+    with pytest.raises(DataError, match=r"d.jsonl:3: not valid JSON \([^)]*\)$"):  # a later line: no format hint
+        read_records(tmp_path / "d.jsonl", "sft")
+
+
 def test_chat_records_for_each_stage(tmp_path):
     sft = read_records(_jsonl(tmp_path, "sft.jsonl", [CHAT_SFT]), "sft")[0]
     assert isinstance(sft["prompt"], Conversation) and sft["response"] == "hello!"

@@ -36,6 +36,10 @@ RM_FIELDS = ("prompt", "chosen", "rejected")
 PPO_FIELDS = ("prompt",)
 STAGES = {"sft": SFT_FIELDS, "rm": RM_FIELDS, "ppo": PPO_FIELDS}
 ROLES = ("system", "user", "assistant", "tool")
+#: what a file that is not JSON lines (CSV, a JSON array) is told
+FORMATS = ("the data is read as JSON lines (one object per line), a .parquet file or a datasets.save_to_disk "
+           "directory, not CSV or a JSON array (convert with datasets: Dataset.from_csv(f) or Dataset.from_json(f), "
+           "then .to_json('data.jsonl'))")
 
 
 class Conversation(str):
@@ -66,7 +70,8 @@ def read_records(path: str | os.PathLike, stage: str) -> list[dict]:
     records = []
     for where, rec in _rows(path):
         if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}"
+                            + (f"; {FORMATS}" if isinstance(rec, list) else ""))
         # a null field is a missing one: parquet and datasets rows (and datasets' to_json) hold every column of
         # the table, null where a record has no such field, so the same records read the same from every source
         rec = {k: v for k, v in rec.items() if v is not None}
@@ -105,7 +110,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
                 except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})"
+                                    + (f"; {FORMATS}" if lineno == 1 else "")) from None
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text (give JSON lines, a .parquet file or a datasets directory)") from None
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -258,6 +259,34 @@ def test_sft_trains_on_chat_messages_from_parquet(tmp_path):
     (ids, loss_mask), = sft_examples(tok, read_records(tmp_path / "chat.parquet", "sft")[:1], True, 64, 8,
                                      tok.eos_token_id)
     assert tok.decode(ids) == "<user>q0<assistant>ok</s>" and sum(loss_mask) == len("ok") + 1
+
+
+def test_multi_turn_sft_trains_the_last_assistant_turn_only_as_the_help_says(tmp_path):
+    """A multi-turn `messages` record: the loss is on the last assistant turn + EOS, never on the system or
+    user turns, the template's assistant header or an earlier assistant turn; the docs did not say which."""
+    import subprocess
+    import sys
+
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.sft_trainer import sft_examples
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+             {"role": "assistant", "content": "a2"}]
+    recs = read_records(_jsonl(tmp_path, "mt.jsonl", [{"messages": turns}]), "sft")
+    for chat, text in ((True, "<system>S</s><user>u1</s><assistant>a1</s><user>u2</s><assistant>a2</s>"),
+                       (False, "system: S\nuser: u1\nassistant: a1\nuser: u2a2</s>")):
+        (ids, mask), = sft_examples(tok, recs, chat, 256, 64, tok.eos_token_id)
+        assert tok.decode(ids) == text
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "a2</s>"
+        assert mask == [0] * len(encode_prompt(tok, recs[0]["prompt"], chat, 256)) + [1] * 3
+    out = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", "sft", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "300"})
+    assert "last assistant turn only" in " ".join(out.stdout.split()), out.stdout[-2000:]
 
 
 def _jsonl(tmp_path, name, rows):

@@ -5,7 +5,9 @@ Each stage reads records with these fields (extra fields are allowed and ignored
 =========  ==========================================  =============================================
 stage      text records                                chat records (conversational, as TRL's)
 =========  ==========================================  =============================================
-sft        ``prompt``, ``response`` (or ``completion``)  ``messages`` ending in an assistant turn
+sft        ``prompt``, ``response`` (or ``completion``)  ``messages`` ending in an assistant turn: that last
+                                                       turn is the response (trained); earlier assistant
+                                                       turns are prompt (not trained)
 rm         ``prompt``, ``chosen``, ``rejected``          ``chosen`` / ``rejected`` conversations sharing
                                                        their turns but the last (the implicit prompt),
                                                        or ``prompt`` turns + one assistant turn each

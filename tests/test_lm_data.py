@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -28,6 +29,57 @@ def test_text_records_from_jsonl_parquet_and_a_saved_dataset_are_the_same(tmp_pa
     for src in ("d.parquet", "dir", "dict"):
         got = read_records(tmp_path / src, "sft")
         assert [(r["prompt"], r["response"]) for r in got] == [(r["prompt"], r["response"]) for r in want], src
+
+
+def test_records_with_different_fields_read_the_same_from_every_source(tmp_path):
+    """A table (parquet, a datasets directory, datasets' to_json) holds every column in every row, null where a
+    record lacks the field: records mixing `response`/`completion`, text/`messages`, `prompt`/`messages` were
+    read from JSONL and refused from parquet ("field 'response' must be a string, got NoneType")."""
+    pd = pytest.importorskip("pandas")
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]
+    cases = {"sft": [{"prompt": "a", "response": "b"}, {"prompt": "c", "completion": "d"}, {"messages": chat}],
+             "ppo": [{"prompt": "x"}, {"messages": chat[:1]}],
+             "rm": [{"prompt": "p", "chosen": "a", "rejected": "b", "note": None}, {"prompt": "p", "chosen": "c",
+                                                                                     "rejected": "d", "note": "n"}]}
+    for stage, rows in cases.items():
+        write_jsonl(tmp_path / f"{stage}.jsonl", rows)
+        ds = datasets.Dataset.from_pandas(pd.DataFrame(rows))  # every row has every column (from_list: the first's)
+        ds.to_parquet(str(tmp_path / f"{stage}.parquet"))
+        ds.save_to_disk(str(tmp_path / f"{stage}-dir"))
+        ds.to_json(str(tmp_path / f"{stage}-hf.jsonl"))
+        fields = STAGE_FIELDS[stage]
+        want = [tuple(r[f] for f in fields) for r in read_records(tmp_path / f"{stage}.jsonl", stage)]
+        for src in (f"{stage}.parquet", f"{stage}-dir", f"{stage}-hf.jsonl"):
+            got = read_records(tmp_path / src, stage)
+            assert [tuple(r[f] for f in fields) for r in got] == want, src
+            assert [getattr(r["prompt"], "messages", None) for r in got] == \
+                [getattr(r["prompt"], "messages", None) for r in read_records(tmp_path / f"{stage}.jsonl", stage)]
+    write_jsonl(tmp_path / "null.jsonl", [{"prompt": "a", "response": None}])
+    with pytest.raises(DataError, match=r"null.jsonl:1: missing field 'response'"):
+        read_records(tmp_path / "null.jsonl", "sft")
+
+
+STAGE_FIELDS = {"sft": ("prompt", "response"), "ppo": ("prompt",), "rm": ("prompt", "chosen", "rejected")}
+
+
+def test_csv_and_json_array_files_are_told_what_the_data_is_read_as(tmp_path):
+    """A CSV file or a JSON array (Alpaca's format) was refused as 'not valid JSON (Expecting value)' or
+    'expected a JSON object, got list' with no word of which formats are read."""
+    rows = [{"prompt": "q", "response": "a"}]
+    (tmp_path / "d.csv").write_text("prompt,response\nq,a\n")
+    (tmp_path / "one.json").write_text(json.dumps(rows))
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
+    for name, first in (("d.csv", "not valid JSON"), ("one.json", "expected a JSON object, got list"),
+                        ("pretty.json", "not valid JSON")):
+        with pytest.raises(DataError) as e:
+            read_records(tmp_path / name, "sft")
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}:1: {first}") and "\n" not in msg, msg
+        assert "read as JSON lines (one object per line), a .parquet file or a datasets.save_to_disk" in msg, msg
+    write_jsonl(tmp_path / "d.jsonl", rows + rows)
+    (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text() + "{oops\n")
+    with pytest.raises(DataError, match=r"d.jsonl:3: not valid JSON \([^)]*\)$"):  # a later line: no format hint
+        read_records(tmp_path / "d.jsonl", "sft")
 
 
 def test_chat_records_for_each_stage(tmp_path):
@@ -207,6 +259,34 @@ def test_sft_trains_on_chat_messages_from_parquet(tmp_path):
     (ids, loss_mask), = sft_examples(tok, read_records(tmp_path / "chat.parquet", "sft")[:1], True, 64, 8,
                                      tok.eos_token_id)
     assert tok.decode(ids) == "<user>q0<assistant>ok</s>" and sum(loss_mask) == len("ok") + 1
+
+
+def test_multi_turn_sft_trains_the_last_assistant_turn_only_as_the_help_says(tmp_path):
+    """A multi-turn `messages` record: the loss is on the last assistant turn + EOS, never on the system or
+    user turns, the template's assistant header or an earlier assistant turn; the docs did not say which."""
+    import subprocess
+    import sys
+
+    from proxrl.lm.loading import encode_prompt
+    from proxrl.lm.sft_trainer import sft_examples
+    from proxrl.lm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+             {"role": "assistant", "content": "a2"}]
+    recs = read_records(_jsonl(tmp_path, "mt.jsonl", [{"messages": turns}]), "sft")
+    for chat, text in ((True, "<system>S</s><user>u1</s><assistant>a1</s><user>u2</s><assistant>a2</s>"),
+                       (False, "system: S\nuser: u1\nassistant: a1\nuser: u2a2</s>")):
+        (ids, mask), = sft_examples(tok, recs, chat, 256, 64, tok.eos_token_id)
+        assert tok.decode(ids) == text
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "a2</s>"
+        assert mask == [0] * len(encode_prompt(tok, recs[0]["prompt"], chat, 256)) + [1] * 3
+    out = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", "sft", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "300"})
+    assert "last assistant turn only" in " ".join(out.stdout.split()), out.stdout[-2000:]
 
 
 def _jsonl(tmp_path, name, rows):

@@ -72,6 +72,30 @@ def test_a_reward_model_that_separates_nothing_is_warned_about(tiny, tmp_path, c
     assert "check that chosen and rejected really differ" in err.splitlines()[-1]
 
 
+def test_pairs_whose_chosen_and_rejected_are_the_same_tokens_are_warned_about(tiny, tmp_path, capsys):
+    """A pair with chosen = rejected, or one that differs only past --max-response-length (cut to the same
+    tokens), trains nothing and counts ½ in the accuracy: it was silent; one stderr line counts them."""
+    rows = [{"prompt": "q", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    rows += [{"prompt": "q", "chosen": "same", "rejected": "same"},
+             {"prompt": "q", "chosen": "abcd yes", "rejected": "abcd no"}]  # the same once cut to 4 tokens
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    cfg = dict(model=tiny, data=str(tmp_path / "prefs.jsonl"), epochs=1, batch_size=4, micro_batch_size=4,
+               eval_fraction=0, finetune="full")
+    reward_model(RMConfig(**cfg, out=str(tmp_path / "rm"), max_response_length=4), log=lambda *_: None)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: data:")]
+    assert lines == ["warning: data: 2 of 8 preference pairs have the same chosen and rejected tokens (1 only once "
+                     "their responses are cut to max_response_length 4) (first: record 7 of the data): they train nothing and "
+                     "count ½ in the pairwise accuracy; remove them or raise --max-response-length"], lines
+    reward_model(RMConfig(**cfg, out=str(tmp_path / "rm2"), max_response_length=16), log=lambda *_: None)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: data:")]
+    assert lines == ["warning: data: 1 of 8 preference pairs have the same chosen and rejected tokens (first: record 7 "
+                     "of the data): "
+                     "they train nothing and count ½ in the pairwise accuracy; remove them"], lines
+    write_jsonl(tmp_path / "prefs.jsonl", rows[:6])
+    reward_model(RMConfig(**cfg, out=str(tmp_path / "rm3")), log=lambda *_: None)
+    assert "warning: data:" not in capsys.readouterr().err
+
+
 def test_sft_then_ppo_from_the_sft_run(tiny, tmp_path):
     from proxrl.lm.sft_trainer import sft
     from proxrl.lm.ppo_trainer import ppo

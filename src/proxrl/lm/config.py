@@ -149,7 +149,8 @@ class SFTConfig(ModelOptions):
     model: str = ""
     """base model: a local directory, a hub name (needs the files in the local cache), or a .gguf file"""
     data: str = ""
-    """demonstrations: JSONL, .parquet or a datasets directory of {"prompt", "response"} (or chat "messages")"""
+    """demonstrations: JSONL, .parquet or a datasets directory of {"prompt", "response"} (or chat "messages": the
+    loss is on the last assistant turn only, earlier turns are the prompt)"""
     out: str = "runs/sft"
     """output directory (config.json, metrics.jsonl, checkpoints/, samples.md)"""
     overwrite: bool = False

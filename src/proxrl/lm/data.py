@@ -5,7 +5,9 @@ Each stage reads records with these fields (extra fields are allowed and ignored
 =========  ==========================================  =============================================
 stage      text records                                chat records (conversational, as TRL's)
 =========  ==========================================  =============================================
-sft        ``prompt``, ``response`` (or ``completion``)  ``messages`` ending in an assistant turn
+sft        ``prompt``, ``response`` (or ``completion``)  ``messages`` ending in an assistant turn: that last
+                                                       turn is the response (trained); earlier assistant
+                                                       turns are prompt (not trained)
 rm         ``prompt``, ``chosen``, ``rejected``          ``chosen`` / ``rejected`` conversations sharing
                                                        their turns but the last (the implicit prompt),
                                                        or ``prompt`` turns + one assistant turn each
@@ -36,6 +38,10 @@ RM_FIELDS = ("prompt", "chosen", "rejected")
 PPO_FIELDS = ("prompt",)
 STAGES = {"sft": SFT_FIELDS, "rm": RM_FIELDS, "ppo": PPO_FIELDS}
 ROLES = ("system", "user", "assistant", "tool")
+#: what a file that is not JSON lines (CSV, a JSON array) is told
+FORMATS = ("the data is read as JSON lines (one object per line), a .parquet file or a datasets.save_to_disk "
+           "directory, not CSV or a JSON array (convert with datasets: Dataset.from_csv(f) or Dataset.from_json(f), "
+           "then .to_json('data.jsonl'))")
 
 
 class Conversation(str):
@@ -66,7 +72,11 @@ def read_records(path: str | os.PathLike, stage: str) -> list[dict]:
     records = []
     for where, rec in _rows(path):
         if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}"
+                            + (f"; {FORMATS}" if isinstance(rec, list) else ""))
+        # a null field is a missing one: parquet and datasets rows (and datasets' to_json) hold every column of
+        # the table, null where a record has no such field, so the same records read the same from every source
+        rec = {k: v for k, v in rec.items() if v is not None}
         records.append(_normalise(rec, stage, where))
     if not records:
         raise DataError(f"{path}: no records (expected {', '.join(required)} per record, or chat messages)")
@@ -102,7 +112,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
                 except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})"
+                                    + (f"; {FORMATS}" if lineno == 1 else "")) from None
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text (give JSON lines, a .parquet file or a datasets directory)") from None
 

@@ -97,6 +97,13 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     eval_pairs = [pairs[i] for i in order[:n_eval]]
     train_pairs = [pairs[i] for i in order[n_eval:]]
     d = context(cfg.device)
+    same = [i for i, (c, r) in enumerate(pairs) if c == r]
+    if same and d.main:  # silent otherwise: their loss is log 2 with no gradient, and each counts ½ in the accuracy
+        cut = sum(records[i]["chosen"] != records[i]["rejected"] for i in same)
+        print(f"warning: data: {len(same)} of {len(pairs)} preference pairs have the same chosen and rejected tokens"
+              + (f" ({cut} only once their responses are cut to max_response_length {cfg.max_response_length})"
+                 if cut else "") + f" (first: record {same[0] + 1} of the data): they train nothing and count ½ "
+              "in the pairwise accuracy; remove them" + (" or raise --max-response-length" if cut else ""), file=sys.stderr)
     if cfg.parallel == "fsdp" and d.on:  # sharded (trunk and head) before the optimizer sees it
         shard_model(rm, d, cfg.device, warmup=lambda m, ids: m.raw(ids, torch.ones_like(ids)))
     params = [p for p in rm.parameters() if p.requires_grad]

@@ -294,19 +294,25 @@ class PPOTrainer:
         return {"step": self.step_count, "kl_coef": self.kl_coef, "penalty_beta": self.penalty_beta,
                 "still_updates": self.still_updates, "warned_not_moving": self.warned_not_moving}
 
-    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+    def checkpoint_state(self, copy: bool = True) -> tuple[dict[str, Tensor], dict]:
         """Everything of the trainer that decides the rest of a run: trainable weights (``policy.*``: LoRA
         adapters or trained weights, value head), Adam state (``optimizer/*`` + JSON param groups — the
         learning rate is constant, so they are the whole schedule), the minibatch/prompt shuffle generator
         (``rng/shuffle``), both β, the update counter and, with fp16, the gradient scaler's state (``grad_scaler``:
         its scale and growth counter). The sampling seed of update u is derived from
-        ``seed`` and u, so nothing more is needed for generation."""
+        ``seed`` and u, so nothing more is needed for generation.
+
+        The tensors are copies (a snapshot that later updates leave as it is); ``copy=False`` returns views of
+        the live weights and Adam moments, which the next :meth:`step` changes — only for writing them out at
+        once (the stage loop's checkpoint), without a second copy in memory."""
         tensors = {f"policy.{k}": v for k, v in self.policy.trainable_state().items()}
         opt_t, opt_meta = optimizer_state(self.optimizer, "optimizer")
         tensors.update({k: full(v) for k, v in opt_t.items()})  # fsdp: the moments gathered from the shards
+        if copy:
+            tensors = {k: v.clone() for k, v in tensors.items()}
         tensors["rng/shuffle"] = self.shuffle.get_state()
         for i, snap in enumerate(self.lagged if self.cfg.rollout_lag else ()):
-            tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})
+            tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})  # already copies, never changed
         return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self.rollouts.warned_negative_kl,
                          "grad_scaler": scaler_state(self.scaler)}
 
@@ -557,7 +563,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         """Rank 0 writes (every rank holds the same state), once every rank has finished the update; the
         state is taken on every rank (fsdp: full tensors are gathered from the shards, a collective)."""
         d.barrier()
-        tensors, st = trainer.checkpoint_state()
+        tensors, st = trainer.checkpoint_state(copy=False)  # written at once: views suffice
         if d.main:
             rng_t, rng_meta = rng_state()
             tensors.update(rng_t)

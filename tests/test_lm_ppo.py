@@ -374,3 +374,24 @@ def test_checkpoint_state_is_a_snapshot_that_later_steps_leave_as_it_is(tiny):
         assert {k: v for k, v in m.items() if "time" not in k} == {k: v for k, v in n.items() if "time" not in k}
     wa, wb = a.policy.trainable_state(), b.policy.trainable_state()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_step_refuses_a_rollout_sampled_before_an_update(tiny):
+    """``step`` twice on one rollout, or on a rollout sampled before another update, trained on another
+    policy's tokens as the current one's (ratio 1, approx_kl 0: no correction) without a word. Now one line;
+    the weights untouched. A rollout carrying its sampler's log-probs (``logp_behaviour``) is still taken."""
+    from proxrl.errors import ConfigError
+
+    tr = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    prompts = ["ab", "xyz", "q", "hello"]
+    old = tr.generate(prompts)
+    tr.step(old, tr.score(old))
+    before = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
+    with pytest.raises(ConfigError, match="^rollout: was sampled by the policy as it was after update 0; "):
+        tr.step(old, tr.score(old))
+    assert all(torch.equal(p, q) for p, q in zip(before, (p for p in tr.policy.parameters() if p.requires_grad)))
+    assert tr.step_count == 1
+    fresh = tr.generate(prompts)
+    assert tr.step(fresh, tr.score(fresh))["step"] == 2
+    old.logp_behaviour = torch.zeros(old.response_ids.shape, dtype=torch.float64)  # an off-policy sampler's
+    assert tr.step(old, tr.score(old))["step"] == 3

@@ -124,12 +124,15 @@ class PPOTrainer:
         sampler is the policy of L updates ago and the rollout carries its log-probs (``logp_behaviour``)."""
         seed = self.cfg.seed * 1_000_003 + self.step_count if seed is None else seed
         if not (self.cfg.rollout_lag and self.lagged):
-            return self.rollouts.generate(prompts, seed)
+            rollout = self.rollouts.generate(prompts, seed)
+            rollout.update = self.step_count
+            return rollout
         current = {k: v.clone() for k, v in self.policy.trainable_state().items()}
         self.policy.load_trainable(self.lagged[0])
         try:
             rollout = self.rollouts.generate(prompts, seed)
             rollout.logp_behaviour = self.rollouts.logp(rollout).clone()
+            rollout.update = self.step_count
         finally:
             self.policy.load_trainable(current)
         return rollout
@@ -199,6 +202,13 @@ class PPOTrainer:
         if vals.shape != (len(rollout),):
             raise ConfigError("scores", f"{vals.numel()} scores for the rollout's {len(rollout)} responses{where}",
                               "pass one score per response, in the rollout's order")
+        if rollout.update is not None and rollout.update != self.step_count and rollout.logp_behaviour is None:
+            # its tokens are another policy's samples: the ratio to π_old (= the policy now) would take them
+            # as this policy's own, with no correction (step twice on one rollout, or a stale one)
+            raise ConfigError("rollout", f"was sampled by the policy as it was after update {rollout.update}; "
+                              f"stepping it{where} would train on its tokens as the current policy's samples, with "
+                              "no correction", "generate a fresh rollout for every step (or set "
+                              "rollout.logp_behaviour to the sampler's log-probs for an off-policy correction)")
         lm = self.policy.lm  # its actions: the tokenizer's ids (the logits cut to them: loading.token_logits)
         n = getattr(lm, "proxrl_vocab", None) or lm.get_input_embeddings().weight.shape[0]
         top = int((rollout.ids * rollout.mask).max()) if rollout.ids.numel() else 0

@@ -395,3 +395,18 @@ def test_step_refuses_a_rollout_sampled_before_an_update(tiny):
     assert tr.step(fresh, tr.score(fresh))["step"] == 2
     old.logp_behaviour = torch.zeros(old.response_ids.shape, dtype=torch.float64)  # an off-policy sampler's
     assert tr.step(old, tr.score(old))["step"] == 3
+
+
+def test_generate_and_evaluate_take_a_list_of_prompt_strings(tiny):
+    """``generate("hello")`` sampled one response per character (5 prompts "h", "e", …) and ``evaluate`` the
+    same, without a word; ``generate([])`` was a ValueError from deep in the sampler. Now one line each; a
+    tuple of strings is still a list of prompts, and ``evaluate([])`` still gives its empty result."""
+    from proxrl.errors import ConfigError
+
+    tr = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    for call in (lambda: tr.generate("hello"), lambda: tr.evaluate("hello"), lambda: tr.generate([]),
+                 lambda: tr.generate(["ab", 3]), lambda: tr.generate([{"prompt": "ab"}])):
+        with pytest.raises(ConfigError, match="^prompts: (generate|evaluate)\\(\\) "):
+            call()
+    assert len(tr.generate(("ab", "c"))) == 2
+    assert tr.evaluate([])["responses"] == []

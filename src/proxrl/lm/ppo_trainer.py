@@ -122,6 +122,7 @@ class PPOTrainer:
         """Sample one response per prompt. ``seed`` (default: derived from the config seed and the update)
         names the sampling stream, so the same seed gives the same samples. With ``rollout_lag`` L > 0 the
         sampler is the policy of L updates ago and the rollout carries its log-probs (``logp_behaviour``)."""
+        prompts = self._prompt_list(prompts, "generate")
         seed = self.cfg.seed * 1_000_003 + self.step_count if seed is None else seed
         if not (self.cfg.rollout_lag and self.lagged):
             rollout = self.rollouts.generate(prompts, seed)
@@ -136,6 +137,20 @@ class PPOTrainer:
         finally:
             self.policy.load_trainable(current)
         return rollout
+
+    @staticmethod
+    def _prompt_list(prompts, method: str, empty_ok: bool = False) -> list[str]:
+        """The prompts a caller passes: a list (or other sequence) of strings. A bare string used to be taken as
+        one prompt per character, and an empty list failed deep in the sampler."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            got = "a string" if isinstance(prompts, str) else "a sequence holding " + ", ".join(
+                sorted({type(p).__name__ for p in prompts if not isinstance(p, str)}))
+            raise ConfigError("prompts", f"{method}() takes a list of prompt strings, got {got}",
+                              "pass a list, e.g. [prompt]")
+        prompts = list(prompts)
+        if not prompts and not empty_ok:
+            raise ConfigError("prompts", f"{method}() got no prompts", "pass at least one prompt")
+        return prompts
 
     # ---- 2. score
     def score(self, rollout: Rollout) -> Tensor:
@@ -288,6 +303,7 @@ class PPOTrainer:
     def evaluate(self, prompts: Sequence[str], seed: int = 12345) -> dict:
         """Mean raw score and KL to the reference on ``prompts`` with a fixed sampling seed (the same
         before and after training), plus the responses."""
+        prompts = self._prompt_list(prompts, "evaluate", empty_ok=True)
         if not prompts:
             return {"reward_mean": float("nan"), "kl_ref": float("nan"), "eos_rate": float("nan"), "responses": []}
         rollout = self.rollouts.generate(prompts, seed)  # the policy itself, never a lagged sampler

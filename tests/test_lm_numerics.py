@@ -93,12 +93,13 @@ def test_degenerate_batches_never_produce_nan(tiny, case):
     if case == "whiten-rewards":
         kw["whiten_rewards"] = True
     t = make_trainer(tiny, **kw)
-    r = t.generate([f"say {i}:" for i in range(n)])
-    scores = torch.zeros(n, dtype=torch.float64) if case != "one-sample" else t.score(r)
-    if case == "masked-response":  # a row with no real response token at all
-        r = Rollout(r.prompts, r.query_ids, r.query_mask, r.response_ids, r.response_mask.clone(), r.stopped, r.responses)
-        r.response_mask[0] = 0
-    for _ in range(2):
+    for _ in range(2):  # a fresh rollout each step (one sampled before an update is refused)
+        r = t.generate([f"say {i}:" for i in range(n)])
+        scores = torch.zeros(n, dtype=torch.float64) if case != "one-sample" else t.score(r)
+        if case == "masked-response":  # a row with no real response token at all
+            r = Rollout(r.prompts, r.query_ids, r.query_mask, r.response_ids, r.response_mask.clone(), r.stopped,
+                        r.responses)
+            r.response_mask[0] = 0
         m = t.step(r, scores)
         finite_metrics(m)
         assert m["skipped"] is None

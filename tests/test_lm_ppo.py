@@ -355,3 +355,73 @@ def test_token_bandit_gym_and_lm_paths_give_identical_advantages_and_losses(tiny
         torch.testing.assert_close(l_lm, l_gym, atol=1e-10, rtol=0)
         for k in s_lm:
             torch.testing.assert_close(s_lm[k], s_gym[k], atol=1e-10, rtol=0)
+
+
+def test_checkpoint_state_is_a_snapshot_that_later_steps_leave_as_it_is(tiny):
+    """``checkpoint_state()`` kept in memory (to roll back, or keep the best) used to hold views of the live
+    weights and Adam moments: the next step changed 88 of its 89 tensors, so loading it restored the current
+    trainer, not the one checkpointed. Now a snapshot: loaded into a fresh trainer and stepped, it gives the
+    uninterrupted run's metrics and weights."""
+    import copy
+
+    prompts = ["ab", "a much longer prompt", "q", "hello"]
+
+    def run(tr, n):
+        out = []
+        for _ in range(n):
+            r = tr.generate(prompts)
+            out.append(tr.step(r, tr.score(r)))
+        return out
+
+    torch.manual_seed(0)
+    a = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    run(a, 1)
+    tensors, state = a.checkpoint_state()
+    state = copy.deepcopy(state)
+    frozen = {k: v.clone() for k, v in tensors.items()}
+    later = run(a, 2)
+    assert all(torch.equal(tensors[k], frozen[k]) for k in frozen)
+    torch.manual_seed(0)
+    b = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    b.load_checkpoint_state(tensors, state)
+    again = run(b, 2)
+    for m, n in zip(later, again):
+        assert {k: v for k, v in m.items() if "time" not in k} == {k: v for k, v in n.items() if "time" not in k}
+    wa, wb = a.policy.trainable_state(), b.policy.trainable_state()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_step_refuses_a_rollout_sampled_before_an_update(tiny):
+    """``step`` twice on one rollout, or on a rollout sampled before another update, trained on another
+    policy's tokens as the current one's (ratio 1, approx_kl 0: no correction) without a word. Now one line;
+    the weights untouched. A rollout carrying its sampler's log-probs (``logp_behaviour``) is still taken."""
+    from proxrl.errors import ConfigError
+
+    tr = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    prompts = ["ab", "xyz", "q", "hello"]
+    old = tr.generate(prompts)
+    tr.step(old, tr.score(old))
+    before = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
+    with pytest.raises(ConfigError, match="^rollout: was sampled by the policy as it was after update 0; "):
+        tr.step(old, tr.score(old))
+    assert all(torch.equal(p, q) for p, q in zip(before, (p for p in tr.policy.parameters() if p.requires_grad)))
+    assert tr.step_count == 1
+    fresh = tr.generate(prompts)
+    assert tr.step(fresh, tr.score(fresh))["step"] == 2
+    old.logp_behaviour = torch.zeros(old.response_ids.shape, dtype=torch.float64)  # an off-policy sampler's
+    assert tr.step(old, tr.score(old))["step"] == 3
+
+
+def test_generate_and_evaluate_take_a_list_of_prompt_strings(tiny):
+    """``generate("hello")`` sampled one response per character (5 prompts "h", "e", …) and ``evaluate`` the
+    same, without a word; ``generate([])`` was a ValueError from deep in the sampler. Now one line each; a
+    tuple of strings is still a list of prompts, and ``evaluate([])`` still gives its empty result."""
+    from proxrl.errors import ConfigError
+
+    tr = make_trainer(tiny, batch_size=4, micro_batch_size=4)
+    for call in (lambda: tr.generate("hello"), lambda: tr.evaluate("hello"), lambda: tr.generate([]),
+                 lambda: tr.generate(["ab", 3]), lambda: tr.generate([{"prompt": "ab"}])):
+        with pytest.raises(ConfigError, match="^prompts: (generate|evaluate)\\(\\) "):
+            call()
+    assert len(tr.generate(("ab", "c"))) == 2
+    assert tr.evaluate([])["responses"] == []

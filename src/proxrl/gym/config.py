@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import typing
 from typing import Any, Collection, Literal, Optional, Union
 
-from ..errors import ConfigError, check
+from ..errors import ConfigError, check, check_annotated
 from ..rungs import RUNGS
 
 Algo = Literal["pg", "pg-baseline", "pg-rtg", "is-pg", "ppo-kl", "ppo-clip", "trpo", "npg"]
@@ -240,44 +240,11 @@ def resolve(explicit: dict[str, Any]) -> tuple[TrainConfig, Optional[str]]:
     return cfg, preset_name
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or unset (None)"
-    if origin is tuple:
-        return "a list of integers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _matches(tp: Any, v: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return isinstance(v, str) and v in typing.get_args(tp)
-    if origin is Union:
-        return any(_matches(a, v) for a in typing.get_args(tp))
-    if origin is tuple:
-        (elem, *_rest) = typing.get_args(tp)
-        return isinstance(v, tuple) and all(_matches(elem, x) for x in v)
-    if tp is type(None):
-        return v is None
-    if tp is bool:
-        return isinstance(v, bool)
-    if tp is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    return isinstance(v, tp)
-
-
 def check_type(name: str, value: Any) -> None:
     """The value's type matches the field's annotation (bools are not numbers), else a ConfigError."""
     tp = _hints().get(name)
-    if tp is not None and not _matches(tp, value):
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise ConfigError(name, f"must be {_type_name(tp)}, got {shown} ({type(value).__name__})")
+    if tp is not None:
+        check_annotated(name, tp, value)
 
 
 _HINTS: dict[str, Any] = {}

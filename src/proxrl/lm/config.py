@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..errors import ConfigError, check
+from ..errors import ConfigError, check, check_field_types
 
 
 def check_finite_floats(cfg) -> None:
@@ -83,6 +83,7 @@ class ModelOptions:
     def validate_model(self) -> None:
         from ..run.device import resolve_device
 
+        check_field_types(self)  # through the Python API nothing else checks a value's type (tyro does on the CLI)
         check_finite_floats(self)
         self.device = resolve_device(self.device)
         check(self.lora_alpha > 0, "lora_alpha", f"must be > 0 (scale = alpha / r), got {self.lora_alpha}")
@@ -488,7 +489,7 @@ class RLConfig(PPOConfig):
     COMMAND = "train"
 
     def __post_init__(self):
-        rung = LM_RUNGS.get(self.algo)
+        rung = LM_RUNGS.get(self.algo) if isinstance(self.algo, str) else None
         if rung is None:  # validate() names the field
             return
         choices = dict(advantage=rung.advantage, baseline=rung.baseline, surrogate=rung.surrogate,
@@ -512,10 +513,11 @@ class RLConfig(PPOConfig):
     @property
     def update_rule(self) -> str:
         """``sgd`` or ``trust-region``: the rung's update (not a choice of its own)."""
-        rung = LM_RUNGS.get(self.algo)
+        rung = LM_RUNGS.get(self.algo) if isinstance(self.algo, str) else None
         return rung.update if rung is not None else "sgd"
 
     def validate(self, need_policy: bool = True, need_reward: bool = True, need_prompts: bool = True) -> None:
+        check_field_types(self)
         check(self.algo in LM_RUNGS, "algo", f"unknown rung {self.algo!r}", "choose one of " + ", ".join(LM_LADDER))
         check(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1, "samples_per_prompt",
               f"must be ≥ 1, got {self.samples_per_prompt}")
@@ -626,6 +628,7 @@ class LMLadderConfig(ModelOptions):
         return cfg
 
     def validate(self) -> None:
+        check_field_types(self)
         check(bool(self.algos), "algos", "no rungs given", "choose from " + ", ".join(LM_LADDER))
         for a in self.algos:
             check(a in LM_RUNGS, "algos", f"unknown rung {a!r}", "choose from " + ", ".join(LM_LADDER))
@@ -678,6 +681,8 @@ class DemoConfig:
     """seed of the prompt split, initialisation, sampling and shuffling"""
 
     def validate(self) -> None:
+        check_field_types(self)
+        check_finite_floats(self)
         for name in ("updates", "batch_size", "response_length", "lora_r", "eval_samples", "rm_pairs"):
             check(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
         for name in ("num_minibatches", "update_epochs"):  # divisibility etc.: the rung's config checks the rest

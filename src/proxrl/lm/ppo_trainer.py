@@ -122,17 +122,35 @@ class PPOTrainer:
         """Sample one response per prompt. ``seed`` (default: derived from the config seed and the update)
         names the sampling stream, so the same seed gives the same samples. With ``rollout_lag`` L > 0 the
         sampler is the policy of L updates ago and the rollout carries its log-probs (``logp_behaviour``)."""
+        prompts = self._prompt_list(prompts, "generate")
         seed = self.cfg.seed * 1_000_003 + self.step_count if seed is None else seed
         if not (self.cfg.rollout_lag and self.lagged):
-            return self.rollouts.generate(prompts, seed)
+            rollout = self.rollouts.generate(prompts, seed)
+            rollout.update = self.step_count
+            return rollout
         current = {k: v.clone() for k, v in self.policy.trainable_state().items()}
         self.policy.load_trainable(self.lagged[0])
         try:
             rollout = self.rollouts.generate(prompts, seed)
             rollout.logp_behaviour = self.rollouts.logp(rollout).clone()
+            rollout.update = self.step_count
         finally:
             self.policy.load_trainable(current)
         return rollout
+
+    @staticmethod
+    def _prompt_list(prompts, method: str, empty_ok: bool = False) -> list[str]:
+        """The prompts a caller passes: a list (or other sequence) of strings. A bare string used to be taken as
+        one prompt per character, and an empty list failed deep in the sampler."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            got = "a string" if isinstance(prompts, str) else "a sequence holding " + ", ".join(
+                sorted({type(p).__name__ for p in prompts if not isinstance(p, str)}))
+            raise ConfigError("prompts", f"{method}() takes a list of prompt strings, got {got}",
+                              "pass a list, e.g. [prompt]")
+        prompts = list(prompts)
+        if not prompts and not empty_ok:
+            raise ConfigError("prompts", f"{method}() got no prompts", "pass at least one prompt")
+        return prompts
 
     # ---- 2. score
     def score(self, rollout: Rollout) -> Tensor:
@@ -199,6 +217,13 @@ class PPOTrainer:
         if vals.shape != (len(rollout),):
             raise ConfigError("scores", f"{vals.numel()} scores for the rollout's {len(rollout)} responses{where}",
                               "pass one score per response, in the rollout's order")
+        if rollout.update is not None and rollout.update != self.step_count and rollout.logp_behaviour is None:
+            # its tokens are another policy's samples: the ratio to π_old (= the policy now) would take them
+            # as this policy's own, with no correction (step twice on one rollout, or a stale one)
+            raise ConfigError("rollout", f"was sampled by the policy as it was after update {rollout.update}; "
+                              f"stepping it{where} would train on its tokens as the current policy's samples, with "
+                              "no correction", "generate a fresh rollout for every step (or set "
+                              "rollout.logp_behaviour to the sampler's log-probs for an off-policy correction)")
         lm = self.policy.lm  # its actions: the tokenizer's ids (the logits cut to them: loading.token_logits)
         n = getattr(lm, "proxrl_vocab", None) or lm.get_input_embeddings().weight.shape[0]
         top = int((rollout.ids * rollout.mask).max()) if rollout.ids.numel() else 0
@@ -278,6 +303,7 @@ class PPOTrainer:
     def evaluate(self, prompts: Sequence[str], seed: int = 12345) -> dict:
         """Mean raw score and KL to the reference on ``prompts`` with a fixed sampling seed (the same
         before and after training), plus the responses."""
+        prompts = self._prompt_list(prompts, "evaluate", empty_ok=True)
         if not prompts:
             return {"reward_mean": float("nan"), "kl_ref": float("nan"), "eos_rate": float("nan"), "responses": []}
         rollout = self.rollouts.generate(prompts, seed)  # the policy itself, never a lagged sampler
@@ -294,19 +320,25 @@ class PPOTrainer:
         return {"step": self.step_count, "kl_coef": self.kl_coef, "penalty_beta": self.penalty_beta,
                 "still_updates": self.still_updates, "warned_not_moving": self.warned_not_moving}
 
-    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+    def checkpoint_state(self, copy: bool = True) -> tuple[dict[str, Tensor], dict]:
         """Everything of the trainer that decides the rest of a run: trainable weights (``policy.*``: LoRA
         adapters or trained weights, value head), Adam state (``optimizer/*`` + JSON param groups — the
         learning rate is constant, so they are the whole schedule), the minibatch/prompt shuffle generator
         (``rng/shuffle``), both β, the update counter and, with fp16, the gradient scaler's state (``grad_scaler``:
         its scale and growth counter). The sampling seed of update u is derived from
-        ``seed`` and u, so nothing more is needed for generation."""
+        ``seed`` and u, so nothing more is needed for generation.
+
+        The tensors are copies (a snapshot that later updates leave as it is); ``copy=False`` returns views of
+        the live weights and Adam moments, which the next :meth:`step` changes — only for writing them out at
+        once (the stage loop's checkpoint), without a second copy in memory."""
         tensors = {f"policy.{k}": v for k, v in self.policy.trainable_state().items()}
         opt_t, opt_meta = optimizer_state(self.optimizer, "optimizer")
         tensors.update({k: full(v) for k, v in opt_t.items()})  # fsdp: the moments gathered from the shards
+        if copy:
+            tensors = {k: v.clone() for k, v in tensors.items()}
         tensors["rng/shuffle"] = self.shuffle.get_state()
         for i, snap in enumerate(self.lagged if self.cfg.rollout_lag else ()):
-            tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})
+            tensors.update({f"lagged/{i}/{k}": v for k, v in snap.items()})  # already copies, never changed
         return tensors, {**self.state(), "optimizer": opt_meta, "warned_negative_kl": self.rollouts.warned_negative_kl,
                          "grad_scaler": scaler_state(self.scaler)}
 
@@ -557,7 +589,7 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
         """Rank 0 writes (every rank holds the same state), once every rank has finished the update; the
         state is taken on every rank (fsdp: full tensors are gathered from the shards, a collective)."""
         d.barrier()
-        tensors, st = trainer.checkpoint_state()
+        tensors, st = trainer.checkpoint_state(copy=False)  # written at once: views suffice
         if d.main:
             rng_t, rng_meta = rng_state()
             tensors.update(rng_t)

@@ -59,6 +59,7 @@ class Rollout:
     rows: Optional[slice] = None  # on several processes: this rank's rows of the global batch
     logp_behaviour: Optional[Tensor] = None  # [B, R] log μ of the sampled tokens when another policy sampled
     # them (rollout_lag > 0, or an outside engine filling it in); None: sampled by the policy being trained
+    update: Optional[int] = None  # PPOTrainer.generate: the updates its trainer had done when it sampled them
 
     @property
     def ids(self) -> Tensor:

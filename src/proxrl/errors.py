@@ -72,7 +72,7 @@ def _matches(tp: Any, v: Any) -> bool:
         return any(_matches(a, v) for a in typing.get_args(tp))
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
-        return isinstance(v, tuple) and all(_matches(elem, x) for x in v)
+        return isinstance(v, (tuple, list)) and all(_matches(elem, x) for x in v)  # a list as the message says
     if tp is type(None):
         return v is None
     if tp is bool:

@@ -189,14 +189,12 @@ def test_a_tokenizer_that_appends_eos_does_not_end_the_prompt():
     assert chosen == [1, 74, 75, 91, 81, 2]
 
 
-def test_a_prompt_of_no_token_is_one_line_before_any_work(tmp_path):
+def test_a_prompt_of_no_token_is_one_line_before_any_work(tmp_path, capsys):
     """A prompt that tokenises to nothing (an empty prompt, a tokenizer without BOS): PPO drew its first
     token from a fully masked position when other prompts shared the batch, and a batch of only such prompts
     (or SFT's greedy samples) was a reshape traceback after the run directory was made. Now one line for
-    every stage, before any run directory; with a chat template the same prompt has tokens and runs."""
-    import subprocess
-    import sys
-
+    every stage, before any run directory (the CLI's entry point in-process: the same code as `proxrl`)."""
+    from proxrl.cli import main
     from proxrl.lm.tiny import make_tiny
 
     model = make_tiny(tmp_path / "m")
@@ -210,11 +208,11 @@ def test_a_prompt_of_no_token_is_one_line_before_any_work(tmp_path):
             "rm": ["rm", "--model", str(model), "--data", str(rm_data)]}
     for stage, args in cmds.items():
         out = tmp_path / f"out_{stage}"
-        p = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", *args, "--out", str(out)], capture_output=True,
-                           text=True, timeout=300)
-        lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
-        assert p.returncode == 2 and "Traceback" not in p.stderr, (stage, p.stderr[-2000:])
-        assert lines == [lines[0]] and lines[0].startswith("error: prompt: '' tokenises to no token"), p.stderr
+        code = main(["rlhf", *args, "--out", str(out)])
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert code == 2 and "Traceback" not in err, (stage, err[-2000:])
+        assert lines == [lines[0]] and lines[0].startswith("error: prompt: '' tokenises to no token"), err
         assert not out.exists()
 
 

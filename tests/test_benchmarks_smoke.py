@@ -1,6 +1,7 @@
 """Smoke test of the peer benchmarks (issue 4): every script runs end to end with tiny budgets and
 ``--no-peer`` (CI has no peers' venv; nothing is installed), writing its results to a temporary folder.
-The full runs are documented in BENCHMARKS.md and are not part of CI."""
+The full runs are documented in BENCHMARKS.md and are not part of CI; the three longest smoke tests are
+behind the ``slow`` marker (``pytest -m slow tests/test_benchmarks_smoke.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -53,6 +56,7 @@ def test_ladder_cost_smoke(tmp_path: Path) -> None:
     assert set(s) == {"pg", "ppo-clip", "trpo"} and s["ppo-clip"]["update_vs_ppo_clip"] == 1.0
 
 
+@pytest.mark.slow  # CI time (~15-30 s each); run with -m slow
 def test_learning_comparison_smoke(tmp_path: Path) -> None:
     """benchmarks/halfcheetah.py end to end on CartPole (CI has no MuJoCo), then --resume
     keeps the finished runs and adds only the missing ones."""
@@ -99,6 +103,7 @@ def test_peer_runs_are_opt_in(tmp_path: Path) -> None:
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # CI time (~15-30 s each); run with -m slow
 def test_scale_smoke(tmp_path: Path) -> None:
     out = tmp_path / "scale"
     _run("scale.py", ["--tiny", "--reps", "1", "--updates", "2", "--batch", "4", "--response-length", "4",
@@ -107,6 +112,7 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert data["median_ratio"] > 0 and set(data["median_tokens_per_s"]) == {"1", "2"}
 
 
+@pytest.mark.slow  # CI time (~15-30 s each); run with -m slow
 def test_lm_memory_smoke(tmp_path: Path) -> None:
     out = tmp_path / "mem"
     _run("lm_memory.py", ["--tiny", "--reps", "1", "--batch", "2", "--threads", "1", "--out", str(out)], tmp_path)

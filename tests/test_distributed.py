@@ -210,6 +210,41 @@ def test_sft_and_rm_two_processes_equal_one(setup, stage, parallel):
         assert torch.allclose(ta[k], tb[k], rtol=1e-9, atol=1e-12), k
 
 
+@pytest.mark.parametrize("stage,parallel", [("sft", "fsdp"), ("rm", "ddp")])
+def test_sft_and_rm_checkpoint_of_two_processes_resumes_on_one(setup, stage, parallel):
+    """A 2-process run's mid-run checkpoint (step 3; with fsdp the weights and Adam moments gathered from the
+    shards) resumed on ONE process after the run died there (its later checkpoint removed, its metrics lines past
+    step 3 cut back) ends as the uninterrupted 1-process run."""
+    data = setup / f"{stage}.jsonl"
+    args = lambda out: ["rlhf", stage, "--model", str(setup / "model"), "--data", str(data), "--out", str(out),
+                        "--batch-size", "3", "--micro-batch-size", "1", "--epochs", "2", "--lr", "1e-2",
+                        "--chat-template", "off", "--lora-r", "2", "--dtype", "float64", "--parallel", parallel,
+                        "--checkpoint-every", "3", "--keep-checkpoints", "5"]
+    ref, died = setup / f"{stage}-ckpt-ref", setup / f"{stage}-ckpt-died"
+    p1, p2 = one(args(ref)), two(args(died))
+    assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-1500:], p2.stderr[-1500:])
+    ckpts = sorted((died / "checkpoints").glob("ckpt-*"))
+    steps = (3, 6, 8) if stage == "sft" else (3, 6)  # 4 (sft) or 3 (rm: one pair held out) steps per epoch, 2 epochs
+    assert [c.name for c in ckpts] == [f"ckpt-{s:012d}" for s in steps]
+    import shutil
+
+    for c in ckpts[1:]:  # the run died after its step-3 checkpoint
+        shutil.rmtree(c)
+    r = one(["rlhf", stage, "--resume", str(died)])
+    assert r.returncode == 0 and f"resuming {died} after step 3/" in r.stderr, r.stderr[-2000:]
+    ra, rb = rows(ref), rows(died)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        for k in ("loss", "grad_norm", "accuracy"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-9 * max(abs(x[k]), 1e-12), (k, x[k], y[k])
+    ta = load_file(sorted((ref / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    tb = load_file(sorted((died / "checkpoints").glob("ckpt-*"))[-1] / "tensors.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-9, atol=1e-12), k
+
+
 def test_two_nodes_on_loopback_give_the_same_run(setup):
     port = str(_port())
     procs = []

@@ -53,17 +53,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = tyro_cli(commands[cmd], args=rest, prog=f"proxrl rlhf {cmd}")
+        given = given_options(rest, set(commands[cmd].__dataclass_fields__))  # --resume refuses those that change the run
         if cmd == "sft":
             from .sft_trainer import sft
-            sft(cfg)
+            sft(cfg, explicit=given)
         elif cmd == "rm":
             from .rm import reward_model
-            reward_model(cfg)
+            reward_model(cfg, explicit=given)
         elif cmd in ("ppo", "train"):
             from .ppo_trainer import ppo
 
-            # the options written on the command line: --resume refuses those that would change the run
-            ppo(cfg, explicit=given_options(rest, set(commands[cmd].__dataclass_fields__)))
+            ppo(cfg, explicit=given)
         elif cmd == "export":
             import json
 

@@ -7,7 +7,6 @@ import functools
 import math
 import os
 import sys
-import time
 
 
 
@@ -23,18 +22,10 @@ def step_fields(grad_norm: float, scaler) -> tuple[dict, str]:
     return fields, suffix
 
 
-def scaler_summary(res, scaler) -> dict:
-    """The summary fields of a stage under the fp16 gradient scaler (steps it skipped, the final scale);
-    ``res`` is the :class:`~proxrl.run.sgd.SGDResult`. Empty without a scaler."""
-    return {} if scaler is None else {"steps_skipped": res.steps_skipped, "loss_scale": scaler.get_scale()}
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.t0
+def scaler_summary(steps_skipped: int, scaler) -> dict:
+    """The summary fields of a stage under the fp16 gradient scaler (the optimizer steps it skipped over the
+    whole run, the final scale). Empty without a scaler."""
+    return {} if scaler is None else {"steps_skipped": steps_skipped, "loss_scale": scaler.get_scale()}
 
 
 @functools.cache
@@ -59,3 +50,83 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+# ---------------------------------------------------------------------------- checkpointed SFT / RM runs
+#: options ``--resume`` of an SFT or reward-model run lets differ from the saved run (the process layout, and
+#: where the run is)
+STAGE_RESUME_MAY_CHANGE = ("resume", "out", "parallel", "overwrite")
+
+
+def begin_stage(cfg, stage: str, explicit=None):
+    """Before any work of an SFT (``stage`` 'sft') or reward-model ('rm') run: ``(config, resumed, overwrite)``.
+
+    With ``cfg.resume`` (or in a worker restarted by torchrun whose run already wrote a checkpoint) the
+    config is the saved run's and ``resumed`` its latest checkpoint ``(tensors, state)``, which must be an
+    unfinished one of ``stage`` (:mod:`proxrl.run.resumable`); an option in ``explicit`` (the options given;
+    None: every field away from its default) that differs from the saved run is a one-line ConfigError.
+    Otherwise ``resumed`` is None and ``--out`` is checked for a new run."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..errors import CheckpointError, ConfigError
+    from ..run import checkpoint
+    from ..run.rundir import latest_checkpoint, relocate
+    from .config import absolute_path, check_new_out, restarted_by_torchrun
+    from .loading import read_run_config
+
+    if not cfg.resume and restarted_by_torchrun() and cfg.out and \
+            checkpoint.list_checkpoints(Path(cfg.out) / "checkpoints"):  # torchrun --max-restarts: continue by itself
+        cfg, explicit = dataclasses.replace(cfg, resume=cfg.out, overwrite=False), ()
+    if not cfg.resume:
+        cfg.validate()
+        return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage)
+    run_dir = Path(cfg.resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
+                          f"give the directory `proxrl rlhf {stage} --out` wrote")
+    if cfg.overwrite:
+        raise ConfigError("overwrite", "cannot be combined with --resume", "drop one of the two")
+    tensors, state = latest_checkpoint(run_dir)
+    saved = state.get("config")
+    if state.get("stage") != stage:
+        raise CheckpointError(f"{run_dir}: not a checkpoint of `proxrl rlhf {stage}` (stage {state.get('stage')!r})")
+    if state.get("complete") is not False:
+        raise CheckpointError(f"{run_dir}: the {stage} run is finished (step {state.get('step')}); nothing to resume "
+                              "(start a new run with another --out)")
+    if not isinstance(saved, dict) or not isinstance(state.get("run"), dict):
+        raise CheckpointError(f"{run_dir}: the checkpoint has no run state to resume from (was it edited?)")
+    cls = type(cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise CheckpointError(f"{run_dir}: checkpoint config has unknown fields {unknown[:3]}")
+    try:
+        moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
+    except CheckpointError:  # config.json edited: the checkpoint holds the config
+        moved_from = None
+    for name in ("model", "data"):  # moved together with the run: found at the same relative place
+        if isinstance(saved.get(name), str):
+            saved[name] = relocate(saved[name], moved_from, run_dir)
+    had = cls(**{**saved, "resume": None, "out": str(run_dir), "overwrite": False})
+    if explicit is None:
+        default = cls()
+        explicit = [n for n in fields if getattr(cfg, n) != getattr(default, n)]
+    for name in sorted(set(explicit)):
+        if name == "out":
+            if Path(cfg.out).resolve() != run_dir.resolve():
+                raise ConfigError("out", f"--resume continues the run in {run_dir}; --out {cfg.out} names another "
+                                  "directory", "drop --out (the run stays where it is)")
+            continue
+        if name in STAGE_RESUME_MAY_CHANGE or name not in fields:
+            continue
+        given, was = getattr(cfg, name), getattr(had, name)
+        if name in ("model", "data"):
+            given = absolute_path(given)
+        if given != was:
+            raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it cannot "
+                              f"change to {given!r}", "start a new run with another --out to change it")
+    if "parallel" in explicit:
+        had.parallel = cfg.parallel
+    had.validate()
+    return had, (tensors, state), False

@@ -133,9 +133,26 @@ def check_new_out(out: str, overwrite: bool, stage: str) -> bool:
     return overwrite
 
 
+@dataclass
+class StageCheckpointOptions:
+    """The checkpoint and resume options SFT and the reward model share (:mod:`proxrl.run.resumable`)."""
+    checkpoint_every: int = 100
+    """write a checkpoint (trained weights, optimizer, data order, RNGs) every N optimizer steps; one is
+    always written on SIGINT/SIGTERM, after the step in progress (0: only then)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept; an older one is deleted only after a newer one is complete"""
+    resume: Optional[str] = None
+    """continue the run stopped in this directory from its latest checkpoint, exactly, with its saved config
+    (an option given with it that differs from the run is refused); metrics.jsonl is cut back to that step"""
+
+
 def _validate_supervised(cfg, data_example: str) -> None:
     """The checks SFT and the reward model share (same fields, same meaning)."""
     cfg.validate_model()
+    check(cfg.checkpoint_every >= 0, "checkpoint_every", f"must be ≥ 0, got {cfg.checkpoint_every}")
+    check(cfg.keep_checkpoints >= 1, "keep_checkpoints",
+          f"must be ≥ 1 (the last good checkpoint is always kept), got {cfg.keep_checkpoints}")
+    check(not (cfg.overwrite and cfg.resume), "overwrite", "cannot be combined with --resume", "drop one of the two")
     check(bool(cfg.model), "model", "is required", "pass --model DIR, a hub name or a .gguf file")
     check(bool(cfg.data), "data", "is required", f"pass --data {data_example}")
     for name in ("epochs", "batch_size", "micro_batch_size", "max_response_length"):
@@ -146,7 +163,7 @@ def _validate_supervised(cfg, data_example: str) -> None:
 
 
 @dataclass
-class SFTConfig(ModelOptions):
+class SFTConfig(StageCheckpointOptions, ModelOptions):
     model: str = ""
     """base model: a local directory, a hub name (needs the files in the local cache), or a .gguf file"""
     data: str = ""
@@ -156,7 +173,7 @@ class SFTConfig(ModelOptions):
     """output directory (config.json, metrics.jsonl, checkpoints/, samples.md)"""
     overwrite: bool = False
     """replace the run already in --out (its config.json, metrics.jsonl, checkpoints/, samples.md, summary.json
-    are removed first, after the model has loaded); without it an --out holding a run is refused"""
+    are removed first, after the model has loaded); without it (or --resume) an --out holding a run is refused"""
     epochs: int = 1
     """passes over the data"""
     batch_size: int = 8
@@ -175,7 +192,7 @@ class SFTConfig(ModelOptions):
 
 
 @dataclass
-class RMConfig(ModelOptions):
+class RMConfig(StageCheckpointOptions, ModelOptions):
     model: str = ""
     """trunk of the reward model: a local directory, hub name, .gguf file, or an SFT run directory"""
     data: str = ""

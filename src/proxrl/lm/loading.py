@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..run import checkpoint
+from ..run.resumable import check_finished
 from .config import ModelOptions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -150,7 +151,8 @@ def load_run_policy(run_dir: str | Path, run: dict, dtype: torch.dtype, merge: b
     LoRA adapter merged unless ``merge=False``, which returns the peft model). With ``with_tokenizer`` also
     the tokenizer (pad token as in training)."""
     opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
-    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")  # first: a run without one fails before any loading
+    tensors, state = checkpoint.load(Path(run_dir) / "checkpoints")  # first: a run without one fails before any loading
+    check_finished(run_dir, state)  # an SFT run stopped before its end is finished first (--resume)
     base = load_causal_lm(run["base_model"], dtype)
     tok = load_tokenizer(run["base_model"])
     ensure_pad_token(tok, base)

@@ -29,6 +29,7 @@ from .. import core
 from ..errors import ConfigError
 from ..run import checkpoint
 from ..run.fsdp import full, shard_model, to_layout
+from ..run.resumable import check_finished
 from .config import ModelOptions
 from .loading import (DTYPES, apply_finetune, ensure_pad_token, freeze, load_causal_lm, load_into, load_tokenizer,
                       read_run_config, token_logits)
@@ -201,14 +202,6 @@ def grad_scaler(device: str, amp: Optional[torch.dtype]):
     if amp != torch.float16:
         return None
     return torch.amp.GradScaler(torch.device(device).type)
-
-
-def scaler_state(scaler) -> Optional[dict]:
-    """The scaler's state as JSON numbers (the scale and its growth counter), for checkpoints; None without one."""
-    if scaler is None:
-        return None
-    return {k: (float(v) if isinstance(v, float) else int(v) if isinstance(v, int) else v)
-            for k, v in scaler.state_dict().items()}
 
 
 def make_head(d: int, dtype: torch.dtype) -> nn.Linear:
@@ -390,7 +383,8 @@ def load_reward_model(run_dir: str | Path, device: Optional[str] = None) -> Rewa
     opts = ModelOptions(**{k: v for k, v in run["config"].items() if k in ModelOptions.__dataclass_fields__})
     opts.device = resolve_device(device or opts.device, "reward")
     rm = build_reward_model(run["base_model"], opts)
-    tensors, _ = checkpoint.load(Path(run_dir) / "checkpoints")
+    tensors, state = checkpoint.load(Path(run_dir) / "checkpoints")
+    check_finished(run_dir, state)  # stopped before its end: no score statistics yet; finished first (--resume)
     load_into(rm, tensors)
     freeze(rm)
     return rm

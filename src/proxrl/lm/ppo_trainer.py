@@ -40,12 +40,12 @@ from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
 from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out, relocate
 from ..run.signals import RunInterrupted, StopSignals
-from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, seed_everything,
-                         set_rng_state)
+from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, scaler_state,
+                         seed_everything, set_rng_state)
 from .common import keep_freed_memory
 from .config import PPOConfig, RLConfig, absolute_path, ignored_options, restarted_by_torchrun
 from .data import read_records
-from .policy import LMPolicy, RewardModel, build_policy, grad_scaler, scaler_state
+from .policy import LMPolicy, RewardModel, build_policy, grad_scaler
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, real_scores, apply_missing_eos_penalty,  # noqa: F401
                       load_reward_fn, token_batch, token_rewards, truncate_at_stop)
 from .update import accumulate, exact_kl_to_old, importance_weights_after, micro_weight, sgd_update  # noqa: F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +19,18 @@ from torch import Tensor
 
 from ..run import checkpoint
 from ..run.dist import context
-from ..run.fsdp import Deferred, gathered, lockstep, shard_model
+from ..run.fsdp import Deferred, gathered, lockstep, shard_model, to_layout
 from ..run.guards import check_finite
 from ..run.optim import make_adam
 from ..errors import ConfigError
+from ..run.resumable import StageCheckpoints, data_digest
 from ..run.rundir import open_lm_run
 from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
-from .common import Timer, keep_freed_memory, scaler_summary, step_fields
-from .config import RMConfig, check_new_out
+from .common import begin_stage, keep_freed_memory, scaler_summary, step_fields
+from .config import RMConfig
 from .data import read_records
-from .loading import check_fits_context, encode_prompt, left_pad, use_chat_template
+from .loading import check_fits_context, encode_prompt, left_pad, load_into, use_chat_template
 from .policy import build_reward_model, grad_scaler
 
 
@@ -69,14 +70,12 @@ def held_out(n: int, eval_fraction: float) -> int:
     return 0 if n < 2 or eval_fraction == 0 else max(1, round(eval_fraction * n))
 
 
-def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 explicit: Optional[Collection[str]] = None) -> dict:
     """Train a reward model on ``config.data``; writes the run to ``config.out``; returns a summary with
-    ``eval_accuracy`` (held-out pairwise accuracy)."""
-    cfg = config
-    cfg.validate()
-    overwrite = check_new_out(cfg.out, cfg.overwrite, "rm")  # before any work
+    ``eval_accuracy`` (held-out pairwise accuracy). Checkpoints and resume as :func:`proxrl.lm.sft_trainer.sft`."""
+    cfg, resumed, overwrite = begin_stage(config, "rm", explicit)  # before any work
     keep_freed_memory()
-    timer = Timer()
     records = read_records(cfg.data, "rm")
     if len(records) < 2:
         raise ConfigError("data", f"{cfg.data} holds {len(records)} preference pair; a reward model needs at least 2",
@@ -111,10 +110,15 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only
     # several processes: each takes its pairs of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
-    d, writer, log = open_lm_run("rm", cfg, cfg.model, overwrite, log)
+    d, writer, log = open_lm_run("rm", cfg, cfg.model, overwrite, log, resumed[1] if resumed else None)
     pad = tok.pad_token_id
-    step = 0
-    log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs")
+    ckpt = StageCheckpoints("rm", cfg, d, opt, scaler, g, rm.trainable_state, lambda t: load_into(rm, to_layout(rm, t)),
+                            data_digest([eval_pairs, train_pairs]),
+                            cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size), writer)
+    start = ckpt.restore(*resumed) if resumed else (0, 0)
+    step = ckpt.step
+    log(f"rm: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs"
+        + (f"; resuming {cfg.out} after step {ckpt.step}/{ckpt.total_steps}" if resumed else ""))
 
     def minibatch(rows: Tensor, where: str) -> dict:
         loss_total, acc_total = 0.0, 0.0
@@ -140,11 +144,13 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         both = d.all_reduce_(torch.tensor([st["loss"], st["accuracy"]], dtype=torch.float64)).tolist()
         st = {"loss": both[0], "accuracy": both[1]}
         fields, suffix = step_fields(grad_norm, scaler)
-        writer.metrics({"step": step, "epoch": epoch, **st, **fields, "time": timer()})
+        writer.metrics({"step": step, "epoch": epoch, **st, **fields, "time": ckpt.elapsed()})
         log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}" + suffix)
 
-    res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(train_pairs), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged, dist=d, scaler=scaler)
+    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted
+        sgd_epochs([opt], params, cfg.epochs, ckpt.order(lambda: chunks(len(train_pairs), cfg.batch_size, g)),
+                   cfg.max_grad_norm, None, minibatch, after_step=ckpt.after_step(logged), dist=d, scaler=scaler,
+                   start=start)
     with gathered(rm), torch.inference_mode():  # fsdp: every rank scores every pair, the weights gathered
         def scores(ps):
             out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
@@ -161,11 +167,11 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
     state = rm.trainable_state()  # on every rank (fsdp: gathered from the shards)
     if d.main:
         checkpoint.save(Path(cfg.out) / "checkpoints", step, state,
-                        {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step})
+                        {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
     summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
                "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
-               "score_std": float(rm.score_std), "wall_time": timer()}
-    summary.update(scaler_summary(res, scaler))
+               "score_std": float(rm.score_std), "wall_time": ckpt.elapsed()}
+    summary.update(scaler_summary(ckpt.skipped, scaler))
     # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     writer.metrics({"step": step, "final": True, **summary})

@@ -10,24 +10,25 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..run import checkpoint
 from ..run.dist import context
-from ..run.fsdp import Deferred, full, gathered, lockstep, shard_model
+from ..run.fsdp import Deferred, full, gathered, lockstep, shard_model, to_layout
 from ..run.guards import check_finite
 from ..run.optim import make_adam
+from ..run.resumable import StageCheckpoints, data_digest
 from ..run.rundir import open_lm_run
 from ..run.sgd import backward, chunks, sgd_epochs
 from ..run.state import CHECKPOINT_VERSION, seed_everything
-from .common import Timer, keep_freed_memory, scaler_summary, step_fields
-from .config import SFTConfig, check_new_out
+from .common import begin_stage, keep_freed_memory, scaler_summary, step_fields
+from .config import SFTConfig
 from .data import read_records
 from .loading import (DTYPES, apply_finetune, check_fits_context, encode_prompt, ensure_pad_token, freeze, left_pad,
-                      load_causal_lm, load_tokenizer, stop_token_ids, use_chat_template)
+                      load_causal_lm, load_into, load_tokenizer, stop_token_ids, use_chat_template)
 from .policy import autocast, float32_head, forward, grad_scaler, to_master
 
 
@@ -50,13 +51,16 @@ def sft_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.
     return (ce.view(ids.shape[0], -1) * loss_mask[:, 1:]).sum()
 
 
-def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary."""
-    cfg = config
-    cfg.validate()
-    overwrite = check_new_out(cfg.out, cfg.overwrite, "sft")  # before any work
+def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+        explicit: Optional[Collection[str]] = None) -> dict:
+    """Fine-tune ``config.model`` on ``config.data``; writes the run to ``config.out``; returns a summary.
+
+    Checkpoints every ``checkpoint_every`` optimizer steps and on SIGINT/SIGTERM (then
+    :class:`~proxrl.run.signals.RunInterrupted`, exit 130/143 from the CLI); ``config.resume = DIR``
+    continues a stopped run exactly (:mod:`proxrl.run.resumable`; ``explicit``: the options given, checked
+    against the saved run)."""
+    cfg, resumed, overwrite = begin_stage(config, "sft", explicit)  # before any work
     keep_freed_memory()
-    timer = Timer()
     records = read_records(cfg.data, "sft")
     seed_everything(cfg.seed)
     base = load_causal_lm(cfg.model, DTYPES[cfg.dtype])
@@ -76,12 +80,18 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
     scaler = grad_scaler(cfg.device, cfg.amp)  # fp16 only
     # several processes: each takes its rows of every batch; rank 0 writes (the old run, with --overwrite,
     # is removed only now that the model has loaded)
-    d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log)
+    d, writer, log = open_lm_run("sft", cfg, cfg.model, overwrite, log, resumed[1] if resumed else None)
     uniform = math.log(len(tok))  # the loss of a uniform guess over the tokenizer's ids (the logits' width)
-    warned = False
     g = torch.Generator().manual_seed(cfg.seed)
-    log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters")
-    step, total = 0, 0.0
+    weights = lambda: {f"policy.lm.{n}": full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    ckpt = StageCheckpoints("sft", cfg, d, opt, scaler, g, weights,
+                            lambda t: load_into(model, to_layout(model, {k[len("policy.lm."):]: v for k, v in t.items()})),
+                            data_digest(examples), cfg.epochs * math.ceil(len(examples) / cfg.batch_size), writer)
+    start = ckpt.restore(*resumed) if resumed else (0, 0)
+    ckpt.extra.setdefault("warned", False)
+    log(f"sft: {len(examples)} examples, {sum(p.numel() for p in params):,} trainable parameters"
+        + (f"; resuming {cfg.out} after step {ckpt.step}/{ckpt.total_steps}" if resumed else ""))
+    step, total = ckpt.step, 0.0
 
     def minibatch(rows: torch.Tensor, where: str) -> dict:
         n_tok = sum(sum(examples[i][1]) for i in rows.tolist())
@@ -103,34 +113,36 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
         return {"loss": loss_sum, "tokens": n_tok}
 
     def logged(epoch: int, st: dict, grad_norm: float) -> None:
-        nonlocal step, total, warned
+        nonlocal step, total
         step, total = step + 1, float(d.all_reduce_(torch.tensor([st["loss"]], dtype=torch.float64)))
         fields, suffix = step_fields(grad_norm, scaler)
-        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], **fields, "time": timer()})
+        writer.metrics({"step": step, "epoch": epoch, "loss": total, "tokens": st["tokens"], **fields,
+                        "time": ckpt.elapsed()})
         log(f"sft step {step}  loss {total:.4f}" + suffix)
-        if not warned and not fields["skipped"] and step >= 2 and total >= 0.98 * uniform and grad_norm < 1e-6 and d.main:
-            warned = True  # a diverged model predicts ~uniformly with saturated, zero-gradient logits
+        if not ckpt.extra["warned"] and not fields["skipped"] and step >= 2 and total >= 0.98 * uniform \
+                and grad_norm < 1e-6 and d.main:
+            ckpt.extra["warned"] = True  # a diverged model predicts ~uniformly with saturated, zero-gradient logits
             print(f"warning: lr: SFT loss {total:.3f} is at ln(vocab) = {uniform:.3f} with gradient norm "
                   f"{grad_norm:.1e} after {step} steps: the model learns nothing; the learning rate {cfg.lr:g} is "
                   "probably far too large (try --lr 1e-4)", file=sys.stderr)
 
-    res = sgd_epochs([opt], params, cfg.epochs, lambda: chunks(len(examples), cfg.batch_size, g), cfg.max_grad_norm,
-               None, minibatch, after_step=logged, dist=d, scaler=scaler)
-    # full tensors (fsdp: gathered from the shards on every rank)
-    tensors = {f"policy.lm.{n}": full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
-    summary = {"steps": step, "final_loss": total, "wall_time": timer()}
+    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted
+        sgd_epochs([opt], params, cfg.epochs, ckpt.order(lambda: chunks(len(examples), cfg.batch_size, g)),
+                         cfg.max_grad_norm, None, minibatch, after_step=ckpt.after_step(logged), dist=d,
+                         scaler=scaler, start=start)
+    tensors = weights()  # full tensors (fsdp: gathered from the shards on every rank)
     d.barrier()
     with gathered(model):  # fsdp: rank 0 generates with the whole weights, the others wait
         if d.main:
             checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors,
-                            {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step})
+                            {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
             writer.samples("after SFT (greedy, training prompts)", greedy_answers(model, tok, records[:3], chat, cfg, pad,
                                                                                   stop_token_ids(tok, base)))
     d.barrier()
+    summary = {"steps": step, "final_loss": total, "wall_time": ckpt.elapsed()}
     if not d.main:
         return summary
-    summary = {"steps": step, "final_loss": total, "wall_time": timer()}
-    summary.update(scaler_summary(res, scaler))
+    summary.update(scaler_summary(ckpt.skipped, scaler))
     checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary
 

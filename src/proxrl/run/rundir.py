@@ -271,15 +271,18 @@ class NullWriter:
         pass
 
 
-def open_lm_run(stage: str, cfg, base_model: str, overwrite: bool, log):
-    """The run files of an LM stage without resume (SFT, RM), on any number of processes: the distributed
-    context, the writer (rank 0; the old run is removed only now, with ``overwrite``) and the log (silent on
-    other ranks). Returns ``(dist, writer, log)``."""
+def open_lm_run(stage: str, cfg, base_model: str, overwrite: bool, log, resumed: Optional[dict] = None):
+    """The run files of an epoch-based LM stage (SFT, RM), on any number of processes: the distributed
+    context, the writer (rank 0; the old run is removed only now, with ``overwrite``; a run resumed from the
+    checkpoint state ``resumed`` has its files cut back to it) and the log (silent on other ranks). Returns
+    ``(dist, writer, log)``."""
     from .dist import context
 
     d = context(cfg.device)
     if not d.main:
         return d, NullWriter(), (lambda *_: None)
+    if resumed is not None:
+        return d, RunWriter.resume(cfg.out, "step", int(resumed["step"]), resumed["run"].get("samples_bytes"))[0], log
     prepare_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {stage}")
     return d, RunWriter(cfg.out, lm_run_config(stage, base_model, cfg)), log
 

@@ -56,7 +56,8 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
                minibatch_step: Callable[[Tensor, str], dict],
                stop_after_epoch: Optional[Callable[[dict], bool]] = None,
                after_step: Optional[Callable[[int, dict, float], None]] = None, dist=None,
-               reduce_stats: bool = False, flat_grads: Optional[FlatGrads] = None, scaler=None) -> SGDResult:
+               reduce_stats: bool = False, flat_grads: Optional[FlatGrads] = None, scaler=None,
+               start: tuple[int, int] = (0, 0)) -> SGDResult:
     """``epochs`` passes; each pass takes its minibatches from ``order()`` (a fresh shuffle: e.g.
     :func:`minibatches` or :func:`chunks`). Per minibatch: zero the gradients, ``minibatch_step(indices,
     where)`` (computes the loss, calls backward and returns its statistics; ``where`` says "(epoch e,
@@ -75,6 +76,10 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
     collective each (:meth:`~proxrl.run.dist.Dist.sum_step`: the error check, the statistics and the
     gradients together), which needs every step to return the first step's statistics.
 
+    ``start`` = (epoch, minibatch), both from 0: continue a loop stopped there (a resumed run) — the earlier
+    epochs are not run (``order`` is not called for them) and the first ``minibatch`` parts of that epoch's
+    ``order()`` are skipped; the caller makes ``order()`` draw that epoch's permutation again.
+
     ``scaler`` (a :class:`torch.amp.GradScaler`, fp16; ``minibatch_step`` then backpropagates
     ``scaler.scale(loss)``, :func:`backward`): the gradients are unscaled before the clip; when they hold
     inf/NaN the scaler skips the step and lowers its scale instead of the finite-gradient guard raising — the
@@ -86,9 +91,11 @@ def sgd_epochs(optimizers: Sequence[torch.optim.Optimizer], params: list[nn.Para
         raise ValueError("sgd_epochs: flat_grads and a gradient scaler are not combined")
     out = SGDResult()
     stat_keys: Optional[list[str]] = None  # known after the first step (every rank returns the same keys)
-    for epoch in range(epochs):
+    for epoch in range(start[0], epochs):
         st: dict = {}
-        for j, idx in enumerate(order()):
+        parts = list(order())
+        skip = start[1] if epoch == start[0] else 0
+        for j, idx in enumerate(parts[skip:], skip):
             where = f" (epoch {epoch + 1}, minibatch {j + 1})" if update is not None else \
                 f" (epoch {epoch + 1}, step {len(out.stats) + 1})"
             if flat_grads is not None:

@@ -16,9 +16,10 @@ class RunInterrupted(ProxrlError):
     """SIGINT/SIGTERM: the current update finished, a checkpoint was written; ``exit_code`` is 130/143 and
     the message names the command that resumes the run."""
 
-    def __init__(self, signum: int, run_dir: Path, update: int, command: str = "proxrl train", extra: str = ""):
+    def __init__(self, signum: int, run_dir: Path, update: int, command: str = "proxrl train", extra: str = "",
+                 unit: str = "update"):
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after update {update}; checkpoint written; "
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {unit} {update}; checkpoint written; "
                          f"resume with: {command} --resume {run_dir}{extra}")
 
 

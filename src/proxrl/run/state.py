@@ -4,7 +4,7 @@ JSON-able (no pickle) — and the one place the global RNGs are seeded."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -131,3 +131,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def scaler_state(scaler) -> Optional[dict]:
+    """The fp16 gradient scaler's state as JSON numbers (the scale and its growth counter), for checkpoints;
+    None without one."""
+    if scaler is None:
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v) if isinstance(v, int) else v)
+            for k, v in scaler.state_dict().items()}

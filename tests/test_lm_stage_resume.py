@@ -1,0 +1,174 @@
+"""SFT and the reward model never lose a run: SIGTERM/SIGINT mid-epoch writes a checkpoint after the step in
+progress and stops (exit 143/130 from the CLI); a run that dies after a periodic checkpoint resumes from it;
+``--resume`` continues either exactly as the uninterrupted run (every metrics line but wall-clock time, the
+final weights, the summary); an unfinished run is refused by what loads its model, resume refuses a changed
+option or data. Tiny random llama, in-process (signals sent to this process) and one CLI run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import torch
+from safetensors.torch import load_file
+
+from proxrl.errors import CheckpointError, ConfigError
+from proxrl.lm.config import RMConfig, SFTConfig
+from proxrl.lm.data import write_jsonl
+from proxrl.lm.rm import reward_model
+from proxrl.lm.sft_trainer import sft
+from proxrl.lm.tiny import make_tiny
+from proxrl.run import checkpoint
+from proxrl.run.signals import RunInterrupted
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stage_resume")
+    make_tiny(tmp / "model", arch="llama", layers=1, hidden=16, seed=0)
+    write_jsonl(tmp / "demos.jsonl", [{"prompt": f"q{i}", "response": "ab" * (1 + i % 3)} for i in range(11)])
+    write_jsonl(tmp / "prefs.jsonl", [{"prompt": f"q{i}", "chosen": "a" * (1 + i % 4), "rejected": "z" * (1 + i % 3)}
+                                      for i in range(14)])
+    return tmp
+
+
+def sft_cfg(work: Path, out: str, **kw) -> SFTConfig:
+    base = dict(model=str(work / "model"), data=str(work / "demos.jsonl"), out=str(work / out), epochs=3,
+                batch_size=4, micro_batch_size=2, lr=3e-3, finetune="lora", lora_r=2, seed=5, checkpoint_every=0)
+    return SFTConfig(**{**base, **kw})
+
+
+def rm_cfg(work: Path, out: str, **kw) -> RMConfig:
+    base = dict(model=str(work / "model"), data=str(work / "prefs.jsonl"), out=str(work / out), epochs=2,
+                batch_size=4, micro_batch_size=3, lr=3e-3, finetune="full", eval_fraction=0.2, seed=7,
+                checkpoint_every=0)
+    return RMConfig(**{**base, **kw})
+
+
+def stop_at(step: int, sig=signal.SIGTERM):
+    """A log function that sends ``sig`` to this process when the stage logs step ``step``."""
+    def log(line: str) -> None:
+        if f" step {step} " in line + " ":
+            os.kill(os.getpid(), sig)
+    return log
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k not in ("time", "wall_time")}
+            for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert metrics(a) == metrics(b)
+    ta = load_file(str(checkpoint.latest(a / "checkpoints") / "tensors.safetensors"))
+    tb = load_file(str(checkpoint.latest(b / "checkpoints") / "tensors.safetensors"))
+    assert ta.keys() == tb.keys() and not [k for k in ta if not torch.equal(ta[k], tb[k])]
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert {k: v for k, v in sa.items() if k != "wall_time"} == {k: v for k, v in sb.items() if k != "wall_time"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sft_stopped_mid_epoch_resumes_exactly(work, sig):
+    sft(sft_cfg(work, f"sft-ref-{sig}"), log=lambda *_: None)  # 3 epochs × 3 steps
+    with pytest.raises(RunInterrupted) as e:
+        sft(sft_cfg(work, f"sft-stop-{sig}"), log=stop_at(5, sig))  # epoch 2, its second of three steps
+    assert e.value.exit_code == 128 + sig and "after step 5" in str(e.value) and "--resume" in str(e.value)
+    stopped = work / f"sft-stop-{sig}"
+    assert len(metrics(stopped)) == 5 and checkpoint.latest(stopped / "checkpoints").name == f"ckpt-{5:012d}"
+    sft(SFTConfig(resume=str(stopped)), log=lambda *_: None)
+    assert_same_run(work / f"sft-ref-{sig}", stopped)
+
+
+def test_sft_dead_after_a_periodic_checkpoint_resumes_exactly(work, monkeypatch):
+    """A run killed (here: an error at step 7) after its step-4 checkpoint: resume cuts the metrics back to
+    step 4 and continues to the uninterrupted run's end."""
+    sft(sft_cfg(work, "sft-ref-every", checkpoint_every=4), log=lambda *_: None)
+    from proxrl.run.rundir import RunWriter
+
+    real = RunWriter.metrics
+
+    def dying(self, row):
+        real(self, row)
+        if row.get("step") == 7:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(RunWriter, "metrics", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        sft(sft_cfg(work, "sft-died", checkpoint_every=4), log=lambda *_: None)
+    monkeypatch.setattr(RunWriter, "metrics", real)
+    died = work / "sft-died"
+    assert len(metrics(died)) == 7 and checkpoint.latest(died / "checkpoints").name == f"ckpt-{4:012d}"
+    sft(SFTConfig(resume=str(died)), log=lambda *_: None)
+    assert_same_run(work / "sft-ref-every", died)
+
+
+def test_rm_stopped_resumes_exactly_and_an_unfinished_rm_is_refused(work):
+    reward_model(rm_cfg(work, "rm-ref"), log=lambda *_: None)  # 11 training pairs: 3 steps per epoch
+    with pytest.raises(RunInterrupted):
+        reward_model(rm_cfg(work, "rm-stop"), log=stop_at(4))
+    stopped = work / "rm-stop"
+    from proxrl.lm.policy import load_reward_model
+
+    with pytest.raises(CheckpointError, match=r"stopped after step 4 of 6 .*proxrl rlhf rm --resume"):
+        load_reward_model(stopped)
+    reward_model(RMConfig(resume=str(stopped)), log=lambda *_: None)
+    assert_same_run(work / "rm-ref", stopped)
+    load_reward_model(stopped)  # finished: loads
+
+
+def test_an_unfinished_sft_run_is_refused_as_a_policy_and_resume_checks(work):
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-half"), log=stop_at(2))
+    half = work / "sft-half"
+    from proxrl.lm.export import ExportConfig, export
+
+    with pytest.raises(CheckpointError, match="not finished; finish it with: proxrl rlhf sft --resume"):
+        export(ExportConfig(run=str(half), out=str(work / "exported")))
+    with pytest.raises(ConfigError, match="lr"):  # an option that would change the run
+        sft(SFTConfig(resume=str(half), lr=1e-3), log=lambda *_: None, explicit={"resume", "lr"})
+    with pytest.raises(ConfigError, match="overwrite"):
+        sft(SFTConfig(resume=str(half), overwrite=True), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="not a checkpoint of `proxrl rlhf rm`"):
+        reward_model(RMConfig(resume=str(half)), log=lambda *_: None)
+    demos = (work / "demos.jsonl").read_text()
+    try:  # the data changed since the checkpoint
+        (work / "demos.jsonl").write_text(demos.replace('"q3"', '"q33"'))
+        with pytest.raises(CheckpointError, match="changed since the checkpoint"):
+            sft(SFTConfig(resume=str(half)), log=lambda *_: None)
+    finally:
+        (work / "demos.jsonl").write_text(demos)
+    sft(SFTConfig(resume=str(half)), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="finished"):  # nothing left to resume
+        sft(SFTConfig(resume=str(half)), log=lambda *_: None)
+
+
+def test_cli_sigterm_exits_143_with_the_resume_command_and_resumes(work):
+    out = work / "sft-cli"
+    args = ["--model", str(work / "model"), "--data", str(work / "demos.jsonl"), "--out", str(out), "--epochs", "200",
+            "--batch-size", "4", "--micro-batch-size", "4", "--finetune", "lora", "--lora-r", "2"]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "proxrl", "rlhf", "sft", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the first training step logged: stop it
+        if "sft step 2 " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"resume with: proxrl rlhf sft --resume {out}" in err and "Traceback" not in err
+    done = len(metrics(out))
+    assert 2 <= done < 600 and checkpoint.latest(out / "checkpoints").name == f"ckpt-{done:012d}"
+    r = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", "sft", "--resume", str(out), "--epochs", "3"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "epochs" in r.stderr and "Traceback" not in r.stderr  # a changed option: one line

@@ -223,6 +223,25 @@ def test_quick_demo_smoke_and_same_seed_same_summary(tmp_path):
     assert "update" not in proc.stdout
 
 
+def test_a_stopped_demo_says_to_run_it_again_not_to_resume_its_stage(tmp_path):
+    """SIGTERM during the demo's RL stage: that stage checkpoints, but resuming it alone would not finish the
+    demo (no "after" measurement, summary or figure), so the line says to run the demo again; exit 143."""
+    import signal
+
+    from proxrl.lm.config import DemoConfig
+    from proxrl.lm.demo_pipeline import DemoInterrupted, demo
+
+    def log(line: str) -> None:
+        if "update   1/" in line:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(DemoInterrupted) as e:
+        demo(DemoConfig(quick=True, out=str(tmp_path / "d")), log=log)
+    assert e.value.exit_code == 143 and "during the demo's RL stage" in str(e.value)
+    assert "run it again" in str(e.value) and "--resume" not in str(e.value)
+    assert not (tmp_path / "d" / "summary.json").exists()
+
+
 @pytest.mark.slow
 def test_quick_demo_with_rm(tmp_path):
     s, _ = _run_demo(tmp_path / "demo", "--with-rm")

@@ -25,15 +25,17 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProxrlError
 from ..run import checkpoint
 from ..run.progress import clock
+from ..run.signals import RunInterrupted
 from ..run.state import seed_everything
 from .config import DemoConfig, RLConfig, RMConfig, SFTConfig
 from .data import write_jsonl
@@ -187,9 +189,30 @@ def _eval_seed(seed: int) -> int:
     return 2_000_000_011 + 1000 * seed
 
 
+class DemoInterrupted(ProxrlError):
+    """SIGINT/SIGTERM during one of the demo's training stages. The stage's own checkpoint was written, but
+    resuming that stage alone would not finish the demo (its "after" measurement, summary and figure): the
+    message says to run the demo again. ``exit_code`` is 128 + signal, as for any stopped run."""
+
+    def __init__(self, exit_code: int, stage: str, out: Path):
+        self.exit_code = exit_code
+        super().__init__(f"stopped by {signal.Signals(exit_code - 128).name} during the demo's {stage} stage; the "
+                         f"demo does not resume: run it again (the same --seed gives the same result; --out {out} "
+                         "is replaced)")
+
+
 def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run the demo; returns (and writes to ``out/summary.json``) the paired held-out measurement.
-    ``log`` receives the progress lines (default: stderr, with elapsed time and ETA)."""
+    ``log`` receives the progress lines (default: stderr, with elapsed time and ETA). SIGINT/SIGTERM during
+    a training stage: :class:`DemoInterrupted` (exit 130/143 from the CLI)."""
+    try:
+        return _demo(config, log)
+    except RunInterrupted as e:
+        stage = "SFT" if "rlhf sft" in str(e) else "reward-model" if "rlhf rm" in str(e) else "RL"
+        raise DemoInterrupted(e.exit_code, stage, Path(config.out)) from None
+
+
+def _demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dict:
     from .policy import build_policy
     from .ppo_trainer import PPOTrainer, split_prompts, train
 

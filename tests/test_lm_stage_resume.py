@@ -172,3 +172,22 @@ def test_cli_sigterm_exits_143_with_the_resume_command_and_resumes(work):
     r = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", "sft", "--resume", str(out), "--epochs", "3"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "epochs" in r.stderr and "Traceback" not in r.stderr  # a changed option: one line
+
+
+def test_a_torchrun_restart_continues_only_its_own_run(work, monkeypatch):
+    """A worker restarted by torchrun (--max-restarts) whose --out holds a checkpointed run continues it only when
+    it is its own (the command's whole config equals the saved one): the run another command left there (its
+    first attempt was refused, or died before replacing it with --overwrite) is refused in one line, not
+    continued silently with the old config."""
+    sft(sft_cfg(work, "sft-restart-ref", epochs=2), log=lambda *_: None)
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-restart", epochs=2), log=stop_at(2))
+    run = work / "sft-restart"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for other in (dict(lr=1e-3), dict(epochs=1), dict(finetune="full", overwrite=True)):
+        with pytest.raises(ConfigError, match="continues only its own run"):
+            sft(sft_cfg(work, "sft-restart", **{"epochs": 2, **other}), log=lambda *_: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    sft(sft_cfg(work, "sft-restart", epochs=2, overwrite=True), log=lambda *_: None)  # its own: continues
+    assert_same_run(work / "sft-restart-ref", run)

@@ -191,3 +191,31 @@ def test_a_torchrun_restart_continues_only_its_own_run(work, monkeypatch):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     sft(sft_cfg(work, "sft-restart", epochs=2, overwrite=True), log=lambda *_: None)  # its own: continues
     assert_same_run(work / "sft-restart-ref", run)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_a_signal_after_the_last_step_lets_the_stage_finish(work, stage):
+    """SIGTERM while the stage writes its end (the reward model scores every training pair before its final
+    checkpoint; SFT generates its samples): the stage finishes (final checkpoint, summary, exit 0) instead of
+    being killed with no checkpoint at all (--checkpoint-every 0: the whole run was lost)."""
+    out = work / f"{stage}-term-at-end"
+    data = work / ("demos.jsonl" if stage == "sft" else "prefs.jsonl")
+    hook = ("import proxrl.lm.rm as m; real = m.score_pairs; sent = []\n"
+            "def hooked(*a, **k):\n"
+            "    if torch.is_inference_mode_enabled() and not sent: sent.append(os.kill(os.getpid(), signal.SIGTERM))\n"
+            "    return real(*a, **k)\n"
+            "m.score_pairs = hooked\n") if stage == "rm" else (
+            "import proxrl.lm.sft_trainer as m; real = m.greedy_answers\n"
+            "def hooked(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            "m.greedy_answers = hooked\n")
+    code = ("import os, signal, sys, torch\n" + hook + "from proxrl.cli import main\nsys.exit(main([\"rlhf\", *sys.argv[1:]]))")
+    args = [stage, "--model", str(work / "model"), "--data", str(data), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--finetune", "lora", "--lora-r", "2", "--checkpoint-every", "0"]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    state = checkpoint.load(out / "checkpoints")[1]
+    assert "complete" not in state and state["step"] == len(metrics(out)) - (stage == "rm")  # rm: + a final line
+    assert (out / "summary.json").is_file()

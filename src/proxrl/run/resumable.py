@@ -58,7 +58,8 @@ class StageCheckpoints:
 
     ``weights()`` returns the trained tensors under the keys of the stage's final checkpoint (on every rank:
     with FSDP it gathers the shards, a collective); ``load_weights(tensors)`` puts them back. Use as a context
-    manager around the optimizer loop; :meth:`order` wraps the loop's ``order``, :meth:`after_step` its
+    manager around the optimizer loop and the stage's final checkpoint and summary (a signal after the last step
+    then lets the stage finish instead of killing it before its final checkpoint); :meth:`order` wraps the loop's ``order``, :meth:`after_step` its
     ``after_step``; :meth:`restore` returns the ``start`` to give :func:`~proxrl.run.sgd.sgd_epochs`."""
 
     def __init__(self, stage: str, cfg, dist, optimizer, scaler, generator: torch.Generator,

@@ -219,3 +219,25 @@ def test_a_signal_after_the_last_step_lets_the_stage_finish(work, stage):
     state = checkpoint.load(out / "checkpoints")[1]
     assert "complete" not in state and state["step"] == len(metrics(out)) - (stage == "rm")  # rm: + a final line
     assert (out / "summary.json").is_file()
+
+
+def test_resume_accepts_device_auto_given_again(work, tmp_path):
+    """The run records the device ``--device auto`` chose; the same ``--device auto`` given again with --resume is
+    no change (it was refused: "cannot change to 'auto'"), for SFT/RM and for PPO."""
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-auto", device="auto"), log=stop_at(2))
+    sft(SFTConfig(resume=str(work / "sft-auto"), device="auto"), log=lambda *_: None, explicit={"resume", "device"})
+    assert len(metrics(work / "sft-auto")) == 9
+    import dataclasses
+
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.ppo_trainer import resolve_resume
+    from proxrl.run.device import resolve_device
+
+    saved = dataclasses.asdict(PPOConfig(policy=str(work / "model"), reward="r.py:r", prompts=str(work / "demos.jsonl"),
+                                         device=resolve_device("auto"), out=str(tmp_path)))
+    checkpoint.save(tmp_path / "checkpoints", 1, {"x": torch.zeros(1)},
+                    {"stage": "ppo", "version": 1, "step": 1, "config": saved, "run": {}})
+    had, _, _ = resolve_resume(PPOConfig(resume=str(tmp_path), reward="r.py:r", device="auto"), reward_given=True,
+                               explicit=["resume", "reward", "device"])
+    assert had.device == resolve_device("auto")

@@ -71,6 +71,7 @@ def begin_stage(cfg, stage: str, explicit=None):
 
     from ..errors import CheckpointError, ConfigError
     from ..run import checkpoint
+    from ..run.device import resolve_device
     from ..run.rundir import latest_checkpoint, relocate
     from .config import absolute_path, check_new_out, restarted_by_torchrun
     from .loading import read_run_config
@@ -125,6 +126,8 @@ def begin_stage(cfg, stage: str, explicit=None):
         given, was = getattr(cfg, name), getattr(had, name)
         if name in ("model", "data"):
             given = absolute_path(given)
+        elif name == "device":  # the run recorded the device 'auto' chose
+            given = resolve_device(given)
         if given != was and restarted:
             raise ConfigError(name, f"{run_dir} holds a run with {name} = {was!r}, not this command's {given!r}; a "
                               "worker restarted by torchrun continues only its own run", "choose another --out, or "

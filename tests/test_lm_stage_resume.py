@@ -241,3 +241,25 @@ def test_resume_accepts_device_auto_given_again(work, tmp_path):
     had, _, _ = resolve_resume(PPOConfig(resume=str(tmp_path), reward="r.py:r", device="auto"), reward_given=True,
                                explicit=["resume", "reward", "device"])
     assert had.device == resolve_device("auto")
+
+
+def test_a_checkpoint_whose_place_in_the_run_was_edited_is_refused(work):
+    """state.json's step/epoch/minibatch (or the config's epochs/batch size) edited so that they no longer fit
+    together: refused in one line — it used to run silently another run (epoch 7 of 3: 'finished' after 2 of 9
+    steps; epoch -1: 12 steps; minibatch 99: an epoch skipped; config epochs 1: 3 steps)."""
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-edited"), log=stop_at(2))
+    run = work / "sft-edited"
+    state_file = checkpoint.latest(run / "checkpoints") / "state.json"
+    original = state_file.read_text()
+    edits = [("run", "epoch", 7), ("run", "epoch", -1), ("run", "minibatch", 99), ("run", "minibatch", 1),
+             (None, "step", 50), ("run", "total_steps", 3), ("config", "epochs", 1), ("config", "batch_size", 3)]
+    for where, key, value in edits:
+        state = json.loads(original)
+        (state[where] if where else state)[key] = value
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match="was state.json edited"):
+            sft(SFTConfig(resume=str(run)), log=lambda *_: None)
+    state_file.write_text(original)
+    sft(SFTConfig(resume=str(run)), log=lambda *_: None)
+    assert len(metrics(run)) == 9

@@ -263,3 +263,21 @@ def test_a_checkpoint_whose_place_in_the_run_was_edited_is_refused(work):
     state_file.write_text(original)
     sft(SFTConfig(resume=str(run)), log=lambda *_: None)
     assert len(metrics(run)) == 9
+
+
+def test_a_torchrun_restart_starts_again_only_over_its_own_first_attempt(work, monkeypatch):
+    """A restarted worker whose --out holds a run without checkpoints starts again over it only when it is its
+    own first attempt's (config.json = the command's config); another command's run there (which the first
+    attempt refused: 'already holds a run') used to be deleted and replaced."""
+    sft(sft_cfg(work, "sft-old", epochs=1), log=lambda *_: None)
+    import shutil
+
+    old = work / "sft-old"
+    shutil.rmtree(old / "checkpoints")  # e.g. removed to save space; its metrics and summary kept
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        sft(sft_cfg(work, "sft-old", epochs=1, lr=1e-3), log=lambda *_: None)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    sft(sft_cfg(work, "sft-old", epochs=1), log=lambda *_: None)  # its own first attempt: started again
+    assert len(metrics(old)) == 3 and checkpoint.latest(old / "checkpoints").name == f"ckpt-{3:012d}"

@@ -83,7 +83,7 @@ def begin_stage(cfg, stage: str, explicit=None):
         cfg, explicit = dataclasses.replace(cfg, resume=cfg.out, overwrite=False), [f.name for f in dataclasses.fields(cfg)]
     if not cfg.resume:
         cfg.validate()
-        return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage)
+        return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage, cfg)
     run_dir = Path(cfg.resume)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("resume", f"{run_dir} is a file, not a run directory",

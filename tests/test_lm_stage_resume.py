@@ -172,3 +172,112 @@ def test_cli_sigterm_exits_143_with_the_resume_command_and_resumes(work):
     r = subprocess.run([sys.executable, "-m", "proxrl", "rlhf", "sft", "--resume", str(out), "--epochs", "3"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "epochs" in r.stderr and "Traceback" not in r.stderr  # a changed option: one line
+
+
+def test_a_torchrun_restart_continues_only_its_own_run(work, monkeypatch):
+    """A worker restarted by torchrun (--max-restarts) whose --out holds a checkpointed run continues it only when
+    it is its own (the command's whole config equals the saved one): the run another command left there (its
+    first attempt was refused, or died before replacing it with --overwrite) is refused in one line, not
+    continued silently with the old config."""
+    sft(sft_cfg(work, "sft-restart-ref", epochs=2), log=lambda *_: None)
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-restart", epochs=2), log=stop_at(2))
+    run = work / "sft-restart"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for other in (dict(lr=1e-3), dict(epochs=1), dict(finetune="full", overwrite=True)):
+        with pytest.raises(ConfigError, match="continues only its own run"):
+            sft(sft_cfg(work, "sft-restart", **{"epochs": 2, **other}), log=lambda *_: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    sft(sft_cfg(work, "sft-restart", epochs=2, overwrite=True), log=lambda *_: None)  # its own: continues
+    assert_same_run(work / "sft-restart-ref", run)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_a_signal_after_the_last_step_lets_the_stage_finish(work, stage):
+    """SIGTERM while the stage writes its end (the reward model scores every training pair before its final
+    checkpoint; SFT generates its samples): the stage finishes (final checkpoint, summary, exit 0) instead of
+    being killed with no checkpoint at all (--checkpoint-every 0: the whole run was lost)."""
+    out = work / f"{stage}-term-at-end"
+    data = work / ("demos.jsonl" if stage == "sft" else "prefs.jsonl")
+    hook = ("import proxrl.lm.rm as m; real = m.score_pairs; sent = []\n"
+            "def hooked(*a, **k):\n"
+            "    if torch.is_inference_mode_enabled() and not sent: sent.append(os.kill(os.getpid(), signal.SIGTERM))\n"
+            "    return real(*a, **k)\n"
+            "m.score_pairs = hooked\n") if stage == "rm" else (
+            "import proxrl.lm.sft_trainer as m; real = m.greedy_answers\n"
+            "def hooked(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            "m.greedy_answers = hooked\n")
+    code = ("import os, signal, sys, torch\n" + hook + "from proxrl.cli import main\nsys.exit(main([\"rlhf\", *sys.argv[1:]]))")
+    args = [stage, "--model", str(work / "model"), "--data", str(data), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--finetune", "lora", "--lora-r", "2", "--checkpoint-every", "0"]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    state = checkpoint.load(out / "checkpoints")[1]
+    assert "complete" not in state and state["step"] == len(metrics(out)) - (stage == "rm")  # rm: + a final line
+    assert (out / "summary.json").is_file()
+
+
+def test_resume_accepts_device_auto_given_again(work, tmp_path):
+    """The run records the device ``--device auto`` chose; the same ``--device auto`` given again with --resume is
+    no change (it was refused: "cannot change to 'auto'"), for SFT/RM and for PPO."""
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-auto", device="auto"), log=stop_at(2))
+    sft(SFTConfig(resume=str(work / "sft-auto"), device="auto"), log=lambda *_: None, explicit={"resume", "device"})
+    assert len(metrics(work / "sft-auto")) == 9
+    import dataclasses
+
+    from proxrl.lm.config import PPOConfig
+    from proxrl.lm.ppo_trainer import resolve_resume
+    from proxrl.run.device import resolve_device
+
+    saved = dataclasses.asdict(PPOConfig(policy=str(work / "model"), reward="r.py:r", prompts=str(work / "demos.jsonl"),
+                                         device=resolve_device("auto"), out=str(tmp_path)))
+    checkpoint.save(tmp_path / "checkpoints", 1, {"x": torch.zeros(1)},
+                    {"stage": "ppo", "version": 1, "step": 1, "config": saved, "run": {}})
+    had, _, _ = resolve_resume(PPOConfig(resume=str(tmp_path), reward="r.py:r", device="auto"), reward_given=True,
+                               explicit=["resume", "reward", "device"])
+    assert had.device == resolve_device("auto")
+
+
+def test_a_checkpoint_whose_place_in_the_run_was_edited_is_refused(work):
+    """state.json's step/epoch/minibatch (or the config's epochs/batch size) edited so that they no longer fit
+    together: refused in one line — it used to run silently another run (epoch 7 of 3: 'finished' after 2 of 9
+    steps; epoch -1: 12 steps; minibatch 99: an epoch skipped; config epochs 1: 3 steps)."""
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-edited"), log=stop_at(2))
+    run = work / "sft-edited"
+    state_file = checkpoint.latest(run / "checkpoints") / "state.json"
+    original = state_file.read_text()
+    edits = [("run", "epoch", 7), ("run", "epoch", -1), ("run", "minibatch", 99), ("run", "minibatch", 1),
+             (None, "step", 50), ("run", "total_steps", 3), ("config", "epochs", 1), ("config", "batch_size", 3)]
+    for where, key, value in edits:
+        state = json.loads(original)
+        (state[where] if where else state)[key] = value
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match="was state.json edited"):
+            sft(SFTConfig(resume=str(run)), log=lambda *_: None)
+    state_file.write_text(original)
+    sft(SFTConfig(resume=str(run)), log=lambda *_: None)
+    assert len(metrics(run)) == 9
+
+
+def test_a_torchrun_restart_starts_again_only_over_its_own_first_attempt(work, monkeypatch):
+    """A restarted worker whose --out holds a run without checkpoints starts again over it only when it is its
+    own first attempt's (config.json = the command's config); another command's run there (which the first
+    attempt refused: 'already holds a run') used to be deleted and replaced."""
+    sft(sft_cfg(work, "sft-old", epochs=1), log=lambda *_: None)
+    import shutil
+
+    old = work / "sft-old"
+    shutil.rmtree(old / "checkpoints")  # e.g. removed to save space; its metrics and summary kept
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        sft(sft_cfg(work, "sft-old", epochs=1, lr=1e-3), log=lambda *_: None)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    sft(sft_cfg(work, "sft-old", epochs=1), log=lambda *_: None)  # its own first attempt: started again
+    assert len(metrics(old)) == 3 and checkpoint.latest(old / "checkpoints").name == f"ckpt-{3:012d}"

@@ -71,16 +71,19 @@ def begin_stage(cfg, stage: str, explicit=None):
 
     from ..errors import CheckpointError, ConfigError
     from ..run import checkpoint
+    from ..run.device import resolve_device
     from ..run.rundir import latest_checkpoint, relocate
     from .config import absolute_path, check_new_out, restarted_by_torchrun
     from .loading import read_run_config
 
-    if not cfg.resume and restarted_by_torchrun() and cfg.out and \
-            checkpoint.list_checkpoints(Path(cfg.out) / "checkpoints"):  # torchrun --max-restarts: continue by itself
-        cfg, explicit = dataclasses.replace(cfg, resume=cfg.out, overwrite=False), ()
+    restarted = not cfg.resume and restarted_by_torchrun() and cfg.out and \
+        checkpoint.list_checkpoints(Path(cfg.out) / "checkpoints")
+    if restarted:  # torchrun --max-restarts: continue by itself — only its own run, whose config is the one given
+        cfg.validate()  # (not a run --out held before its first attempt failed, e.g. refused as "already holds a run")
+        cfg, explicit = dataclasses.replace(cfg, resume=cfg.out, overwrite=False), [f.name for f in dataclasses.fields(cfg)]
     if not cfg.resume:
         cfg.validate()
-        return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage)
+        return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage, cfg)
     run_dir = Path(cfg.resume)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
@@ -123,6 +126,12 @@ def begin_stage(cfg, stage: str, explicit=None):
         given, was = getattr(cfg, name), getattr(had, name)
         if name in ("model", "data"):
             given = absolute_path(given)
+        elif name == "device":  # the run recorded the device 'auto' chose
+            given = resolve_device(given)
+        if given != was and restarted:
+            raise ConfigError(name, f"{run_dir} holds a run with {name} = {was!r}, not this command's {given!r}; a "
+                              "worker restarted by torchrun continues only its own run", "choose another --out, or "
+                              f"continue that run with: proxrl rlhf {stage} --resume {run_dir}")
         if given != was:
             raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it cannot "
                               f"change to {given!r}", "start a new run with another --out to change it")

@@ -120,13 +120,25 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def check_new_out(out: str, overwrite: bool, stage: str) -> bool:
+def check_new_out(out: str, overwrite: bool, stage: str, cfg=None) -> bool:
     """An ``out`` of a stage without resume (sft, rm): refused with one line when it is a file or holds a
     run (unless ``overwrite``), before any work; the directory is made later (``prepare_out``). Returns the
-    overwrite flag to make it with (True also for a worker restarted by torchrun, which starts again)."""
-    from ..run.rundir import check_out, holds_run
+    overwrite flag to make it with (True also for a worker restarted by torchrun, which starts again over its
+    first attempt's run — the run in ``out`` whose config.json holds ``cfg``, the config given; not over a run
+    another command left there, which the first attempt refused)."""
+    import json
 
-    overwrite = overwrite or restarted_by_torchrun()
+    from ..errors import CheckpointError
+    from ..run.rundir import check_out, holds_run
+    from .loading import read_run_config
+
+    if not overwrite and restarted_by_torchrun():
+        try:
+            run = read_run_config(out)
+        except CheckpointError:  # config.json edited: not this command's
+            run = None
+        overwrite = run is not None and run["stage"] == stage and \
+            run["config"] == json.loads(json.dumps(asdict(cfg) if cfg is not None else None))
     if holds_run(out) and not overwrite:
         raise ConfigError("out", f"{out} already holds a run", "replace it with --overwrite, or choose another --out")
     check_out(out, overwrite=overwrite, command=f"proxrl rlhf {stage}")

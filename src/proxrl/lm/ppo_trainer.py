@@ -34,6 +34,7 @@ from .. import core
 from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, check
 from ..run import checkpoint
+from ..run.device import resolve_device
 from ..run.progress import clock
 from ..run.fsdp import full, shard_optimizer_state
 from ..run.guards import Backup, check_parameters
@@ -453,6 +454,8 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
         given, was = getattr(config, name), getattr(had, name)
         if name in ("policy", "prompts"):
             given = absolute_path(given)
+        elif name == "device":  # the run recorded the device 'auto' chose
+            given = resolve_device(given)
         if given != was:
             raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it "
                               f"cannot change to {given!r}", "only --updates (raised, to extend the run) may "

@@ -147,36 +147,37 @@ def reward_model(config: RMConfig, log: Callable[[str], None] = lambda s: print(
         writer.metrics({"step": step, "epoch": epoch, **st, **fields, "time": ckpt.elapsed()})
         log(f"rm step {step}  loss {st['loss']:.4f}  acc {st['accuracy']:.3f}" + suffix)
 
-    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted
+    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted;
+        # after the last step the stage finishes (its final checkpoint, samples and summary), never killed half-way
         sgd_epochs([opt], params, cfg.epochs, ckpt.order(lambda: chunks(len(train_pairs), cfg.batch_size, g)),
                    cfg.max_grad_norm, None, minibatch, after_step=ckpt.after_step(logged), dist=d, scaler=scaler,
                    start=start)
-    with gathered(rm), torch.inference_mode():  # fsdp: every rank scores every pair, the weights gathered
-        def scores(ps):
-            out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
-            return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-        tc, tr = scores(train_pairs)
-        all_train = torch.cat([tc, tr])
-        rm.score_mean.copy_(all_train.mean())
-        rm.score_std.copy_(all_train.std().clamp(min=1e-6) if all_train.numel() > 1 else torch.ones(()))
-        eval_acc, eval_loss = float("nan"), float("nan")
-        if eval_pairs:
-            ec, er = scores(eval_pairs)
-            eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
-    d.barrier()
-    state = rm.trainable_state()  # on every rank (fsdp: gathered from the shards)
-    if d.main:
-        checkpoint.save(Path(cfg.out) / "checkpoints", step, state,
-                        {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
-    summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
-               "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
-               "score_std": float(rm.score_std), "wall_time": ckpt.elapsed()}
-    summary.update(scaler_summary(ckpt.skipped, scaler))
-    # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
-    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
-    writer.metrics({"step": step, "final": True, **summary})
-    if d.main:
-        checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+        with gathered(rm), torch.inference_mode():  # fsdp: every rank scores every pair, the weights gathered
+            def scores(ps):
+                out = [score_pairs(rm, ps[i:i + cfg.micro_batch_size], pad, cfg.device) for i in range(0, len(ps), cfg.micro_batch_size)]
+                return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+            tc, tr = scores(train_pairs)
+            all_train = torch.cat([tc, tr])
+            rm.score_mean.copy_(all_train.mean())
+            rm.score_std.copy_(all_train.std().clamp(min=1e-6) if all_train.numel() > 1 else torch.ones(()))
+            eval_acc, eval_loss = float("nan"), float("nan")
+            if eval_pairs:
+                ec, er = scores(eval_pairs)
+                eval_acc, eval_loss = float(pairwise_accuracy(ec, er)), float(bradley_terry_loss(ec, er))
+        d.barrier()
+        state = rm.trainable_state()  # on every rank (fsdp: gathered from the shards)
+        if d.main:
+            checkpoint.save(Path(cfg.out) / "checkpoints", step, state,
+                            {"stage": "rm", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
+        summary = {"steps": step, "train_accuracy": float(pairwise_accuracy(tc, tr)), "eval_accuracy": eval_acc,
+                   "eval_loss": eval_loss, "eval_pairs": len(eval_pairs), "score_mean": float(rm.score_mean),
+                   "score_std": float(rm.score_std), "wall_time": ckpt.elapsed()}
+        summary.update(scaler_summary(ckpt.skipped, scaler))
+        # JSON has no NaN: the held-out statistics of a run without held-out pairs are written as null
+        summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        writer.metrics({"step": step, "final": True, **summary})
+        if d.main:
+            checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     log(f"rm: held-out pairwise accuracy {eval_acc:.3f} on {len(eval_pairs)} pairs" if eval_pairs
         else "rm: no held-out pairs (--eval-fraction 0)")
     if summary["score_std"] < FLAT_SCORE_STD and all_train.numel() > 1:  # normalising would amplify noise

@@ -126,24 +126,25 @@ def sft(config: SFTConfig, log: Callable[[str], None] = lambda s: print(s, file=
                   f"{grad_norm:.1e} after {step} steps: the model learns nothing; the learning rate {cfg.lr:g} is "
                   "probably far too large (try --lr 1e-4)", file=sys.stderr)
 
-    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted
+    with ckpt:  # SIGINT/SIGTERM: a checkpoint after the step in progress, then RunInterrupted;
+        # after the last step the stage finishes (its final checkpoint, samples and summary), never killed half-way
         sgd_epochs([opt], params, cfg.epochs, ckpt.order(lambda: chunks(len(examples), cfg.batch_size, g)),
                          cfg.max_grad_norm, None, minibatch, after_step=ckpt.after_step(logged), dist=d,
                          scaler=scaler, start=start)
-    tensors = weights()  # full tensors (fsdp: gathered from the shards on every rank)
-    d.barrier()
-    with gathered(model):  # fsdp: rank 0 generates with the whole weights, the others wait
-        if d.main:
-            checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors,
-                            {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
-            writer.samples("after SFT (greedy, training prompts)", greedy_answers(model, tok, records[:3], chat, cfg, pad,
-                                                                                  stop_token_ids(tok, base)))
-    d.barrier()
-    summary = {"steps": step, "final_loss": total, "wall_time": ckpt.elapsed()}
-    if not d.main:
-        return summary
-    summary.update(scaler_summary(ckpt.skipped, scaler))
-    checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
+        tensors = weights()  # full tensors (fsdp: gathered from the shards on every rank)
+        d.barrier()
+        with gathered(model):  # fsdp: rank 0 generates with the whole weights, the others wait
+            if d.main:
+                checkpoint.save(Path(cfg.out) / "checkpoints", step, tensors,
+                                {"stage": "sft", "version": CHECKPOINT_VERSION, "step": step}, keep=cfg.keep_checkpoints)
+                writer.samples("after SFT (greedy, training prompts)", greedy_answers(model, tok, records[:3], chat, cfg, pad,
+                                                                                      stop_token_ids(tok, base)))
+        d.barrier()
+        summary = {"steps": step, "final_loss": total, "wall_time": ckpt.elapsed()}
+        if not d.main:
+            return summary
+        summary.update(scaler_summary(ckpt.skipped, scaler))
+        checkpoint.write_json_atomic(Path(cfg.out) / "summary.json", summary)
     return summary
 
 

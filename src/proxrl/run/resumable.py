@@ -58,7 +58,8 @@ class StageCheckpoints:
 
     ``weights()`` returns the trained tensors under the keys of the stage's final checkpoint (on every rank:
     with FSDP it gathers the shards, a collective); ``load_weights(tensors)`` puts them back. Use as a context
-    manager around the optimizer loop; :meth:`order` wraps the loop's ``order``, :meth:`after_step` its
+    manager around the optimizer loop and the stage's final checkpoint and summary (a signal after the last step
+    then lets the stage finish instead of killing it before its final checkpoint); :meth:`order` wraps the loop's ``order``, :meth:`after_step` its
     ``after_step``; :meth:`restore` returns the ``start`` to give :func:`~proxrl.run.sgd.sgd_epochs`."""
 
     def __init__(self, stage: str, cfg, dist, optimizer, scaler, generator: torch.Generator,
@@ -155,6 +156,13 @@ class StageCheckpoints:
             self.g.set_state(tensors["rng/epoch_start"])
             set_rng_state(tensors, run["rng"])
             self.step, self.epoch, self.minibatch = int(state["step"]), int(run["epoch"]), int(run["minibatch"])
+            per_epoch = self.total_steps // self.cfg.epochs  # every epoch has as many minibatches (chunks)
+            if run.get("total_steps") != self.total_steps or not 0 <= self.epoch < self.cfg.epochs or \
+                    not 1 <= self.minibatch <= per_epoch or self.step != self.epoch * per_epoch + self.minibatch:
+                raise CheckpointError(f"{self.out}: the checkpoint's place in the run (step {self.step}, epoch "
+                                      f"{self.epoch}, minibatch {self.minibatch}, of {run.get('total_steps')} steps) "
+                                      f"does not fit its config ({self.cfg.epochs} epochs of {per_epoch} steps): was "
+                                      "state.json edited?")
             self.skipped, self.elapsed0, self.extra = int(run["skipped"]), float(run["elapsed"]), dict(run["extra"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.out}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None

@@ -281,3 +281,47 @@ def test_a_torchrun_restart_starts_again_only_over_its_own_first_attempt(work, m
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
     sft(sft_cfg(work, "sft-old", epochs=1), log=lambda *_: None)  # its own first attempt: started again
     assert len(metrics(old)) == 3 and checkpoint.latest(old / "checkpoints").name == f"ckpt-{3:012d}"
+
+
+def _ppo_cfg(work: Path, out: str, **kw):
+    from proxrl.lm.config import PPOConfig
+
+    write_jsonl(work / "prompts.jsonl", [{"prompt": f"say {i}:"} for i in range(8)])
+    base = dict(policy=str(work / "model"), reward="r:fn", prompts=str(work / "prompts.jsonl"), out=str(work / out),
+                updates=3, batch_size=4, micro_batch_size=2, response_length=4, eval_prompts=2, lora_r=2,
+                checkpoint_every=1, chat_template="off", seed=2)
+    return PPOConfig(**{**base, **kw})
+
+
+def _reward(prompts, responses):
+    return [r.count("a") / max(len(r), 1) for r in responses]
+
+
+def test_a_torchrun_restart_of_ppo_continues_only_its_own_run(work, monkeypatch):
+    """RL on tokens, the same two restart rules as SFT/RM: a restarted worker continues the checkpointed run in
+    --out only when its whole config is the command's (an option left at its default that differs counts),
+    and starts again over a run without checkpoints only when it is its own first attempt's."""
+    from proxrl.lm.ppo_trainer import ppo
+
+    def stop_after_1(line: str) -> None:
+        if line.startswith("update   1/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunInterrupted):
+        ppo(_ppo_cfg(work, "ppo-restart"), reward=_reward, log=stop_after_1)
+    run = work / "ppo-restart"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for other in (dict(lr=3e-5), dict(response_length=5)):  # given, or away from the saved run's value
+        with pytest.raises(ConfigError):
+            ppo(_ppo_cfg(work, "ppo-restart", **other), reward=_reward, log=lambda *_: None, explicit={"policy"})
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    ppo(_ppo_cfg(work, "ppo-restart"), reward=_reward, log=lambda *_: None, explicit={"policy"})  # its own: continues
+    assert len(metrics(run)) == 3
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")  # now a run without checkpoints: another command's is not replaced
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run"):
+        ppo(_ppo_cfg(work, "ppo-restart", lr=3e-5), reward=_reward, log=lambda *_: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

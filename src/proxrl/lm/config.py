@@ -120,8 +120,8 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def check_new_out(out: str, overwrite: bool, stage: str, cfg=None) -> bool:
-    """An ``out`` of a stage without resume (sft, rm): refused with one line when it is a file or holds a
+def check_new_out(out: str, overwrite: bool, stage: str, cfg=None, command: Optional[str] = None) -> bool:
+    """The ``out`` of a new run of an LM stage (sft, rm, ppo): refused with one line when it is a file or holds a
     run (unless ``overwrite``), before any work; the directory is made later (``prepare_out``). Returns the
     overwrite flag to make it with (True also for a worker restarted by torchrun, which starts again over its
     first attempt's run — the run in ``out`` whose config.json holds ``cfg``, the config given; not over a run
@@ -141,7 +141,7 @@ def check_new_out(out: str, overwrite: bool, stage: str, cfg=None) -> bool:
             run["config"] == json.loads(json.dumps(asdict(cfg) if cfg is not None else None))
     if holds_run(out) and not overwrite:
         raise ConfigError("out", f"{out} already holds a run", "replace it with --overwrite, or choose another --out")
-    check_out(out, overwrite=overwrite, command=f"proxrl rlhf {stage}")
+    check_out(out, overwrite=overwrite, command=command or f"proxrl rlhf {stage}")
     return overwrite
 
 

@@ -39,12 +39,12 @@ from ..run.progress import clock
 from ..run.fsdp import full, shard_optimizer_state
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
-from ..run.rundir import NullWriter, RunWriter, check_out, latest_checkpoint, lm_run_config, prepare_out, relocate
+from ..run.rundir import NullWriter, RunWriter, latest_checkpoint, lm_run_config, prepare_out, relocate
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, scaler_state,
                          seed_everything, set_rng_state)
 from .common import keep_freed_memory
-from .config import PPOConfig, RLConfig, absolute_path, ignored_options, restarted_by_torchrun
+from .config import PPOConfig, RLConfig, absolute_path, check_new_out, ignored_options
 from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy, grad_scaler
 from .rollout import (Rollout, RewardFn, Scorer, TokenRollouts, real_scores, apply_missing_eos_penalty,  # noqa: F401
@@ -517,8 +517,10 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     those away from their defaults) that differs from the saved run is refused, except ``updates`` (raised:
     the run is extended)."""
     resumed = None
-    if not config.resume and _restarted_with_checkpoint(config.out):
-        config = dataclasses.replace(config, resume=config.out, overwrite=False)  # torchrun --max-restarts: continue by itself
+    if not config.resume and _restarted_with_checkpoint(config.out):  # torchrun --max-restarts: continue by itself —
+        config.validate()  # only its own run, whose config is the one given (every field compared), not a run --out
+        explicit = [f.name for f in dataclasses.fields(config)]  # held before the first attempt failed
+        config = dataclasses.replace(config, resume=config.out, overwrite=False)
     if config.resume:
         config, ckpt_tensors, ckpt_state = resolve_resume(config, reward_given=reward is not None, explicit=explicit)
         resumed = (ckpt_tensors, ckpt_state)
@@ -528,9 +530,9 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     if reward is not None and not isinstance(reward, str):
         cfg.reward = cfg.reward or getattr(reward, "__qualname__", "python-function")
     cfg.validate()
-    overwrite = cfg.overwrite or restarted_by_torchrun()  # a restart before the first checkpoint starts again
-    if resumed is None:
-        check_out(cfg.out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")  # before any work
+    overwrite = False
+    if resumed is None:  # before any work; a restart before the first checkpoint starts again over its own run only
+        overwrite = check_new_out(cfg.out, cfg.overwrite, "ppo", cfg, command=f"proxrl rlhf {cfg.COMMAND}")
     seed_everything(cfg.seed)  # a reward function may draw from these: seeded, checkpointed, restored
     records = read_records(cfg.prompts, "ppo")
     if cfg.eval_prompts and len(records) <= cfg.eval_prompts:

@@ -193,7 +193,7 @@ def test_rejected_line_search_restores_parameters(monkeypatch):
 
 def test_preset_resolution_order():
     cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip"})
-    assert name == "CartPole-v1/ppo-clip" and cfg.num_steps == 64 and cfg.update_epochs == 4
+    assert name == "CartPole-v1/ppo-clip" and cfg.num_steps == 64 and cfg.update_epochs == 8
     cfg, _ = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "update_epochs": 3})
     assert cfg.update_epochs == 3 and cfg.num_steps == 64  # explicit beats preset, preset beats rung
     cfg, name = resolve({"env": "CartPole-v1", "algo": "ppo-clip", "preset": "none"})

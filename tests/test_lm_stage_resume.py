@@ -325,3 +325,13 @@ def test_a_torchrun_restart_of_ppo_continues_only_its_own_run(work, monkeypatch)
     with pytest.raises(ConfigError, match="already holds a run"):
         ppo(_ppo_cfg(work, "ppo-restart", lr=3e-5), reward=_reward, log=lambda *_: None)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_may_change_how_often_checkpoints_are_written(work):
+    """--checkpoint-every / --keep-checkpoints change no result: accepted with --resume (SFT here; PPO the same)."""
+    with pytest.raises(RunInterrupted):
+        sft(sft_cfg(work, "sft-every"), log=stop_at(2))
+    run = work / "sft-every"
+    sft(SFTConfig(resume=str(run), checkpoint_every=2, keep_checkpoints=1), log=lambda *_: None,
+        explicit={"resume", "checkpoint_every", "keep_checkpoints"})
+    assert len(list((run / "checkpoints").glob("ckpt-*"))) == 1 and len(metrics(run)) == 9

@@ -187,11 +187,13 @@ def test_resume_refuses_changes_and_extends_steps(tmp_path, capsys):
         one_line(rc, err, field)
         assert out == ""
     assert (run / "metrics.jsonl").read_text() == metrics  # none of them touched the run
-    # the same values as saved are not a change; --steps raises the budget
+    # the same values as saved are not a change; --steps raises the budget; how often and how many checkpoints
+    # are written may change (no result depends on them)
     rc, out, err = cli(capsys, "train", "--progress", "off", "--resume", str(run), "--num-envs", "2",
-                       "--preset", "none", "--steps", "128")
+                       "--preset", "none", "--steps", "128", "--checkpoint-every", "3", "--keep-checkpoints", "1")
     assert rc == 0, err
     assert _json_stdout(out)["steps"] == 128 and len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len(list((run / "checkpoints").glob("ckpt-*"))) == 1  # keep 1
     assert metrics in (run / "metrics.jsonl").read_text()
 
 

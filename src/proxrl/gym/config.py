@@ -107,7 +107,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: Optional[str] = None
-    """Continue the run in this directory from its latest checkpoint, exactly (its saved config is used; only --steps may be raised, any other option that differs is refused)."""
+    """Continue the run in this directory from its latest checkpoint, exactly (its saved config is used; --steps may be raised and --checkpoint-every / --keep-checkpoints changed, any other option that differs is refused)."""
     overwrite: bool = False
     """Replace the run already in --out (its checkpoints, metrics and config are removed first); without it such an --out is refused."""
     env_kwargs: str = "{}"

@@ -87,9 +87,10 @@ def build_policy(envs, cfg: TrainConfig) -> ActorCritic:
                                   activation=cfg.activation, log_std_init=cfg.log_std_init, critic=rung.critic)
 
 
-#: Fields ``--resume`` lets differ from the saved run: the budget (``steps``, raised only) and what only
-#: changes the console. Every other field given explicitly must equal the saved one.
-RESUME_MAY_CHANGE = ("steps", "progress", "resume", "out")
+#: Fields ``--resume`` lets differ from the saved run: the budget (``steps``, raised only), what only changes
+#: the console, and how often / how many checkpoints are written. Every other field given explicitly must
+#: equal the saved one.
+RESUME_MAY_CHANGE = ("steps", "progress", "resume", "out", "checkpoint_every", "keep_checkpoints")
 
 
 def _resolve_resume(cfg: TrainConfig, explicit: Optional[Collection[str]] = None) -> tuple[TrainConfig, dict, dict]:
@@ -131,6 +132,7 @@ def _resolve_resume(cfg: TrainConfig, explicit: Optional[Collection[str]] = None
                               f"give at least {done * saved_cfg.batch_size} steps")
         steps = cfg.steps
     saved.update(resume=None, out=str(run_dir), progress=cfg.progress, steps=steps, overwrite=False)
+    saved.update({k: getattr(cfg, k) for k in ("checkpoint_every", "keep_checkpoints") if k in explicit})
     resumed = apply(TrainConfig(), saved, "checkpoint")
     validate(resumed)
     return resumed, tensors, state

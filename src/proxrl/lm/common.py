@@ -53,9 +53,9 @@ def keep_freed_memory() -> bool:
 
 
 # ---------------------------------------------------------------------------- checkpointed SFT / RM runs
-#: options ``--resume`` of an SFT or reward-model run lets differ from the saved run (the process layout, and
-#: where the run is)
-STAGE_RESUME_MAY_CHANGE = ("resume", "out", "parallel", "overwrite")
+#: options ``--resume`` of an SFT or reward-model run lets differ from the saved run (the process layout, where
+#: the run is, how often / how many checkpoints are written: none changes what the run computes)
+STAGE_RESUME_MAY_CHANGE = ("resume", "out", "parallel", "overwrite", "checkpoint_every", "keep_checkpoints")
 
 
 def begin_stage(cfg, stage: str, explicit=None):
@@ -135,7 +135,8 @@ def begin_stage(cfg, stage: str, explicit=None):
         if given != was:
             raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it cannot "
                               f"change to {given!r}", "start a new run with another --out to change it")
-    if "parallel" in explicit:
-        had.parallel = cfg.parallel
+    for name in ("parallel", "checkpoint_every", "keep_checkpoints"):
+        if name in explicit:
+            setattr(had, name, getattr(cfg, name))
     had.validate()
     return had, (tensors, state), False

@@ -155,7 +155,8 @@ class StageCheckpointOptions:
     """checkpoints kept; an older one is deleted only after a newer one is complete"""
     resume: Optional[str] = None
     """continue the run stopped in this directory from its latest checkpoint, exactly, with its saved config
-    (an option given with it that differs from the run is refused); metrics.jsonl is cut back to that step"""
+    (an option given with it that differs from the run is refused, except --checkpoint-every and
+    --keep-checkpoints, which change no result); metrics.jsonl is cut back to that step"""
 
 
 def _validate_supervised(cfg, data_example: str) -> None:
@@ -328,7 +329,8 @@ class PPOConfig(ModelOptions):
     metrics.jsonl and samples.md are cut back to the checkpointed update. An option given with --resume
     that differs from the saved run is refused, except --updates, which may be raised to extend the run
     (the sampling seed of an update is derived from the seed and its index, so the extension is
-    deterministic), and --reward, which a code reward must be given again"""
+    deterministic), --reward, which a code reward must be given again, and --checkpoint-every /
+    --keep-checkpoints, which change no result"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """NaN/inf in rewards, advantages, losses, gradients or weights: stop with an error naming the quantity
     and the update, leaving the last good checkpoint intact (default), or skip the whole update (weights and

@@ -390,7 +390,9 @@ def _prompts_digest(prompts: list[str]) -> str:
 #: Fields ``--resume`` lets differ from the saved run: the budget (``updates``, raised only), the reward
 #: (a code reward is given again; checked below) and ``parallel`` (how the processes share the models, not
 #: what they compute: checkpoints hold full tensors). Every other field given explicitly must equal the saved one.
-RESUME_MAY_CHANGE = ("updates", "reward", "resume", "out", "parallel")
+#: options --resume lets change: the budget, the reward (code is given again), the process layout and how
+#: often / how many checkpoints are written (none of them changes what the run computes)
+RESUME_MAY_CHANGE = ("updates", "reward", "resume", "out", "parallel", "checkpoint_every", "keep_checkpoints")
 
 
 def resolve_resume(config: PPOConfig, reward_given: bool = False,
@@ -458,14 +460,15 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
             given = resolve_device(given)
         if given != was:
             raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it "
-                              f"cannot change to {given!r}", "only --updates (raised, to extend the run) may "
-                              "change; start a new run with another --out to change it")
+                              f"cannot change to {given!r}", "only --updates (raised, to extend the run) and how often checkpoints "
+                              "are written may change; start a new run with another --out to change it")
     if "reward" in explicit and config.reward and _is_reward_model_dir(saved_reward) \
             and absolute_path(config.reward, code=True) != saved_reward:
         raise ConfigError("reward", f"--resume continues the run with its reward model {saved_reward}; it cannot "
                           f"change to {config.reward}", "drop --reward, or start a new run with another --out")
-    if "parallel" in explicit:
-        had.parallel = config.parallel
+    for name in ("parallel", "checkpoint_every", "keep_checkpoints"):
+        if name in explicit:
+            setattr(had, name, getattr(config, name))
     if "updates" in explicit and config.updates != had.updates:
         done = int(state.get("step", 0))
         check(config.updates >= max(done, 1), "updates", f"the run has already done {done} updates; --updates "

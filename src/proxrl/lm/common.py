@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import os
 import sys
+from typing import Optional, Sequence
 
 
 
@@ -66,14 +68,12 @@ def begin_stage(cfg, stage: str, explicit=None):
     unfinished one of ``stage`` (:mod:`proxrl.run.resumable`); an option in ``explicit`` (the options given;
     None: every field away from its default) that differs from the saved run is a one-line ConfigError.
     Otherwise ``resumed`` is None and ``--out`` is checked for a new run."""
-    import dataclasses
     from pathlib import Path
 
     from ..errors import CheckpointError, ConfigError
     from ..run import checkpoint
-    from ..run.device import resolve_device
     from ..run.rundir import latest_checkpoint, relocate
-    from .config import absolute_path, check_new_out, restarted_by_torchrun
+    from .config import check_new_out, restarted_by_torchrun
     from .loading import read_run_config
 
     restarted = not cfg.resume and restarted_by_torchrun() and cfg.out and \
@@ -115,28 +115,46 @@ def begin_stage(cfg, stage: str, explicit=None):
     if explicit is None:
         default = cls()
         explicit = [n for n in fields if getattr(cfg, n) != getattr(default, n)]
+    check_resume_options(cfg, had, run_dir, explicit, STAGE_RESUME_MAY_CHANGE, ("model", "data"),
+                         "start a new run with another --out to change it", stage if restarted else None)
+    had.validate()
+    return had, (tensors, state), False
+
+
+def check_resume_options(cfg, had, run_dir, explicit, may_change: Sequence[str], path_fields: Sequence[str],
+                         fix: str, restarted_stage: Optional[str] = None) -> None:
+    """The options of a ``--resume`` (``cfg``) against the saved run's config (``had``, updated in place): an
+    option in ``explicit`` that differs from the saved value is one ConfigError line (``fix`` its remedy; for a
+    worker restarted by torchrun, ``restarted_stage``, the line says it continues only its own run), except
+    those in ``may_change``; of these, the process layout and the checkpoint cadence are taken from ``cfg``.
+    ``path_fields`` are compared as absolute paths, ``device`` as the device 'auto' resolves to."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..run.device import resolve_device
+    from .config import absolute_path
+
+    fields = {f.name for f in dataclasses.fields(type(cfg))}
     for name in sorted(set(explicit)):
         if name == "out":
-            if Path(cfg.out).resolve() != run_dir.resolve():
+            if Path(cfg.out).resolve() != Path(run_dir).resolve():
                 raise ConfigError("out", f"--resume continues the run in {run_dir}; --out {cfg.out} names another "
                                   "directory", "drop --out (the run stays where it is)")
             continue
-        if name in STAGE_RESUME_MAY_CHANGE or name not in fields:
+        if name in may_change or name not in fields:
             continue
         given, was = getattr(cfg, name), getattr(had, name)
-        if name in ("model", "data"):
+        if name in path_fields:
             given = absolute_path(given)
         elif name == "device":  # the run recorded the device 'auto' chose
             given = resolve_device(given)
-        if given != was and restarted:
+        if given != was and restarted_stage:
             raise ConfigError(name, f"{run_dir} holds a run with {name} = {was!r}, not this command's {given!r}; a "
                               "worker restarted by torchrun continues only its own run", "choose another --out, or "
-                              f"continue that run with: proxrl rlhf {stage} --resume {run_dir}")
+                              f"continue that run with: proxrl rlhf {restarted_stage} --resume {run_dir}")
         if given != was:
             raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it cannot "
-                              f"change to {given!r}", "start a new run with another --out to change it")
+                              f"change to {given!r}", fix)
     for name in ("parallel", "checkpoint_every", "keep_checkpoints"):
-        if name in explicit:
+        if name in explicit and name in fields:
             setattr(had, name, getattr(cfg, name))
-    had.validate()
-    return had, (tensors, state), False

@@ -34,7 +34,6 @@ from .. import core
 from ..batch import Batch
 from ..errors import CheckpointError, ConfigError, NumericsError, check
 from ..run import checkpoint
-from ..run.device import resolve_device
 from ..run.progress import clock
 from ..run.fsdp import full, shard_optimizer_state
 from ..run.guards import Backup, check_parameters
@@ -43,7 +42,7 @@ from ..run.rundir import NullWriter, RunWriter, latest_checkpoint, lm_run_config
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, scaler_state,
                          seed_everything, set_rng_state)
-from .common import keep_freed_memory
+from .common import check_resume_options, keep_freed_memory
 from .config import PPOConfig, RLConfig, absolute_path, check_new_out, ignored_options
 from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy, grad_scaler
@@ -445,30 +444,13 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
         default = cls()
         explicit = [n for n in fields if getattr(config, n) != getattr(default, n)]
     had = cls(**{**saved, "resume": None, "out": str(run_dir), "overwrite": False})
-    for name in sorted(set(explicit)):
-        if name == "out":
-            if Path(config.out).resolve() != run_dir.resolve():
-                raise ConfigError("out", f"--resume continues the run in {run_dir}; --out {config.out} names "
-                                  "another directory", "drop --out (the run stays where it is)")
-            continue
-        if name in RESUME_MAY_CHANGE or name not in fields:
-            continue
-        given, was = getattr(config, name), getattr(had, name)
-        if name in ("policy", "prompts"):
-            given = absolute_path(given)
-        elif name == "device":  # the run recorded the device 'auto' chose
-            given = resolve_device(given)
-        if given != was:
-            raise ConfigError(name, f"--resume continues the run with its saved config ({name} = {was!r}); it "
-                              f"cannot change to {given!r}", "only --updates (raised, to extend the run) and how often checkpoints "
-                              "are written may change; start a new run with another --out to change it")
+    check_resume_options(config, had, run_dir, explicit, RESUME_MAY_CHANGE, ("policy", "prompts"),
+                         "only --updates (raised, to extend the run) and how often checkpoints are written may "
+                         "change; start a new run with another --out to change it")
     if "reward" in explicit and config.reward and _is_reward_model_dir(saved_reward) \
             and absolute_path(config.reward, code=True) != saved_reward:
         raise ConfigError("reward", f"--resume continues the run with its reward model {saved_reward}; it cannot "
                           f"change to {config.reward}", "drop --reward, or start a new run with another --out")
-    for name in ("parallel", "checkpoint_every", "keep_checkpoints"):
-        if name in explicit:
-            setattr(had, name, getattr(config, name))
     if "updates" in explicit and config.updates != had.updates:
         done = int(state.get("step", 0))
         check(config.updates >= max(done, 1), "updates", f"the run has already done {done} updates; --updates "

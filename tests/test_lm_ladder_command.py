@@ -54,6 +54,7 @@ def test_ladder_lm_runs_every_rung_and_writes_the_comparison(task, tmp_path, cap
     (["--algos", "pg", "nope"], "algos"),
     (["--algos", "pg", "rloo", "--batch-size", "6"], "samples_per_prompt"),  # rloo's K = 4 must divide 6
     (["--seeds", "0"], "seeds"),
+    (["--algos", "pg", "rloo", "pg"], "algos"),  # two runs in pg/seed0: the second replaced or refused after the first
 ])
 def test_ladder_lm_refuses_before_any_run(task, tmp_path, capsys, extra, field):
     out = tmp_path / "bad"

@@ -14,6 +14,10 @@ from proxrl.lm.tiny import make_tiny  # noqa: E402
 REWARD = '''
 def letters(prompts, responses):
     return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+
+
+def broken(prompts, responses):
+    raise RuntimeError("no scorer")
 '''
 
 
@@ -62,3 +66,14 @@ def test_ladder_lm_refuses_before_any_run(task, tmp_path, capsys, extra, field):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {field}:"), err
     assert not (out / "pg").exists()
+
+
+def test_a_new_ladder_removes_the_older_summary_before_its_runs(task, tmp_path, capsys):
+    """A ladder that fails part-way never leaves an older ladder's table and figure beside its new runs."""
+    out = tmp_path / "lad"
+    assert main(["ladder", "--lm", *task, "--algos", "pg", "--updates", "2", "--out", str(out)]) == 0
+    assert all((out / f"ladder.{x}").exists() for x in ("md", "json", "png"))
+    failing = [a.replace(":letters", ":broken") for a in task]
+    rc = main(["ladder", "--lm", *failing, "--algos", "pg", "--updates", "2", "--out", str(out), "--overwrite"])
+    assert rc == 2 and "no scorer" in capsys.readouterr().err
+    assert not any((out / f"ladder.{x}").exists() for x in ("md", "json", "png"))

@@ -40,6 +40,8 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
                 raise ConfigError("out", f"{cfg.out} already holds ladder runs (e.g. {rc.out})",
                                   "replace them with --overwrite or choose another --out")
     prepare_out(out, overwrite=False, field="out", command="proxrl ladder --lm")
+    for name in ("ladder.md", "ladder.json", "ladder.png"):  # an older ladder's summary never sits beside new runs
+        (out / name).unlink(missing_ok=True)
     results, t0 = [], time.perf_counter()
     for i, (algo, seed, rc) in enumerate(jobs):
         done = time.perf_counter() - t0

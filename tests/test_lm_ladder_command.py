@@ -77,3 +77,15 @@ def test_a_new_ladder_removes_the_older_summary_before_its_runs(task, tmp_path, 
     rc = main(["ladder", "--lm", *failing, "--algos", "pg", "--updates", "2", "--out", str(out), "--overwrite"])
     assert rc == 2 and "no scorer" in capsys.readouterr().err
     assert not any((out / f"ladder.{x}").exists() for x in ("md", "json", "png"))
+
+
+def test_ladder_lm_seed_is_the_first_seed_of_every_rung(task, tmp_path, capsys):
+    """`--seed` (shown in the help as the seed of sampling, shuffling and initialisation) was accepted and ignored:
+    the runs were seeds 0 … seeds − 1 whatever it said, while ladder.json recorded it."""
+    out = tmp_path / "lad"
+    assert main(["ladder", "--lm", *task, "--algos", "pg", "--seed", "3", "--seeds", "2", "--updates", "1",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "pg").iterdir()) == ["seed3", "seed4"]
+    for k in (3, 4):
+        assert json.loads((out / "pg" / f"seed{k}" / "config.json").read_text())["config"]["seed"] == k
+    assert [r["seed"] for r in json.loads((out / "ladder.json").read_text())["runs"]] == [3, 4]

@@ -623,7 +623,7 @@ class LMLadderConfig(ModelOptions):
     algos: tuple[str, ...] = tuple(LM_LADDER)
     """rungs to run, in ladder order"""
     seeds: int = 1
-    """seeds per rung (0, 1, …, seeds − 1)"""
+    """seeds per rung (seed, seed + 1, …, seed + seeds − 1; --seed is 0 by default)"""
     updates: int = 10
     """updates per run (the same budget for every rung)"""
     batch_size: int = 16

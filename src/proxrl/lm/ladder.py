@@ -30,7 +30,8 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
     from .ppo_trainer import train
 
     cfg.validate()
-    jobs = [(a, s, cfg.run_config(a, s)) for a in cfg.algos for s in range(cfg.seeds)]  # every config first
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)  # --seed is the first
+    jobs = [(a, s, cfg.run_config(a, s)) for a in cfg.algos for s in seeds]  # every config first
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("out", f"{out} is a file, not a directory", "give proxrl ladder --lm a directory for --out")

@@ -89,3 +89,24 @@ def test_ladder_lm_seed_is_the_first_seed_of_every_rung(task, tmp_path, capsys):
     for k in (3, 4):
         assert json.loads((out / "pg" / f"seed{k}" / "config.json").read_text())["config"]["seed"] == k
     assert [r["seed"] for r in json.loads((out / "ladder.json").read_text())["runs"]] == [3, 4]
+
+
+def test_a_ladder_stopped_by_a_signal_says_the_ladder_did_not_finish(task, tmp_path, capsys, monkeypatch):
+    """SIGINT in a ladder's run: the run's own line ("resume with: proxrl rlhf train --resume <run>") continues
+    that run only; the line also says the ladder stopped at which run, wrote no table and has no --resume."""
+    import signal
+    from pathlib import Path
+
+    from proxrl.lm import ppo_trainer
+    from proxrl.run.signals import RunInterrupted
+
+    def stopped(rc, log):
+        raise RunInterrupted(signal.SIGINT, Path(rc.out), 2, "proxrl rlhf train", " --reward r.py:f")
+
+    monkeypatch.setattr(ppo_trainer, "train", stopped)
+    out = tmp_path / "lad"
+    rc = main(["ladder", "--lm", *task, "--algos", "pg", "rloo", "--updates", "3", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[-1].startswith("stopped: stopped by SIGINT after update 2"), err
+    assert "the ladder stopped at run 1/2 (pg seed 0) and wrote no ladder.md" in err[-1]
+    assert "has no --resume" in err[-1] and "\n" not in err[-1]

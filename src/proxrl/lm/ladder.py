@@ -27,6 +27,7 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
     from ..run.checkpoint import write_json_atomic
     from ..run.progress import clock
     from ..run.rundir import holds_run, prepare_out
+    from ..run.signals import RunInterrupted
     from .ppo_trainer import train
 
     cfg.validate()
@@ -49,7 +50,13 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
         eta = f", ETA {clock(done / i * (len(jobs) - i))}" if i else ""
         log(f"ladder: run {i + 1}/{len(jobs)}: {algo} seed {seed}{eta}")
         t = time.perf_counter()
-        summary = train(rc, log=lambda s, a=algo, k=seed: log(f"  [{a} s{k}] {s}"))
+        try:
+            summary = train(rc, log=lambda s, a=algo, k=seed: log(f"  [{a} s{k}] {s}"))
+        except RunInterrupted as e:  # its resume command continues this one run, not the ladder: said
+            e.args = (f"{e}; the ladder stopped at run {i + 1}/{len(jobs)} ({algo} seed {seed}) and wrote no "
+                      f"ladder.md/json/png; its finished runs are kept in {out}, but the ladder has no --resume "
+                      "(run it again with --overwrite)",)
+            raise
         rows = [json.loads(line) for line in open(Path(rc.out) / "metrics.jsonl") if line.strip()]
         results.append({"algo": algo, "seed": seed, "run_dir": rc.out, "wall_time": time.perf_counter() - t,
                         "reward_before": summary["reward_before"], "reward_after": summary["reward_after"],

@@ -469,3 +469,5 @@ def test_ladder_first_and_last_rewards_never_share_an_update():
                                  ([0, 0, 0, 1, 1, 1, 1], 0.0, 1.0)):
         row = summarise([run(rewards)], ["pg"])[0]
         assert (row["train_reward_first"], row["train_reward_last"]) == pytest.approx((first, last)), row
+    row = summarise([run([0.3])], ["pg"])[0]  # one update: no first and last ("–"), not the same update twice
+    assert row["train_reward_first"] is None and row["train_reward_last"] is None, row

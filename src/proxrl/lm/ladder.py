@@ -84,8 +84,9 @@ def _mean(xs: list[float]) -> Optional[float]:
 
 
 def _window(n: int) -> int:
-    """Updates averaged for "first" and for "last": 3, or as many as keep the two apart (n // 2, at least 1)."""
-    return max(1, min(3, n // 2))
+    """Updates averaged for "first" and for "last": 3, or as many as keep the two apart (n // 2: none for a
+    one-update run, whose first and last would be the same update)."""
+    return min(3, n // 2)
 
 
 def summarise(results: list[dict], algos) -> list[dict]:
@@ -98,7 +99,7 @@ def summarise(results: list[dict], algos) -> list[dict]:
         rs = [r for r in results if r["algo"] == a]
         w = [_window(len(r["metrics"])) for r in rs]  # never overlapping: with ≤ 5 updates the halves, or fewer
         firsts = [_mean(_values(r["metrics"][:k], "reward_mean")) for r, k in zip(rs, w)]
-        lasts = [_mean(_values(r["metrics"][-k:], "reward_mean")) for r, k in zip(rs, w)]
+        lasts = [_mean(_values(r["metrics"][len(r["metrics"]) - k:], "reward_mean")) for r, k in zip(rs, w)]
         parts = ("generate_time", "score_time", "update_time")
         per_update = [sum(m[k] for k in parts) for r in rs for m in r["metrics"] if all(_real(m.get(k)) for k in parts)]
         per_ktok = [1000 / m["tokens_per_s"] for r in rs for m in r["metrics"] if (m.get("tokens_per_s") or 0) > 0]

@@ -110,3 +110,15 @@ def test_a_ladder_stopped_by_a_signal_says_the_ladder_did_not_finish(task, tmp_p
     assert rc == 130 and err[-1].startswith("stopped: stopped by SIGINT after update 2"), err
     assert "the ladder stopped at run 1/2 (pg seed 0) and wrote no ladder.md" in err[-1]
     assert "has no --resume" in err[-1] and "\n" not in err[-1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_ladder_lm_out_that_is_itself_a_run_is_said_so(task, tmp_path, capsys, extra):
+    """Before: 'already holds a run (continue it with --resume …, replace it with --overwrite …)': the ladder has
+    no --resume, and with --overwrite it refused again with the same line."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    rc = main(["ladder", "--lm", *task, "--algos", "pg", "--updates", "1", *extra, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: out:") and "itself a run directory" in err[0], err
+    assert "--resume" not in err[0] and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]

@@ -26,7 +26,7 @@ WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "ge
 def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
     from ..run.checkpoint import write_json_atomic
     from ..run.progress import clock
-    from ..run.rundir import holds_run, prepare_out
+    from ..run.rundir import check_ladder_out, holds_run, prepare_out
     from ..run.signals import RunInterrupted
     from .ppo_trainer import train
 
@@ -41,6 +41,7 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
             if holds_run(rc.out):
                 raise ConfigError("out", f"{cfg.out} already holds ladder runs (e.g. {rc.out})",
                                   "replace them with --overwrite or choose another --out")
+    check_ladder_out(out, "proxrl ladder --lm")
     prepare_out(out, overwrite=False, field="out", command="proxrl ladder --lm")
     for name in ("ladder.md", "ladder.json", "ladder.png"):  # an older ladder's summary never sits beside new runs
         (out / name).unlink(missing_ok=True)

@@ -757,6 +757,9 @@ def test_explained_variance():
     pred = y + 0.5 * torch.randn(100, generator=g, dtype=torch.float64)
     assert core.explained_variance(pred, y).item() == pytest.approx(1 - (y - pred).var().item() / y.var().item())
     assert math.isnan(core.explained_variance(y, torch.ones_like(y)).item())  # nothing to explain
+    v = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    noise = (v + 0.1) - v  # equal targets up to rounding (returns = advantages + values): was ~ −1e31, now NaN
+    assert noise.var() > 0 and math.isnan(core.explained_variance(v, noise).item())
     mask = torch.ones_like(y)
     mask[:50] = 0
     bad = y.clone()

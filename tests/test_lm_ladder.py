@@ -305,6 +305,29 @@ def test_train_resumes_a_grpo_run_exactly(tmp_path, tiny):
         ppo(PPOConfig(resume=str(tmp_path / "b")), reward=mean_byte, log=lambda *_: None)
 
 
+def test_a_reward_that_fails_on_the_held_out_prompts_leaves_the_old_run_and_no_new_one(tmp_path, tiny):
+    """The reward's first call (the held-out "before" evaluation) comes before the run directory is made or,
+    with overwrite, emptied: a reward that raises there loses no earlier run and leaves no half-made one."""
+    from proxrl.errors import ConfigError
+    from proxrl.lm.data import write_jsonl
+    from proxrl.lm.ppo_trainer import train
+
+    def broken(prompts, responses):
+        raise RuntimeError("no scorer")
+
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {i}:"} for i in range(6)])
+    common = dict(algo="pg", policy=tiny, reward="unused:fn", prompts=str(tmp_path / "p.jsonl"), finetune="full",
+                  updates=1, batch_size=2, micro_batch_size=2, response_length=2, eval_prompts=2, checkpoint_every=0)
+    train(RLConfig(out=str(tmp_path / "old"), **common), reward=mean_byte, log=lambda *_: None)
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="no scorer"):
+        train(RLConfig(out=str(tmp_path / "old"), overwrite=True, **common), reward=broken, log=lambda *_: None)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file()} == files
+    with pytest.raises(ConfigError, match="no scorer"):
+        train(RLConfig(out=str(tmp_path / "new"), **common), reward=broken, log=lambda *_: None)
+    assert not (tmp_path / "new").exists()
+
+
 # --------------------------------------------------------------------------- learning
 def run_rung(tmp_path, algo, seed=0, updates=20, **kw):
     from proxrl.lm.data import write_jsonl
@@ -446,3 +469,5 @@ def test_ladder_first_and_last_rewards_never_share_an_update():
                                  ([0, 0, 0, 1, 1, 1, 1], 0.0, 1.0)):
         row = summarise([run(rewards)], ["pg"])[0]
         assert (row["train_reward_first"], row["train_reward_last"]) == pytest.approx((first, last)), row
+    row = summarise([run([0.3])], ["pg"])[0]  # one update: no first and last ("–"), not the same update twice
+    assert row["train_reward_first"] is None and row["train_reward_last"] is None, row

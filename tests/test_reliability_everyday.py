@@ -460,6 +460,14 @@ def test_ladder_validated_before_any_work(tmp_path, capsys):
     (tmp_path / "lad2" / "pg" / "seed1").write_text("x")
     one_line(*cli(capsys, "ladder", "--algos", "pg", "--seeds", "1", "--steps", "4096", "--overwrite",
                   "--out", str(tmp_path / "lad2"))[::2], "out")
+    # an --out that is itself a run: said so, not "continue it with --resume" (a ladder has none) nor
+    # "replace it with --overwrite" (which the ladder refused again with the same line)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    for extra in ([], ["--overwrite"]):
+        line = one_line(*cli(capsys, "ladder", "--algos", "pg", "--seeds", "1", "--steps", "4096", *extra,
+                             "--out", str(tmp_path / "run"))[::2], "out")
+        assert "itself a run directory" in line and "--resume" not in line, line
 
 
 def test_ladder_worker_error_is_one_line(monkeypatch):

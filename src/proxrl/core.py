@@ -420,9 +420,14 @@ def effective_sample_size(log_weights: Tensor, mask: Tensor | None = None) -> Te
 
 def explained_variance(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """1 − Var[target − pred] / Var[target]: 1 is a perfect critic, ≤ 0 no better than a constant.
-    NaN when the targets have no variance (nothing to explain)."""
+    NaN when the targets have no variance (nothing to explain), also when they differ only by rounding at the
+    scale of the values (e.g. returns = advantages + values of equal scores: Var ~1e-33 gave −4e31)."""
     var_t = masked_var(target, mask)
-    if var_t <= 0:
+    big = torch.maximum(target.abs(), pred.abs())
+    if mask is not None:
+        big = big * (mask != 0)
+    rounding = (torch.finfo(var_t.dtype).eps * big.max()) ** 2 if big.numel() else 0.0
+    if var_t <= rounding:
         return torch.tensor(float("nan"))
     return 1.0 - masked_var(target - pred, mask) / var_t
 

@@ -151,8 +151,9 @@ def run_ladder(cfg: LadderConfig) -> Path:
     jobs = [(cfg.env, a, s, cfg.steps, str(out / a / f"seed{s}"), cfg.eval_episodes, cfg.overwrite)
             for a in cfg.algos for s in range(1, cfg.seeds + 1)]
     _check(cfg, jobs)
-    from ..run.rundir import prepare_out
+    from ..run.rundir import check_ladder_out, prepare_out
 
+    check_ladder_out(out, "proxrl ladder")
     prepare_out(out, overwrite=False, field="out", command="proxrl ladder")  # writable; its runs checked above
     for name in ("ladder.md", "ladder.json", "ladder.png"):  # an older ladder's summary never sits beside new runs
         (out / name).unlink(missing_ok=True)

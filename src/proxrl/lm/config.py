@@ -625,7 +625,7 @@ class LMLadderConfig(ModelOptions):
     algos: tuple[str, ...] = tuple(LM_LADDER)
     """rungs to run, in ladder order"""
     seeds: int = 1
-    """seeds per rung (0, 1, …, seeds − 1)"""
+    """seeds per rung (seed, seed + 1, …, seed + seeds − 1; --seed is 0 by default)"""
     updates: int = 10
     """updates per run (the same budget for every rung)"""
     batch_size: int = 16
@@ -663,6 +663,9 @@ class LMLadderConfig(ModelOptions):
         check(bool(self.algos), "algos", "no rungs given", "choose from " + ", ".join(LM_LADDER))
         for a in self.algos:
             check(a in LM_RUNGS, "algos", f"unknown rung {a!r}", "choose from " + ", ".join(LM_LADDER))
+        twice = sorted({a for a in self.algos if list(self.algos).count(a) > 1})
+        if twice:  # two runs would share one run directory
+            raise ConfigError("algos", f"rung {twice[0]} is given twice", "give each rung once")
         check(isinstance(self.seeds, int) and self.seeds >= 1, "seeds", f"must be ≥ 1, got {self.seeds}")
 
 

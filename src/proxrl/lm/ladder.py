@@ -26,11 +26,13 @@ WALL = ("time", "tokens_per_s", "update_time", "forward_time", "train_time", "ge
 def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
     from ..run.checkpoint import write_json_atomic
     from ..run.progress import clock
-    from ..run.rundir import holds_run, prepare_out
+    from ..run.rundir import check_ladder_out, holds_run, prepare_out
+    from ..run.signals import RunInterrupted
     from .ppo_trainer import train
 
     cfg.validate()
-    jobs = [(a, s, cfg.run_config(a, s)) for a in cfg.algos for s in range(cfg.seeds)]  # every config first
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)  # --seed is the first
+    jobs = [(a, s, cfg.run_config(a, s)) for a in cfg.algos for s in seeds]  # every config first
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("out", f"{out} is a file, not a directory", "give proxrl ladder --lm a directory for --out")
@@ -39,14 +41,23 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
             if holds_run(rc.out):
                 raise ConfigError("out", f"{cfg.out} already holds ladder runs (e.g. {rc.out})",
                                   "replace them with --overwrite or choose another --out")
+    check_ladder_out(out, "proxrl ladder --lm")
     prepare_out(out, overwrite=False, field="out", command="proxrl ladder --lm")
+    for name in ("ladder.md", "ladder.json", "ladder.png"):  # an older ladder's summary never sits beside new runs
+        (out / name).unlink(missing_ok=True)
     results, t0 = [], time.perf_counter()
     for i, (algo, seed, rc) in enumerate(jobs):
         done = time.perf_counter() - t0
         eta = f", ETA {clock(done / i * (len(jobs) - i))}" if i else ""
         log(f"ladder: run {i + 1}/{len(jobs)}: {algo} seed {seed}{eta}")
         t = time.perf_counter()
-        summary = train(rc, log=lambda s, a=algo, k=seed: log(f"  [{a} s{k}] {s}"))
+        try:
+            summary = train(rc, log=lambda s, a=algo, k=seed: log(f"  [{a} s{k}] {s}"))
+        except RunInterrupted as e:  # its resume command continues this one run, not the ladder: said
+            e.args = (f"{e}; the ladder stopped at run {i + 1}/{len(jobs)} ({algo} seed {seed}) and wrote no "
+                      f"ladder.md/json/png; its finished runs are kept in {out}, but the ladder has no --resume "
+                      "(run it again with --overwrite)",)
+            raise
         rows = [json.loads(line) for line in open(Path(rc.out) / "metrics.jsonl") if line.strip()]
         results.append({"algo": algo, "seed": seed, "run_dir": rc.out, "wall_time": time.perf_counter() - t,
                         "reward_before": summary["reward_before"], "reward_after": summary["reward_after"],
@@ -74,8 +85,9 @@ def _mean(xs: list[float]) -> Optional[float]:
 
 
 def _window(n: int) -> int:
-    """Updates averaged for "first" and for "last": 3, or as many as keep the two apart (n // 2, at least 1)."""
-    return max(1, min(3, n // 2))
+    """Updates averaged for "first" and for "last": 3, or as many as keep the two apart (n // 2: none for a
+    one-update run, whose first and last would be the same update)."""
+    return min(3, n // 2)
 
 
 def summarise(results: list[dict], algos) -> list[dict]:
@@ -88,7 +100,7 @@ def summarise(results: list[dict], algos) -> list[dict]:
         rs = [r for r in results if r["algo"] == a]
         w = [_window(len(r["metrics"])) for r in rs]  # never overlapping: with ≤ 5 updates the halves, or fewer
         firsts = [_mean(_values(r["metrics"][:k], "reward_mean")) for r, k in zip(rs, w)]
-        lasts = [_mean(_values(r["metrics"][-k:], "reward_mean")) for r, k in zip(rs, w)]
+        lasts = [_mean(_values(r["metrics"][len(r["metrics"]) - k:], "reward_mean")) for r, k in zip(rs, w)]
         parts = ("generate_time", "score_time", "update_time")
         per_update = [sum(m[k] for k in parts) for r in rs for m in r["metrics"] if all(_real(m.get(k)) for k in parts)]
         per_ktok = [1000 / m["tokens_per_s"] for r in rs for m in r["metrics"] if (m.get("tokens_per_s") or 0) > 0]

@@ -545,10 +545,10 @@ def ppo(config: PPOConfig, reward: str | RewardFn | RewardModel | None = None,
     trainer.encode(train_prompts + eval_prompts)  # every prompt tokenised (chat template applied) before any work
     if resumed is None:
         elapsed0 = 0.0
-        if d.main:  # the old run (with --overwrite) is removed only now that the models have loaded
+        before = trainer.evaluate(eval_prompts)  # the reward's first call: a reward that fails leaves no run behind
+        if d.main:  # the old run (with --overwrite) is removed only now that the models have loaded and scored
             prepare_out(out, overwrite=overwrite, command=f"proxrl rlhf {cfg.COMMAND}")
         writer = RunWriter(out, lm_run_config("ppo", cfg.policy, cfg)) if d.main else NullWriter()
-        before = trainer.evaluate(eval_prompts)
         writer.samples("before training (held-out prompts)", [(r["prompt"], r["response"], r["reward"]) for r in before["responses"]])
         if cfg.top_k or cfg.top_p < 1:  # reported as such: the policy trained is the truncated one
             log(f"{name}: sampling truncated to " + " and ".join(x for x in (f"top-k {cfg.top_k}" if cfg.top_k else "",

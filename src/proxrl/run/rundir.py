@@ -106,6 +106,14 @@ def check_out(path: str | Path, *, overwrite: bool = False, field: str = "out", 
     return path
 
 
+def check_ladder_out(path: str | Path, command: str) -> None:
+    """A ladder's ``--out`` holds its runs in ``<out>/<rung>/seed<k>/``, never a run itself: such an ``--out`` is
+    one line saying so (not :func:`check_out`'s offer of --resume or --overwrite, which a ladder has not)."""
+    if holds_run(path):
+        raise ConfigError("out", f"{path} is itself a run directory, not a ladder's",
+                          f"give {command} another --out (its runs go to <out>/<rung>/seed<k>/)")
+
+
 def prepare_out(path: str | Path, *, overwrite: bool = False, field: str = "out", command: str = "proxrl train",
                 extra: tuple[str, ...] = ()) -> Path:
     """Make ``path`` ready for a new run, or refuse with one line naming ``field``: a file, an unwritable

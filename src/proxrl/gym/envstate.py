@@ -11,7 +11,6 @@ continues, but is no longer guaranteed to be exact).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
@@ -41,13 +40,17 @@ def _objects(vec) -> list[tuple[str, Any]]:
     return out
 
 
-def _json_scalar(v) -> bool:
-    if v is None or isinstance(v, (bool, str)):
+def _json_scalar(v, top: bool = True) -> bool:
+    """Whether ``v`` comes back from ``state.json`` as it was: None, a bool, str, int or float (non-finite
+    included: ``state.json`` holds them), a list of such values (or of such lists) and, at the top, a tuple of
+    them or a dict of str → a plain value (MuJoCo envs' ``observation_structure``). Numpy scalars inside a
+    container are not (JSON cannot dump them, and a float would come back without its dtype)."""
+    if v is None or type(v) in (bool, str, int, float):
         return True
-    if isinstance(v, numbers.Number):
-        return np.isfinite(float(v)) if isinstance(v, float) else True
-    if isinstance(v, (tuple, list)):
-        return all(_json_scalar(x) for x in v)
+    if isinstance(v, list) or top and isinstance(v, tuple):
+        return all(_json_scalar(x, top=False) for x in v)
+    if top and isinstance(v, dict):
+        return all(type(k) is str and (x is None or type(x) in (bool, str, int, float)) for k, x in v.items())
     return False
 
 

@@ -311,6 +311,19 @@ def test_discrete_actions_reach_the_env_in_its_start_and_shape(tmp_path, space):
     assert space.contains(np.asarray(a, space.dtype))
 
 
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_a_box_of_integer_actions_is_one_line_not_real_actions(tmp_path, dtype):
+    """A Box of integer dtype used to train: the env got the Gaussian's real numbers (2.73 in a
+    ``Box(0, 10, (2,), int64)``), outside its space, without a word."""
+    space = gym.spaces.Box(0, 10, (2,), dtype)
+    log: list = []
+    with pytest.raises(ConfigError, match=r"env: action space Box.* has (int64|uint8) actions.*MultiDiscrete"):
+        proxrl.train(env="intbox", env_factory=lambda: ShiftedActions(space, log), algo="ppo-clip", steps=64,
+                     num_envs=2, num_steps=32, out=str(tmp_path / "r"), progress="off")
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluate_of_an_env_that_never_ends_is_one_line(tmp_path):
     class Endless(gym.Env):
         observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)

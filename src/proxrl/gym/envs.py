@@ -314,6 +314,10 @@ def _check_spaces(vec) -> None:
         raise ConfigError("env", f"observation space {obs} is not supported", "proxrl handles Box observations")
     if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete)):
         raise ConfigError("env", f"action space {act} is not supported", "use Discrete, MultiDiscrete or Box")
+    for what, space in (("observation", obs), ("action", act)):
+        if not isinstance(space, gym.spaces.Discrete) and int(np.prod(space.shape)) == 0:
+            raise ConfigError("env", f"{what} space {space} has no elements (shape {space.shape})",
+                              f"give the env an {what} of at least one number")
     if isinstance(act, gym.spaces.Box) and not np.issubdtype(act.dtype, np.floating):
         # the Gaussian policy's (rescaled, clipped) actions are real numbers: such an env got 2.73 for an int
         raise ConfigError("env", f"action space {act} has {act.dtype} actions, the Gaussian policy's are real "

@@ -308,8 +308,11 @@ def probe_env(env) -> None:
 def _check_spaces(vec) -> None:
     import gymnasium as gym
 
-    obs = getattr(vec, "single_observation_space", None) or vec.observation_space
-    act = getattr(vec, "single_action_space", None) or vec.action_space
+    # not ``or``: a space of no elements (MultiDiscrete([])) is falsy, and the batched space is another space
+    obs = getattr(vec, "single_observation_space", None)
+    obs = vec.observation_space if obs is None else obs
+    act = getattr(vec, "single_action_space", None)
+    act = vec.action_space if act is None else act
     if not isinstance(obs, gym.spaces.Box):
         raise ConfigError("env", f"observation space {obs} is not supported", "proxrl handles Box observations")
     if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete)):

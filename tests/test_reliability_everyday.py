@@ -460,6 +460,16 @@ def test_ladder_validated_before_any_work(tmp_path, capsys):
                   "--out", str(tmp_path / "lad2"))[::2], "out")
 
 
+
+def test_ladder_refuses_an_env_it_cannot_train_on_before_any_run(tmp_path, capsys):
+    """FrozenLake (Discrete observations) used to start every rung × seed, each failing on the env, and left an
+    empty --out: "0 of 21 runs finished, their directories kept"."""
+    out = tmp_path / "lad"
+    line = one_line(*cli(capsys, "ladder", "--env", "FrozenLake-v1", "--steps", "4096", "--out", str(out))[::2], "env")
+    assert "Discrete(16) is not supported" in line and "runs" not in line
+    assert not out.exists()
+
+
 def test_ladder_worker_error_is_one_line(monkeypatch):
     """An error inside a worker comes back as one ProxrlError line (not BrokenProcessPool)."""
     from proxrl.gym import ladder

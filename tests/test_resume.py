@@ -202,7 +202,7 @@ def test_mujoco_constants_are_captured_so_resume_warns_of_nothing(env_id, captur
     vec.reset(seed=0)
     tensors, meta = get_state(vec)
     assert not [k for k in meta["unsupported"] if not k.endswith("._previous_data")]  # the env checker's last step
-    meta = json.loads(json.dumps(meta))  # as state.json holds it
+    meta = json.loads(json.dumps(meta, allow_nan=False))  # strict JSON: the infinite bound is encoded
     fresh = make_vec_env(env_id, 2, "sync")
     fresh.reset(seed=5)
     for name in captured:

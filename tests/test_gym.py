@@ -311,6 +311,43 @@ def test_discrete_actions_reach_the_env_in_its_start_and_shape(tmp_path, space):
     assert space.contains(np.asarray(a, space.dtype))
 
 
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_a_box_of_integer_actions_is_one_line_not_real_actions(tmp_path, dtype):
+    """A Box of integer dtype used to train: the env got the Gaussian's real numbers (2.73 in a
+    ``Box(0, 10, (2,), int64)``), outside its space, without a word."""
+    space = gym.spaces.Box(0, 10, (2,), dtype)
+    log: list = []
+    with pytest.raises(ConfigError, match=r"env: action space Box.* has (int64|uint8) actions.*MultiDiscrete"):
+        proxrl.train(env="intbox", env_factory=lambda: ShiftedActions(space, log), algo="ppo-clip", steps=64,
+                     num_envs=2, num_steps=32, out=str(tmp_path / "r"), progress="off")
+    assert not (tmp_path / "r").exists()
+
+
+
+@pytest.mark.parametrize("obs,act", [((0,), gym.spaces.Discrete(2)), ((2,), gym.spaces.Box(-1, 1, (0,), np.float32)),
+                                     ((2, 0), gym.spaces.Discrete(2)), ((2,), gym.spaces.MultiDiscrete([]))])
+def test_a_space_of_no_elements_is_one_line(tmp_path, obs, act):
+    """An observation or action space of shape (0,) trained until the first update, then died in
+    ``Batch.flatten_valid`` with a RuntimeError traceback (reshape of 0 elements)."""
+
+    class Empty(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, obs, np.float32)
+        action_space = act
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(obs, np.float32), {}
+
+        def step(self, a):
+            return np.zeros(obs, np.float32), 0.0, False, True, {}
+
+    with pytest.raises(ConfigError, match=r"env: (observation|action) space .* has no elements"):
+        proxrl.train(env="empty", env_factory=Empty, algo="ppo-clip", steps=64, num_envs=2, num_steps=32,
+                     out=str(tmp_path / "r"), progress="off")
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluate_of_an_env_that_never_ends_is_one_line(tmp_path):
     class Endless(gym.Env):
         observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)

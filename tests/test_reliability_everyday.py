@@ -470,6 +470,31 @@ def test_ladder_validated_before_any_work(tmp_path, capsys):
         assert "itself a run directory" in line and "--resume" not in line, line
 
 
+
+def test_ladder_refuses_an_env_it_cannot_train_on_before_any_run(tmp_path, capsys):
+    """FrozenLake (Discrete observations) used to start every rung × seed, each failing on the env, and left an
+    empty --out: "0 of 21 runs finished, their directories kept"."""
+    out = tmp_path / "lad"
+    line = one_line(*cli(capsys, "ladder", "--env", "FrozenLake-v1", "--steps", "4096", "--out", str(out))[::2], "env")
+    assert "Discrete(16) is not supported" in line and "runs" not in line
+    assert not out.exists()
+
+
+
+def test_eval_of_a_run_trained_with_an_env_factory_says_so(tmp_path, capsys):
+    """``proxrl eval`` of a run made with ``proxrl.train(env_factory=..., env="CartPole")`` answered "unknown
+    Gymnasium environment id 'CartPole' (did you mean CartPole-v1?)", pointing at another env."""
+    import gymnasium as gym
+
+    import proxrl
+
+    run = proxrl.train(env="CartPole", env_factory=lambda: gym.make("CartPole-v1"), algo="pg", steps=64,
+                       num_envs=1, num_steps=64, out=str(tmp_path / "r"), progress="off", preset="none").run_dir
+    line = one_line(*cli(capsys, "eval", str(run))[::2], "env")
+    assert "env_factory" in line and "did you mean" not in line
+    assert proxrl.evaluate(run, episodes=1, env_factory=lambda: gym.make("CartPole-v1"))["episodes"] == 1
+
+
 def test_ladder_worker_error_is_one_line(monkeypatch):
     """An error inside a worker comes back as one ProxrlError line (not BrokenProcessPool)."""
     from proxrl.gym import ladder

@@ -308,9 +308,20 @@ def probe_env(env) -> None:
 def _check_spaces(vec) -> None:
     import gymnasium as gym
 
-    obs = getattr(vec, "single_observation_space", None) or vec.observation_space
-    act = getattr(vec, "single_action_space", None) or vec.action_space
+    # not ``or``: a space of no elements (MultiDiscrete([])) is falsy, and the batched space is another space
+    obs = getattr(vec, "single_observation_space", None)
+    obs = vec.observation_space if obs is None else obs
+    act = getattr(vec, "single_action_space", None)
+    act = vec.action_space if act is None else act
     if not isinstance(obs, gym.spaces.Box):
         raise ConfigError("env", f"observation space {obs} is not supported", "proxrl handles Box observations")
     if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete)):
         raise ConfigError("env", f"action space {act} is not supported", "use Discrete, MultiDiscrete or Box")
+    for what, space in (("observation", obs), ("action", act)):
+        if not isinstance(space, gym.spaces.Discrete) and int(np.prod(space.shape)) == 0:
+            raise ConfigError("env", f"{what} space {space} has no elements (shape {space.shape})",
+                              f"give the env an {what} of at least one number")
+    if isinstance(act, gym.spaces.Box) and not np.issubdtype(act.dtype, np.floating):
+        # the Gaussian policy's (rescaled, clipped) actions are real numbers: such an env got 2.73 for an int
+        raise ConfigError("env", f"action space {act} has {act.dtype} actions, the Gaussian policy's are real "
+                          "numbers", "use a float Box, or MultiDiscrete for integer actions")

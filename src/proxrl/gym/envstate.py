@@ -11,7 +11,6 @@ continues, but is no longer guaranteed to be exact).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
@@ -41,14 +40,37 @@ def _objects(vec) -> list[tuple[str, Any]]:
     return out
 
 
-def _json_scalar(v) -> bool:
-    if v is None or isinstance(v, (bool, str)):
+def _json_scalar(v, top: bool = True) -> bool:
+    """Whether ``v`` comes back from ``state.json`` as it was: None, a bool, str, int or float (non-finite
+    included: written as :func:`_encode` says), a list of such values (or of such lists) and, at the top, a tuple of
+    them or a dict of str → a plain value (MuJoCo envs' ``observation_structure``). Numpy scalars inside a
+    container are not (JSON cannot dump them, and a float would come back without its dtype)."""
+    if v is None or type(v) in (bool, str, int, float):
         return True
-    if isinstance(v, numbers.Number):
-        return np.isfinite(float(v)) if isinstance(v, float) else True
-    if isinstance(v, (tuple, list)):
-        return all(_json_scalar(x) for x in v)
+    if isinstance(v, list) or top and isinstance(v, tuple):
+        return all(_json_scalar(x, top=False) for x in v)
+    if top and isinstance(v, dict):
+        return all(type(k) is str and (x is None or type(x) in (bool, str, int, float)) for k, x in v.items())
     return False
+
+
+def _encode(v):
+    """A non-finite float as ``{"__float__": "inf"}``: ``state.json`` stays strict JSON (no ``Infinity``)."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return {"__float__": repr(float(v))}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict):
+        return float(v["__float__"]) if set(v) == {"__float__"} else {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
 
 
 def get_state(vec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,9 +94,9 @@ def get_state(vec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             elif isinstance(v, np.random.Generator):
                 meta["generators"][key] = v.bit_generator.state
             elif isinstance(v, np.generic):
-                meta["json"][key] = {"__numpy__": str(v.dtype), "value": v.item()}
+                meta["json"][key] = {"__numpy__": str(v.dtype), "value": _encode(v.item())}
             elif _json_scalar(v):
-                meta["json"][key] = {"value": list(v) if isinstance(v, tuple) else v, "tuple": isinstance(v, tuple)}
+                meta["json"][key] = {"value": _encode(v), "tuple": isinstance(v, tuple)}
             elif type(v).__name__ == "MjData":
                 meta["mujoco"].append(key)
                 meta["json"][key + ".time"] = {"value": float(v.time), "tuple": False}
@@ -107,9 +129,10 @@ def set_state(vec, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
         elif "__array__" in info:
             setattr(obj, name, tensors[f"env/{key}"].numpy().copy())
         elif "__numpy__" in info:
-            setattr(obj, name, np.dtype(info["__numpy__"]).type(info["value"]))
+            setattr(obj, name, np.dtype(info["__numpy__"]).type(_decode(info["value"])))
         else:
-            setattr(obj, name, tuple(info["value"]) if info.get("tuple") else info["value"])
+            value = _decode(info["value"])
+            setattr(obj, name, tuple(value) if info.get("tuple") else value)
     for key, state in meta["generators"].items():
         obj, name = split(key)
         gen = getattr(obj, name, None)

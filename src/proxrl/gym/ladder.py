@@ -89,6 +89,9 @@ def _check(cfg: LadderConfig, jobs: list[tuple]) -> None:
         except ConfigError as e:
             problem = str(e)[len(e.field) + 2:]
             raise ConfigError(e.field, f"rung {a}: {problem}") from None
+    from .envs import make_vec_env
+
+    make_vec_env(cfg.env, 1).close()  # an env proxrl cannot train on (Discrete observations) refused here, not by 21 runs
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError("out", f"{out} is a file, not a directory", "give proxrl ladder a directory for --out")

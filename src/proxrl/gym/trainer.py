@@ -601,6 +601,12 @@ def evaluate(run_dir: str | os.PathLike, episodes: int = 20, seed: int = 12345, 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise ConfigError("seed", f"must be an integer in [0, 2**32), got {seed!r}")
     agent = load(run_dir)
+    if env_factory is None:
+        import gymnasium as gym
+
+        if agent.config.env not in gym.registry:  # a name given with proxrl.train(env_factory=...), not an id
+            raise ConfigError("env", f"the run's env {agent.config.env!r} is not a Gymnasium id (a run trained with "
+                              "an env_factory?)", "evaluate it with proxrl.evaluate(run, env_factory=...)")
     kwargs = {} if env_factory is not None else env_kwargs_dict(agent.config.env_kwargs)
     envs = make_vec_env(env_factory or agent.config.env, episodes, "auto", kwargs)
     agent.act_space = envs.single_action_space

@@ -210,7 +210,7 @@ def test_sft_and_rm_two_processes_equal_one(setup, stage, parallel):
         assert torch.allclose(ta[k], tb[k], rtol=1e-9, atol=1e-12), k
 
 
-@pytest.mark.parametrize("stage,parallel", [("sft", "fsdp"), ("rm", "ddp")])
+@pytest.mark.parametrize("stage,parallel", [("sft", "fsdp"), pytest.param("rm", "ddp", marks=pytest.mark.slow)])
 def test_sft_and_rm_checkpoint_of_two_processes_resumes_on_one(setup, stage, parallel):
     """A 2-process run's mid-run checkpoint (step 3; with fsdp the weights and Adam moments gathered from the
     shards) resumed on ONE process after the run died there (its later checkpoint removed, its metrics lines past

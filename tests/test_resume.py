@@ -194,7 +194,9 @@ def test_a_second_signal_during_the_checkpoint_stops_at_once_and_says_so(sig, co
                                              ("Humanoid-v5", ["_contact_cost_range", "observation_structure"])])
 def test_mujoco_constants_are_captured_so_resume_warns_of_nothing(env_id, captured):
     """MuJoCo envs keep tuples with an infinite bound ((0.7, inf)) and a dict of ints (``observation_structure``):
-    they used to be "not captured", so every MuJoCo resume warned that it may not be exact although it was."""
+    they used to be "not captured", so every MuJoCo resume warned that it may not be exact although it was.
+    Skipped without MuJoCo (CI installs the ``lm`` and ``test`` extras, not ``mujoco``)."""
+    pytest.importorskip("mujoco")
     from proxrl.gym.envs import make_vec_env
     from proxrl.gym.envstate import get_state, set_state
 

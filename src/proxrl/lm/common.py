@@ -70,11 +70,9 @@ def begin_stage(cfg, stage: str, explicit=None):
     Otherwise ``resumed`` is None and ``--out`` is checked for a new run."""
     from pathlib import Path
 
-    from ..errors import CheckpointError, ConfigError
+    from ..errors import CheckpointError
     from ..run import checkpoint
-    from ..run.rundir import latest_checkpoint, relocate
     from .config import check_new_out, restarted_by_torchrun
-    from .loading import read_run_config
 
     restarted = not cfg.resume and restarted_by_torchrun() and cfg.out and \
         checkpoint.list_checkpoints(Path(cfg.out) / "checkpoints")
@@ -84,13 +82,7 @@ def begin_stage(cfg, stage: str, explicit=None):
     if not cfg.resume:
         cfg.validate()
         return cfg, None, check_new_out(cfg.out, cfg.overwrite, stage, cfg)
-    run_dir = Path(cfg.resume)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
-                          f"give the directory `proxrl rlhf {stage} --out` wrote")
-    if cfg.overwrite:
-        raise ConfigError("overwrite", "cannot be combined with --resume", "drop one of the two")
-    tensors, state = latest_checkpoint(run_dir)
+    run_dir, tensors, state = open_resume(cfg, stage)
     saved = state.get("config")
     if state.get("stage") != stage:
         raise CheckpointError(f"{run_dir}: not a checkpoint of `proxrl rlhf {stage}` (stage {state.get('stage')!r})")
@@ -104,13 +96,7 @@ def begin_stage(cfg, stage: str, explicit=None):
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise CheckpointError(f"{run_dir}: checkpoint config has unknown fields {unknown[:3]}")
-    try:
-        moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
-    except CheckpointError:  # config.json edited: the checkpoint holds the config
-        moved_from = None
-    for name in ("model", "data"):  # moved together with the run: found at the same relative place
-        if isinstance(saved.get(name), str):
-            saved[name] = relocate(saved[name], moved_from, run_dir)
+    relocate_saved(saved, run_dir, ("model", "data"))
     had = cls(**{**saved, "resume": None, "out": str(run_dir), "overwrite": False})
     if explicit is None:
         default = cls()
@@ -119,6 +105,39 @@ def begin_stage(cfg, stage: str, explicit=None):
                          "start a new run with another --out to change it", stage if restarted else None)
     had.validate()
     return had, (tensors, state), False
+
+
+def open_resume(cfg, command: str):
+    """``(run_dir, tensors, state)``: the run directory of ``cfg.resume`` and its latest checkpoint, with one
+    line for a file given as the run, or ``--overwrite`` given with ``--resume``."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..run.rundir import latest_checkpoint
+
+    run_dir = Path(cfg.resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
+                          f"give the directory `proxrl rlhf {command} --out` wrote")
+    if cfg.overwrite:
+        raise ConfigError("overwrite", "cannot be combined with --resume", "drop one of the two")
+    return (run_dir, *latest_checkpoint(run_dir))
+
+
+def relocate_saved(saved: dict, run_dir, names: Sequence[str]) -> None:
+    """The local paths ``names`` of a checkpoint's config (``saved``, changed in place) found again at the same
+    place relative to the run when the run directory has moved (:func:`proxrl.run.rundir.relocate`)."""
+    from ..errors import CheckpointError
+    from ..run.rundir import relocate
+    from .loading import read_run_config
+
+    try:
+        moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
+    except CheckpointError:  # config.json edited: the checkpoint holds the config; only moving the run needs it
+        moved_from = None
+    for name in names:  # moved together with the run: found at the same relative place
+        if isinstance(saved.get(name), str):
+            saved[name] = relocate(saved[name], moved_from, run_dir)
 
 
 def check_resume_options(cfg, had, run_dir, explicit, may_change: Sequence[str], path_fields: Sequence[str],

@@ -189,16 +189,17 @@ def _eval_seed(seed: int) -> int:
     return 2_000_000_011 + 1000 * seed
 
 
-class DemoInterrupted(ProxrlError):
+class DemoInterrupted(RunInterrupted):
     """SIGINT/SIGTERM during one of the demo's training stages. The stage's own checkpoint was written, but
     resuming that stage alone would not finish the demo (its "after" measurement, summary and figure): the
     message says to run the demo again. ``exit_code`` is 128 + signal, as for any stopped run."""
 
-    def __init__(self, exit_code: int, stage: str, out: Path):
-        self.exit_code = exit_code
-        super().__init__(f"stopped by {signal.Signals(exit_code - 128).name} during the demo's {stage} stage; the "
-                         f"demo does not resume: run it again (the same --seed gives the same result; --out {out} "
-                         "is replaced)")
+    def __init__(self, stopped: RunInterrupted, out: Path):
+        self.exit_code, self.command = stopped.exit_code, "proxrl rlhf demo"
+        stage = {"proxrl rlhf sft": "SFT", "proxrl rlhf rm": "reward-model"}.get(stopped.command, "RL")
+        ProxrlError.__init__(self, f"stopped by {signal.Signals(self.exit_code - 128).name} during the demo's {stage} "
+                             f"stage; the demo does not resume: run it again (the same --seed gives the same result; "
+                             f"--out {out} is replaced)")
 
 
 def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dict:
@@ -208,8 +209,7 @@ def demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dic
     try:
         return _demo(config, log)
     except RunInterrupted as e:
-        stage = "SFT" if "rlhf sft" in str(e) else "reward-model" if "rlhf rm" in str(e) else "RL"
-        raise DemoInterrupted(e.exit_code, stage, Path(config.out)) from None
+        raise DemoInterrupted(e, Path(config.out)) from None
 
 
 def _demo(config: DemoConfig, log: Optional[Callable[[str], None]] = None) -> dict:

@@ -54,10 +54,9 @@ def run_lm_ladder(cfg: LMLadderConfig, log: Callable[[str], None] = lambda s: pr
         try:
             summary = train(rc, log=lambda s, a=algo, k=seed: log(f"  [{a} s{k}] {s}"))
         except RunInterrupted as e:  # its resume command continues this one run, not the ladder: said
-            e.args = (f"{e}; the ladder stopped at run {i + 1}/{len(jobs)} ({algo} seed {seed}) and wrote no "
-                      f"ladder.md/json/png; its finished runs are kept in {out}, but the ladder has no --resume "
-                      "(run it again with --overwrite)",)
-            raise
+            raise e.restate(f"{e}; the ladder stopped at run {i + 1}/{len(jobs)} ({algo} seed {seed}) and wrote no "
+                            f"ladder.md/json/png; its finished runs are kept in {out}, but the ladder has no "
+                            "--resume (run it again with --overwrite)") from None
         rows = [json.loads(line) for line in open(Path(rc.out) / "metrics.jsonl") if line.strip()]
         results.append({"algo": algo, "seed": seed, "run_dir": rc.out, "wall_time": time.perf_counter() - t,
                         "reward_before": summary["reward_before"], "reward_after": summary["reward_after"],

@@ -38,11 +38,11 @@ from ..run.progress import clock
 from ..run.fsdp import full, shard_optimizer_state
 from ..run.guards import Backup, check_parameters
 from ..run.optim import make_adam
-from ..run.rundir import NullWriter, RunWriter, latest_checkpoint, lm_run_config, prepare_out, relocate
+from ..run.rundir import NullWriter, RunWriter, lm_run_config, prepare_out
 from ..run.signals import RunInterrupted, StopSignals
 from ..run.state import (CHECKPOINT_VERSION, load_optimizer_state, optimizer_state, rng_state, scaler_state,
                          seed_everything, set_rng_state)
-from .common import check_resume_options, keep_freed_memory
+from .common import check_resume_options, keep_freed_memory, open_resume, relocate_saved
 from .config import PPOConfig, RLConfig, absolute_path, check_new_out, ignored_options
 from .data import read_records
 from .policy import LMPolicy, RewardModel, build_policy, grad_scaler
@@ -405,25 +405,12 @@ def resolve_resume(config: PPOConfig, reward_given: bool = False,
     Nothing read from the run directory decides which code runs: a reward that is Python code
     (``module:function`` or ``file.py:function``) is never imported from the checkpoint — the caller
     passes it again (``--reward`` on the command line, or the callable), and it must be the same one."""
-    run_dir = Path(config.resume)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("resume", f"{run_dir} is a file, not a run directory",
-                          f"give the directory `proxrl rlhf {config.COMMAND} --out` wrote")
-    check(not config.overwrite, "overwrite", "cannot be combined with --resume", "drop one of the two")
-    tensors, state = latest_checkpoint(run_dir)
+    run_dir, tensors, state = open_resume(config, config.COMMAND)
     saved = state.get("config")
     if state.get("stage") != "ppo" or not isinstance(saved, dict) or "run" not in state:
         raise CheckpointError(f"{run_dir}: not a resumable proxrl PPO checkpoint (written by an older version "
                               "or another stage)")
-    from .loading import read_run_config
-
-    try:
-        moved_from = (read_run_config(run_dir) or {}).get("run_dir")  # the run was written there
-    except CheckpointError:  # config.json edited: the checkpoint holds the config; only moving the run needs it
-        moved_from = None
-    for name in ("policy", "prompts", "reward"):  # moved together with the run: found at the same relative place
-        if isinstance(saved.get(name), str):
-            saved[name] = relocate(saved[name], moved_from, run_dir)
+    relocate_saved(saved, run_dir, ("policy", "prompts", "reward"))
     cls = type(config)  # PPOConfig (rlhf ppo) or RLConfig (rlhf train, which also resumes a ppo run)
     fields = cls.__dataclass_fields__
     unknown = sorted(set(saved) - set(fields))

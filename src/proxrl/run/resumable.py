@@ -105,7 +105,7 @@ class StageCheckpoints:
             self.skipped += int(grad_norm != grad_norm)  # NaN: a step the fp16 scaler skipped
             last = self.step >= self.total_steps
             signum = self.stop.signum if self.stop is not None else None
-            stopping = self.d.any(signum is not None) if self.d.on else signum is not None
+            stopping = self.d.any(signum is not None)  # a signal seen by one rank stops every rank
             every = self.cfg.checkpoint_every
             if not last and (stopping or (every and self.step % every == 0)):
                 self.save()

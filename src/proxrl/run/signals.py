@@ -18,9 +18,15 @@ class RunInterrupted(ProxrlError):
 
     def __init__(self, signum: int, run_dir: Path, update: int, command: str = "proxrl train", extra: str = "",
                  unit: str = "update"):
-        self.exit_code = 128 + signum
+        self.exit_code, self.command = 128 + signum, command  # the command of the run that stopped
         super().__init__(f"stopped by {signal.Signals(signum).name} after {unit} {update}; checkpoint written; "
                          f"resume with: {command} --resume {run_dir}{extra}")
+
+    def restate(self, message: str) -> "RunInterrupted":
+        """The same stop (exit code, command) told by the larger command the run was part of (a ladder, the
+        demo), whose own continuation its run's resume command is not."""
+        self.args = (message,)
+        return self
 
 
 class StoppedAtOnce(KeyboardInterrupt):
